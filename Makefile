@@ -1,0 +1,31 @@
+# Every target bootstraps .venv on first use (idempotent): torch's CPU build first, then the package.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev,all]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m d2engine.tools.train_net --config-file configs/digits/convnet.yaml OUTPUT_DIR output/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check d2engine tests bench
+
+bench: $(STAMP)
+	$(PY) bench/overhead.py
+	$(PY) bench/checkpoint.py
+	$(PY) bench/ddp.py
+
+clean:
+	rm -rf $(VENV) output build *.egg-info

@@ -1,0 +1,244 @@
+"""Helpers for multi-process (``torch.distributed``) jobs.
+
+Every function works without an initialised process group (then the job is one process: world size
+1, rank 0), inside a job started by :func:`d2engine.engine.launch`, and under ``torchrun`` or Slurm,
+where the local rank and size are read from the environment.
+
+Object collectives (:func:`all_gather`, :func:`gather`) pickle their inputs and travel over a gloo
+group, so they work for any picklable object whatever the main backend is.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_gather",
+    "create_local_process_group",
+    "gather",
+    "get_local_process_group",
+    "get_local_rank",
+    "get_local_size",
+    "get_rank",
+    "get_world_size",
+    "is_main_process",
+    "reduce_dict",
+    "shared_random_seed",
+    "synchronize",
+]
+
+_LOCAL_PROCESS_GROUP: dist.ProcessGroup | None = None
+"""The process group of the processes on this machine, created by :func:`create_local_process_group`."""
+
+_MISSING_LOCAL_GROUP = (
+    "The local process group has not been created and the environment names no local rank "
+    "(LOCAL_RANK / SLURM_LOCALID). HINT: start the job with d2engine.engine.launch(), or call "
+    "d2engine.utils.comm.create_local_process_group(num_workers_per_machine) after "
+    "torch.distributed.init_process_group()."
+)
+
+
+def _is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    """The number of processes in the job (1 without an initialised process group)."""
+    if not _is_initialized():
+        return 1
+    return dist.get_world_size()
+
+
+def get_rank() -> int:
+    """The global rank of this process (0 without an initialised process group)."""
+    if not _is_initialized():
+        return 0
+    return dist.get_rank()
+
+
+def _env_int(*names: str) -> int | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value not in (None, ""):
+            return int(value)
+    return None
+
+
+def create_local_process_group(num_workers_per_machine: int) -> None:
+    """Create the process group of the processes that share this machine.
+
+    Must be called by every process of the job, after ``init_process_group``, with ranks laid out
+    machine by machine (global rank = machine_rank * num_workers_per_machine + local rank).
+
+    Args:
+        num_workers_per_machine: the number of processes on each machine.
+
+    Raises:
+        RuntimeError: if the group was already created, or the world size is not a multiple of
+            ``num_workers_per_machine``.
+    """
+    global _LOCAL_PROCESS_GROUP
+    if _LOCAL_PROCESS_GROUP is not None:
+        raise RuntimeError("The local process group was already created.")
+    world_size = get_world_size()
+    if num_workers_per_machine <= 0 or world_size % num_workers_per_machine != 0:
+        raise RuntimeError(
+            f"World size {world_size} is not a multiple of num_workers_per_machine="
+            f"{num_workers_per_machine}: every machine must run the same number of processes."
+        )
+    machine_rank = get_rank() // num_workers_per_machine
+    for i in range(world_size // num_workers_per_machine):
+        ranks = list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine))
+        group = dist.new_group(ranks)  # every rank must take part in creating every group
+        if i == machine_rank:
+            _LOCAL_PROCESS_GROUP = group
+
+
+def get_local_process_group() -> dist.ProcessGroup:
+    """The process group of this machine's processes (see :func:`create_local_process_group`)."""
+    if _LOCAL_PROCESS_GROUP is None:
+        raise RuntimeError(_MISSING_LOCAL_GROUP)
+    return _LOCAL_PROCESS_GROUP
+
+
+def _destroy_local_process_group() -> None:
+    """Forget the local group (called by ``launch`` when it tears the job down)."""
+    global _LOCAL_PROCESS_GROUP
+    _LOCAL_PROCESS_GROUP = None
+
+
+def get_local_rank() -> int:
+    """The rank of this process among the processes on its machine.
+
+    Read from the local process group when one was created, else from the environment
+    (``LOCAL_RANK`` as set by torchrun, ``SLURM_LOCALID`` under srun); 0 in a single-process job.
+    """
+    if not _is_initialized():
+        return 0
+    if _LOCAL_PROCESS_GROUP is not None:
+        return dist.get_rank(group=_LOCAL_PROCESS_GROUP)
+    value = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+    if value is None:
+        raise RuntimeError(_MISSING_LOCAL_GROUP)
+    return value
+
+
+def get_local_size() -> int:
+    """The number of processes on this machine (see :func:`get_local_rank`)."""
+    if not _is_initialized():
+        return 1
+    if _LOCAL_PROCESS_GROUP is not None:
+        return dist.get_world_size(group=_LOCAL_PROCESS_GROUP)
+    value = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
+    if value is None:
+        raise RuntimeError(_MISSING_LOCAL_GROUP)
+    return value
+
+
+def is_main_process() -> bool:
+    """Whether this process has global rank 0."""
+    return get_rank() == 0
+
+
+def synchronize() -> None:
+    """A barrier across all processes; a no-op in a single-process job."""
+    if get_world_size() == 1:
+        return
+    if dist.get_backend() == dist.Backend.NCCL and torch.cuda.is_available():
+        # Name the device so that NCCL does not guess one (and warn) when ranks share a machine.
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+@functools.lru_cache
+def _get_global_gloo_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks, for collectives on pickled Python objects."""
+    if dist.get_backend() == "nccl":
+        return dist.new_group(backend="gloo")
+    return dist.group.WORLD
+
+
+def all_gather(data: Any, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Gather a picklable object from every rank onto every rank.
+
+    Args:
+        data: any picklable object.
+        group: the group to gather over; by default a gloo group of all ranks.
+
+    Returns:
+        The objects of all ranks of the group, in rank order.
+    """
+    if get_world_size() == 1:
+        return [data]
+    if group is None:
+        group = _get_global_gloo_group()
+    world_size = dist.get_world_size(group)
+    if world_size == 1:
+        return [data]
+    output: list[Any] = [None] * world_size
+    dist.all_gather_object(output, data, group=group)
+    return output
+
+
+def gather(data: Any, dst: int = 0, group: dist.ProcessGroup | None = None) -> list[Any]:
+    """Gather a picklable object from every rank onto rank ``dst``.
+
+    Args:
+        data: any picklable object.
+        dst: the global rank that receives the objects.
+        group: the group to gather over; by default a gloo group of all ranks.
+
+    Returns:
+        On ``dst``, the objects of all ranks in rank order; on every other rank, an empty list.
+    """
+    if get_world_size() == 1:
+        return [data]
+    if group is None:
+        group = _get_global_gloo_group()
+    world_size = dist.get_world_size(group=group)
+    if world_size == 1:
+        return [data]
+    if dist.get_rank() == dst:
+        output: list[Any] = [None] * world_size
+        dist.gather_object(data, output, dst=dst, group=group)
+        return output
+    dist.gather_object(data, None, dst=dst, group=group)
+    return []
+
+
+def shared_random_seed() -> int:
+    """A random integer in ``[0, 2**31)`` that is the same on every rank (rank 0's draw)."""
+    ints = np.random.randint(2**31)
+    return int(all_gather(ints)[0])
+
+
+def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+    """Reduce the values of a dict of scalar tensors onto rank 0.
+
+    Every rank must pass the same keys. Keys are sorted so that ranks agree on the order.
+
+    Args:
+        input_dict: scalar tensors to reduce.
+        average: average (True) or sum (False) the values.
+
+    Returns:
+        A dict with the same keys. On rank 0 it holds the reduced values; on other ranks the values
+        are unspecified (as with ``torch.distributed.reduce``).
+    """
+    world_size = get_world_size()
+    if world_size < 2:
+        return input_dict
+    with torch.no_grad():
+        names = sorted(input_dict.keys())
+        values = torch.stack([input_dict[k].detach().reshape(()) for k in names], dim=0)
+        dist.reduce(values, dst=0)
+        if dist.get_rank() == 0 and average:
+            values /= world_size
+        return dict(zip(names, values))

@@ -1,0 +1,36 @@
+"""Shared fixtures: every test starts and ends without a process group or leaked environment."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+import torch.distributed as dist
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Iterator[None]:
+    """Fail a test that leaves a process group behind or changes the environment."""
+    env_before = dict(os.environ)
+    yield
+    leaked_group = dist.is_available() and dist.is_initialized()
+    if leaked_group:
+        dist.destroy_process_group()
+    env_after = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env_before)
+    assert not leaked_group, "the test left a torch.distributed process group initialised"
+    changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
+    assert not changed, f"the test changed environment variables: {sorted(changed)}"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch() -> Iterator[None]:
+    """Tests run single-threaded and seeded so that their numbers repeat."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    yield
+    torch.set_num_threads(threads)
