@@ -13,13 +13,14 @@ import torch.distributed as dist
 @pytest.fixture(autouse=True)
 def _no_leaks() -> Iterator[None]:
     """Fail a test that leaves a process group behind or changes the environment."""
-    env_before = dict(os.environ)
+    env_before = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     yield
     leaked_group = dist.is_available() and dist.is_initialized()
     if leaked_group:
         dist.destroy_process_group()
-    env_after = dict(os.environ)
-    os.environ.clear()
+    env_after = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
+    for key in env_after.keys() - env_before.keys():
+        del os.environ[key]
     os.environ.update(env_before)
     assert not leaked_group, "the test left a torch.distributed process group initialised"
     changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
