@@ -1,0 +1,171 @@
+"""d2engine's default config: every key a YAML config or ``merge_from_list`` may set.
+
+``get_cfg()`` returns a fresh copy of ``_C``. Values follow detectron2's defaults where
+detectron2 has the key, so detectron2 users recognise them; keys detectron2 does not have
+are marked "(d2engine)". The tree is model-agnostic: a model reads its own options from
+``MODEL`` (add keys to a copy with ``cfg.MODEL.MY_KEY = ...`` before merging a file that
+sets them, or create a node with ``new_allowed=True``).
+
+Naming convention (as in detectron2): ``_TRAIN`` / ``_TEST`` suffixes for options that
+differ between training and testing.
+"""
+
+from __future__ import annotations
+
+from .config import CfgNode as CN
+
+__all__: list[str] = []  # the defaults are reached through get_cfg(), not imported by name
+
+_C = CN()
+
+# Format version of the config. A YAML file with another VERSION is rejected (detectron2's
+# current format is 2).
+_C.VERSION = 2
+
+# -----------------------------------------------------------------------------
+# Model
+# -----------------------------------------------------------------------------
+_C.MODEL = CN()
+# Name of the model class in META_ARCH_REGISTRY that build_model(cfg) instantiates.
+_C.MODEL.META_ARCHITECTURE = "GeneralizedRCNN"
+# Device the model is moved to by build_model: "cuda", "cuda:1", "cpu", ...
+_C.MODEL.DEVICE = "cuda"
+# Path or URL of weights loaded by the checkpointer (resume_or_load) when there is no
+# checkpoint to resume from. "" means start from the model's own initialisation.
+_C.MODEL.WEIGHTS = ""
+# Per-channel mean and std used to normalise input images, in the channel order of
+# INPUT.FORMAT (detectron2's ImageNet values for BGR in 0-255). Models that take other inputs
+# may ignore them.
+_C.MODEL.PIXEL_MEAN = [103.530, 116.280, 123.675]
+_C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
+# (d2engine) Number of classes of a classification model. 0 means "take it from the data":
+# the model reads len(MetadataCatalog.get(DATASETS.TRAIN[0]).thing_classes).
+_C.MODEL.NUM_CLASSES = 0
+
+# -----------------------------------------------------------------------------
+# Input
+# -----------------------------------------------------------------------------
+_C.INPUT = CN()
+# Channel order of images given to DefaultPredictor: "BGR" (OpenCV) or "RGB"; the predictor
+# converts its input to this order before calling the model.
+_C.INPUT.FORMAT = "BGR"
+# Size of the shorter image side at test time (DefaultPredictor resizes to it); 0 disables
+# resizing.
+_C.INPUT.MIN_SIZE_TEST = 800
+# Maximum size of the longer image side at test time.
+_C.INPUT.MAX_SIZE_TEST = 1333
+
+# -----------------------------------------------------------------------------
+# Datasets
+# -----------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Names of the training datasets registered in DatasetCatalog; their dicts are concatenated.
+_C.DATASETS.TRAIN = ()
+# Names of the datasets to evaluate on (one evaluation per name).
+_C.DATASETS.TEST = ()
+
+# -----------------------------------------------------------------------------
+# DataLoader
+# -----------------------------------------------------------------------------
+_C.DATALOADER = CN()
+# Number of data loading worker processes per training process (0: load in the main process).
+_C.DATALOADER.NUM_WORKERS = 4
+
+# -----------------------------------------------------------------------------
+# Solver
+# -----------------------------------------------------------------------------
+_C.SOLVER = CN()
+# LR schedule: "WarmupMultiStepLR", "WarmupCosineLR" or "WarmupStepWithFixedGammaLR".
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupMultiStepLR"
+# Number of training iterations.
+_C.SOLVER.MAX_ITER = 40000
+# Learning rate at the end of warm-up, before any decay.
+_C.SOLVER.BASE_LR = 0.001
+# Learning rate the cosine schedule ends at (WarmupCosineLR only).
+_C.SOLVER.BASE_LR_END = 0.0
+# SGD momentum.
+_C.SOLVER.MOMENTUM = 0.9
+# Whether SGD uses Nesterov momentum.
+_C.SOLVER.NESTEROV = False
+# L2 weight decay of ordinary parameters.
+_C.SOLVER.WEIGHT_DECAY = 0.0001
+# Weight decay of normalization-layer parameters (BatchNorm, GroupNorm, LayerNorm, ...).
+_C.SOLVER.WEIGHT_DECAY_NORM = 0.0
+# Weight decay of biases; None means "same as WEIGHT_DECAY".
+_C.SOLVER.WEIGHT_DECAY_BIAS = None
+# Learning-rate factor for biases (detectron2's default 1.0: same lr as weights).
+_C.SOLVER.BIAS_LR_FACTOR = 1.0
+# Multiplicative decay of the lr at each step of WarmupMultiStepLR /
+# WarmupStepWithFixedGammaLR.
+_C.SOLVER.GAMMA = 0.1
+# Iterations at which WarmupMultiStepLR multiplies the lr by GAMMA (steps >= MAX_ITER are
+# ignored with a warning).
+_C.SOLVER.STEPS = (30000,)
+# Number of equally spaced decays of WarmupStepWithFixedGammaLR.
+_C.SOLVER.NUM_DECAYS = 3
+# Lr multiplier at the first iteration of warm-up.
+_C.SOLVER.WARMUP_FACTOR = 1.0 / 1000
+# Number of warm-up iterations (0: no warm-up).
+_C.SOLVER.WARMUP_ITERS = 1000
+# Warm-up shape: "linear" (WARMUP_FACTOR -> 1) or "constant" (WARMUP_FACTOR throughout).
+_C.SOLVER.WARMUP_METHOD = "linear"
+# Whether the decay schedule after warm-up is rescaled to fill the remaining iterations
+# (otherwise warm-up overlaps its beginning).
+_C.SOLVER.RESCALE_INTERVAL = False
+# Save a checkpoint every this many iterations (and at the end of training).
+_C.SOLVER.CHECKPOINT_PERIOD = 5000
+# Total number of images (dataset dicts) per iteration, across all processes. Each process
+# gets IMS_PER_BATCH // world_size.
+_C.SOLVER.IMS_PER_BATCH = 16
+# World size the config was written for. When it is > 0 and differs from the actual world
+# size, DefaultTrainer.auto_scale_workers scales IMS_PER_BATCH, BASE_LR, MAX_ITER,
+# WARMUP_ITERS, STEPS, EVAL_PERIOD and CHECKPOINT_PERIOD accordingly. 0 disables scaling.
+_C.SOLVER.REFERENCE_WORLD_SIZE = 0
+
+# Gradient clipping, applied inside optimizer.step().
+_C.SOLVER.CLIP_GRADIENTS = CN()
+# Whether gradients are clipped.
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = False
+# "value": clip each gradient element to [-CLIP_VALUE, CLIP_VALUE];
+# "norm": rescale each parameter's gradient so that its NORM_TYPE-norm is <= CLIP_VALUE.
+_C.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+# Maximum gradient value or norm.
+_C.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 1.0
+# Order of the norm for CLIP_TYPE "norm" (inf for the max norm).
+_C.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+
+# Automatic mixed precision (DefaultTrainer uses AMPTrainer when enabled).
+_C.SOLVER.AMP = CN()
+# Whether training runs under autocast.
+_C.SOLVER.AMP.ENABLED = False
+# (d2engine) Autocast dtype: "float16" (with a GradScaler) or "bfloat16" (no scaler; also
+# works on CPU).
+_C.SOLVER.AMP.PRECISION = "float16"
+
+# -----------------------------------------------------------------------------
+# Test
+# -----------------------------------------------------------------------------
+_C.TEST = CN()
+# Expected results, checked after evaluation by detectron2-style verify_results, as a list of
+# [task, metric, value, tolerance], e.g. [["accuracy", "top1", 95.0, 0.5]].
+_C.TEST.EXPECTED_RESULTS = []
+# Evaluate every this many iterations (and after the last one); 0 evaluates only at the end.
+_C.TEST.EVAL_PERIOD = 0
+# Recompute BatchNorm statistics on training data before each evaluation.
+_C.TEST.PRECISE_BN = CN()
+# Whether the PreciseBN hook is registered.
+_C.TEST.PRECISE_BN.ENABLED = False
+# Number of batches the statistics are averaged over.
+_C.TEST.PRECISE_BN.NUM_ITER = 200
+
+# -----------------------------------------------------------------------------
+# Misc
+# -----------------------------------------------------------------------------
+# Directory for logs, checkpoints, metrics and the saved config.
+_C.OUTPUT_DIR = "./output"
+# Random seed; a negative value draws a random seed (logged), and each process uses
+# SEED + rank.
+_C.SEED = -1
+# Whether cudnn.benchmark is enabled for training (faster for fixed input sizes, not
+# deterministic).
+_C.CUDNN_BENCHMARK = False
