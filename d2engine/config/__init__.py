@@ -12,14 +12,21 @@ from .config import (
     global_cfg,
     set_global_cfg,
 )
+from .instantiate import InstantiationError, instantiate, locate
+from .lazy import LazyCall, LazyConfig
 
 __all__ = [
     "CfgNode",
     "ConfigKeyError",
     "ConfigTypeError",
     "FrozenConfigError",
+    "InstantiationError",
+    "LazyCall",
+    "LazyConfig",
     "configurable",
     "get_cfg",
     "global_cfg",
+    "instantiate",
+    "locate",
     "set_global_cfg",
 ]
