@@ -10,8 +10,8 @@ group, so they work for any picklable object whatever the main backend is.
 
 from __future__ import annotations
 
-import functools
 import os
+import re
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,9 @@ __all__ = [
 
 _LOCAL_PROCESS_GROUP: dist.ProcessGroup | None = None
 """The process group of the processes on this machine, created by :func:`create_local_process_group`."""
+
+_GLOO_GROUP: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
+"""(default group, gloo group over the same ranks) when the default group is not gloo."""
 
 _MISSING_LOCAL_GROUP = (
     "The local process group has not been created and the environment names no local rank "
@@ -70,6 +73,24 @@ def _env_int(*names: str) -> int | None:
     return None
 
 
+def _slurm_tasks_on_this_node() -> int | None:
+    """This node's task count from SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE.
+
+    Those read like ``"2(x3),1"`` (three nodes of 2 tasks, then one of 1), indexed by SLURM_NODEID.
+    """
+    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    node = _env_int("SLURM_NODEID")
+    if not spec or node is None:
+        return None
+    counts: list[int] = []
+    for part in spec.split(","):
+        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if match is None:
+            return None
+        counts += [int(match.group(1))] * int(match.group(2) or 1)
+    return counts[node] if node < len(counts) else None
+
+
 def create_local_process_group(num_workers_per_machine: int) -> None:
     """Create the process group of the processes that share this machine.
 
@@ -100,6 +121,27 @@ def create_local_process_group(num_workers_per_machine: int) -> None:
             _LOCAL_PROCESS_GROUP = group
 
 
+def _create_local_process_group_by_machine(machine_id: str) -> None:
+    """Create the local process group from each rank's machine id (any rank layout).
+
+    Used under torchrun and Slurm, where ranks need not be laid out machine by machine and
+    machines may run different numbers of processes. Every process of the job must call it.
+
+    Args:
+        machine_id: the same string on every process of one machine (e.g. the node id).
+    """
+    global _LOCAL_PROCESS_GROUP
+    if _LOCAL_PROCESS_GROUP is not None:
+        raise RuntimeError("The local process group was already created.")
+    machine_ids = all_gather(machine_id)
+    rank = get_rank()
+    for machine in dict.fromkeys(machine_ids):  # in order of first appearance, the same everywhere
+        ranks = [r for r, m in enumerate(machine_ids) if m == machine]
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            _LOCAL_PROCESS_GROUP = group
+
+
 def get_local_process_group() -> dist.ProcessGroup:
     """The process group of this machine's processes (see :func:`create_local_process_group`)."""
     if _LOCAL_PROCESS_GROUP is None:
@@ -109,8 +151,9 @@ def get_local_process_group() -> dist.ProcessGroup:
 
 def _destroy_local_process_group() -> None:
     """Forget the local group (called by ``launch`` when it tears the job down)."""
-    global _LOCAL_PROCESS_GROUP
+    global _LOCAL_PROCESS_GROUP, _GLOO_GROUP
     _LOCAL_PROCESS_GROUP = None
+    _GLOO_GROUP = None
 
 
 def get_local_rank() -> int:
@@ -137,6 +180,8 @@ def get_local_size() -> int:
         return dist.get_world_size(group=_LOCAL_PROCESS_GROUP)
     value = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
     if value is None:
+        value = _slurm_tasks_on_this_node()
+    if value is None:
         raise RuntimeError(_MISSING_LOCAL_GROUP)
     return value
 
@@ -157,12 +202,19 @@ def synchronize() -> None:
         dist.barrier()
 
 
-@functools.lru_cache
 def _get_global_gloo_group() -> dist.ProcessGroup:
-    """A gloo group over all ranks, for collectives on pickled Python objects."""
-    if dist.get_backend() == "nccl":
-        return dist.new_group(backend="gloo")
-    return dist.group.WORLD
+    """A gloo group over all ranks, for collectives on pickled Python objects.
+
+    The default group when it is gloo; otherwise a gloo group created once per default group
+    (creating it is a collective: every rank reaches here in the same object collective).
+    """
+    global _GLOO_GROUP
+    world = dist.group.WORLD
+    if dist.get_backend() == "gloo":
+        return world
+    if _GLOO_GROUP is None or _GLOO_GROUP[0] is not world:
+        _GLOO_GROUP = (world, dist.new_group(backend="gloo"))
+    return _GLOO_GROUP[1]
 
 
 def all_gather(data: Any, group: dist.ProcessGroup | None = None) -> list[Any]:

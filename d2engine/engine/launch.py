@@ -1,0 +1,637 @@
+"""Start a multi-process (``torch.distributed``) job: :func:`launch`.
+
+``launch`` is called on every machine of a job. It has three ways of running ``main_func``:
+
+* **One process in total** (``num_machines * num_gpus_per_machine == 1``): ``main_func(*args)`` is
+  called in this process, without a process group.
+* **Worker processes**: ``num_gpus_per_machine`` processes are started on this machine with the
+  ``spawn`` start method. Each one initialises ``torch.distributed`` (NCCL and one GPU per process
+  when CUDA has enough devices, gloo on CPU otherwise, so ``--num-gpus 2`` works on a laptop), creates
+  the per-machine process group (:func:`d2engine.utils.comm.create_local_process_group`), waits at a
+  barrier, calls ``main_func(*args)``, waits at a barrier again and destroys its process groups. The
+  launcher watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the
+  others and raises :class:`WorkerError` with the worker's traceback; workers exit by themselves if
+  the launcher dies, so no orphan is left behind.
+* **An external launcher**: under ``torchrun`` / ``python -m torch.distributed.run`` (``RANK``,
+  ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or a Slurm ``srun`` step of more
+  than one task (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID``, a node
+  list), the processes exist already: ``launch`` starts none, initialises the process group from the
+  environment, creates the per-machine group and calls ``main_func`` once in this process. The
+  external launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
+
+Slurm: the rendezvous address is ``MASTER_ADDR`` when set, else the first host of
+``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST`` (forms such as ``node1``,
+``node[01-04,7]``, ``gpu-[1-2],cpu3``); the port is ``MASTER_PORT`` when set, else
+``15000 + SLURM_JOB_ID % 20000`` (the same on every task of the job). A Slurm job with a single task
+(e.g. ``sbatch`` running ``python train.py --num-gpus 4``) is not treated as a Slurm launch: the
+workers are started here as usual.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from d2engine.utils import comm
+
+__all__ = ["DEFAULT_TIMEOUT", "WorkerError", "launch"]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+"""The default timeout of collectives and of the rendezvous, as in ``torch.distributed``."""
+
+_TERMINATE_GRACE_S = 5.0
+"""Seconds a worker gets to exit after SIGTERM before it is killed."""
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerError(RuntimeError):
+    """A worker process started by :func:`launch` raised an exception or died.
+
+    Attributes:
+        global_rank: the global rank of the failed worker.
+        local_rank: its rank on this machine.
+        exitcode: its exit code (negative: the number of the signal that killed it), or ``None``
+            when it reported an exception before exiting.
+        worker_traceback: the formatted traceback of the worker's exception ("" if it died without
+            one).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        global_rank: int,
+        local_rank: int,
+        exitcode: int | None,
+        worker_traceback: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.global_rank = global_rank
+        self.local_rank = local_rank
+        self.exitcode = exitcode
+        self.worker_traceback = worker_traceback
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment of an external launcher
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ExternalEnv:
+    """Where this process sits in a job whose processes were started by torchrun or srun."""
+
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+    machine_id: str
+    init_method: str
+
+
+def _parse_slurm_nodelist(nodelist: str) -> list[str]:
+    """Expand a Slurm host list such as ``"gpu[01-03,7],cpu1"`` into host names.
+
+    Handles one bracket range per host name (the forms Slurm prints for ordinary clusters).
+
+    Raises:
+        ValueError: if the list has a form this parser does not understand.
+    """
+    hosts: list[str] = []
+    for match in re.finditer(r"([^,\[\]]+)(?:\[([^\]]*)\])?([^,\[\]]*)", nodelist):
+        prefix, ranges, suffix = match.groups()
+        if not ranges:
+            hosts.append(prefix + suffix)
+            continue
+        for part in ranges.split(","):
+            lo, _, hi = part.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()):
+                raise ValueError(f"Cannot parse the range {part!r} of Slurm node list {nodelist!r}.")
+            for i in range(int(lo), int(hi or lo) + 1):
+                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
+    if not hosts:
+        raise ValueError(f"Slurm node list {nodelist!r} names no host.")
+    return hosts
+
+
+def _tcp_url(host: str, port: int | str) -> str:
+    if ":" in host and not host.startswith("["):  # IPv6 literal
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
+def _detect_external_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> _ExternalEnv | None:
+    """Describe the torchrun or Slurm job this process belongs to, or ``None`` for neither.
+
+    Raises:
+        ValueError: if the environment names a torchrun or Slurm job but lacks what is needed to
+            join it.
+    """
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        missing = [k for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
+        if missing:
+            raise ValueError(
+                f"RANK and WORLD_SIZE are set, as by torchrun, but {', '.join(missing)} "
+                "is not. HINT: start the job with `torchrun` (or `python -m torch.distributed.run`), "
+                "which sets them all, or unset RANK and WORLD_SIZE to let launch() start workers."
+            )
+        return _ExternalEnv(
+            launcher="torchrun",
+            rank=int(environ["RANK"]),
+            world_size=int(environ["WORLD_SIZE"]),
+            local_rank=int(environ["LOCAL_RANK"]),
+            machine_id=environ.get("GROUP_RANK") or socket.gethostname(),
+            init_method="env://",
+        )
+    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
+    if "SLURM_PROCID" in environ and ntasks and int(ntasks) > 1:
+        missing = [k for k in ("SLURM_LOCALID", "SLURM_NODEID") if k not in environ]
+        if missing:
+            raise ValueError(
+                f"This looks like a Slurm step of {ntasks} tasks (SLURM_PROCID, SLURM_NTASKS), but "
+                f"{', '.join(missing)} is not set. HINT: start the tasks with `srun`."
+            )
+        host = environ.get("MASTER_ADDR")
+        if not host:
+            nodelist = next(
+                (
+                    environ[k]
+                    for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                    if environ.get(k)
+                ),
+                None,
+            )
+            if nodelist is None:
+                raise ValueError(
+                    "Cannot find the rendezvous host of this Slurm job: neither MASTER_ADDR nor "
+                    "SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST is set. "
+                    "HINT: export MASTER_ADDR=<first node> before srun."
+                )
+            try:
+                host = _parse_slurm_nodelist(nodelist)[0]
+            except ValueError as e:
+                raise ValueError(f"{e} HINT: export MASTER_ADDR=<first node> before srun.") from e
+        port = environ.get("MASTER_PORT")
+        if not port:
+            job_id = environ.get("SLURM_JOB_ID", "0")
+            port = str(15000 + int(job_id) % 20000) if job_id.isdigit() else "29500"
+        return _ExternalEnv(
+            launcher="slurm",
+            rank=int(environ["SLURM_PROCID"]),
+            world_size=int(ntasks),
+            local_rank=int(environ["SLURM_LOCALID"]),
+            machine_id=environ["SLURM_NODEID"],
+            init_method=_tcp_url(host, port),
+        )
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Process-group set-up shared by spawned workers and externally launched processes
+# ----------------------------------------------------------------------------------------------
+
+
+def _choose_backend(num_gpus_per_machine: int) -> tuple[str, str]:
+    """The backend for processes of this machine, and why."""
+    if not torch.cuda.is_available():
+        return "gloo", "CUDA is not available: the workers run on CPU"
+    count = torch.cuda.device_count()
+    if count < num_gpus_per_machine:
+        return "gloo", (
+            f"{num_gpus_per_machine} processes per machine but only {count} CUDA device(s): "
+            "the workers run on CPU"
+        )
+    return "nccl", f"{count} CUDA device(s): one per process"
+
+
+def _setup_process_group(
+    *,
+    backend: str,
+    init_method: str,
+    rank: int,
+    world_size: int,
+    local_rank: int,
+    machine_id: str | None,
+    num_per_machine: int | None,
+    timeout: datetime.timedelta,
+) -> None:
+    """Initialise the default and per-machine process groups, then wait at a barrier."""
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(
+        backend=backend,
+        init_method=init_method,
+        world_size=world_size,
+        rank=rank,
+        timeout=timeout,
+    )
+    if num_per_machine is not None:
+        comm.create_local_process_group(num_per_machine)
+    else:
+        comm._create_local_process_group_by_machine(machine_id or socket.gethostname())
+    comm.synchronize()
+
+
+def _teardown_process_group(*, wait_for_others: bool) -> None:
+    """Destroy the process groups of this process (after a barrier when ``wait_for_others``)."""
+    try:
+        if wait_for_others and dist.is_initialized():
+            # No rank tears the store down while another still uses it.
+            comm.synchronize()
+    finally:
+        comm._destroy_local_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Spawned workers
+# ----------------------------------------------------------------------------------------------
+
+
+def _exit_when_launcher_dies(parent_alive: Connection) -> None:
+    """Block until the launcher's end of ``parent_alive`` closes, then end this process."""
+    try:
+        parent_alive.recv()
+    except (EOFError, OSError):
+        pass
+    os._exit(1)
+
+
+def _distributed_worker(
+    local_rank: int,
+    main_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    backend: str,
+    init_method: str,
+    world_size: int,
+    num_gpus_per_machine: int,
+    machine_rank: int,
+    timeout: datetime.timedelta,
+    error_conn: Connection,
+    parent_alive: Connection,
+) -> None:
+    """Body of a worker process started by :func:`launch`."""
+    threading.Thread(
+        target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
+    ).start()
+    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    exit_code = 0
+    initialized = False
+    try:
+        _setup_process_group(
+            backend=backend,
+            init_method=init_method,
+            rank=global_rank,
+            world_size=world_size,
+            local_rank=local_rank,
+            machine_id=None,
+            num_per_machine=num_gpus_per_machine,
+            timeout=timeout,
+        )
+        initialized = True
+        main_func(*args)
+    except SystemExit as e:  # sys.exit(0) in main_func is a success
+        if e.code not in (None, 0):
+            error_conn.send(traceback.format_exc())
+            exit_code = e.code if isinstance(e.code, int) else 1
+    except BaseException:
+        error_conn.send(traceback.format_exc())
+        exit_code = 1
+    finally:
+        if initialized:
+            _teardown_process_group(wait_for_others=exit_code == 0)
+    error_conn.close()
+    sys.exit(exit_code)
+
+
+def _find_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _resolve_dist_url(dist_url: str | None, num_machines: int) -> str:
+    if dist_url is None or dist_url == "auto":
+        if num_machines > 1:
+            raise ValueError(
+                f"dist_url={dist_url!r} picks a free port on this machine, which the other "
+                f"{num_machines - 1} machine(s) cannot know. HINT: pass the same "
+                "dist_url='tcp://<address of machine 0>:<port>' on every machine."
+            )
+        return f"tcp://127.0.0.1:{_find_free_port()}"
+    if dist_url.startswith("tcp://"):
+        if not re.fullmatch(r"tcp://(\[[^\]]+\]|[^:/]+):\d+/?", dist_url):
+            raise ValueError(
+                f"dist_url {dist_url!r} is not of the form 'tcp://host:port'. "
+                "HINT: e.g. dist_url='tcp://10.0.0.1:29500'."
+            )
+        return dist_url
+    if dist_url.startswith("file://"):
+        if num_machines > 1:
+            logger.warning(
+                "dist_url %s: every machine must see this file (a shared file system).", dist_url
+            )
+        return dist_url
+    if dist_url.startswith("env://"):
+        missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise ValueError(
+                f"dist_url='env://' needs {', '.join(missing)} in the environment. "
+                "HINT: export them, or pass dist_url='auto' / 'tcp://host:port'."
+            )
+        return dist_url
+    raise ValueError(
+        f"dist_url {dist_url!r} is not supported: expected 'auto', 'tcp://host:port', "
+        "'file:///path' or 'env://'."
+    )
+
+
+def _describe_exit(exitcode: int) -> str:
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        return f"was killed by {name} (exit code {exitcode})"
+    return f"exited with code {exitcode}"
+
+
+def _terminate(processes: Sequence[Any]) -> None:
+    """SIGTERM every live worker, then SIGKILL those still alive after a grace period."""
+    for proc in processes:
+        if proc.is_alive():
+            proc.terminate()
+    deadline = time.monotonic() + _TERMINATE_GRACE_S
+    for proc in processes:
+        proc.join(timeout=max(0.0, deadline - time.monotonic()))
+    for proc in processes:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def _spawn_and_watch(
+    main_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    *,
+    backend: str,
+    init_method: str,
+    world_size: int,
+    num_gpus_per_machine: int,
+    machine_rank: int,
+    timeout: datetime.timedelta,
+) -> None:
+    """Start the workers of this machine and wait for all of them; fail fast on the first error."""
+    ctx = mp.get_context("spawn")
+    processes: list[Any] = []
+    readers: dict[Connection, int] = {}
+    keep_alive: list[Connection] = []
+    failure: WorkerError | None = None
+    try:
+        for local_rank in range(num_gpus_per_machine):
+            reader, writer = ctx.Pipe(duplex=False)
+            alive_reader, alive_writer = ctx.Pipe(duplex=False)
+            proc = ctx.Process(
+                target=_distributed_worker,
+                args=(local_rank, main_func, args),
+                kwargs={
+                    "backend": backend,
+                    "init_method": init_method,
+                    "world_size": world_size,
+                    "num_gpus_per_machine": num_gpus_per_machine,
+                    "machine_rank": machine_rank,
+                    "timeout": timeout,
+                    "error_conn": writer,
+                    "parent_alive": alive_reader,
+                },
+                daemon=False,
+                name=f"d2engine-worker-{local_rank}",
+            )
+            try:
+                proc.start()
+            except Exception as e:
+                raise TypeError(
+                    f"Cannot start worker {local_rank}: {type(e).__name__}: {e}. HINT: main_func "
+                    "and args must be picklable, so define main_func at the top level of a module "
+                    "(not a lambda or a nested function)."
+                ) from e
+            finally:
+                writer.close()
+                alive_reader.close()
+            processes.append(proc)
+            readers[reader] = local_rank
+            keep_alive.append(alive_writer)
+
+        def fail(local_rank: int, exitcode: int | None, tb: str) -> WorkerError:
+            rank = machine_rank * num_gpus_per_machine + local_rank
+            what = "raised an exception" if tb else _describe_exit(exitcode or 0)
+            message = f"Worker {rank} (local rank {local_rank}) of the job {what}."
+            if tb:
+                message += f" Its traceback:\n\n{tb}"
+            elif exitcode is not None and exitcode > 0:
+                message += " Its output above may say why."
+            elif exitcode is not None and exitcode == -signal.SIGKILL:
+                message += " HINT: the kernel's out-of-memory killer sends SIGKILL."
+            return WorkerError(
+                message,
+                global_rank=rank,
+                local_rank=local_rank,
+                exitcode=exitcode,
+                worker_traceback=tb,
+            )
+
+        running = {proc.sentinel: (i, proc) for i, proc in enumerate(processes)}
+        while running and failure is None:
+            for ready in wait([*running, *readers]):
+                if isinstance(ready, Connection):
+                    local_rank = readers.pop(ready)
+                    try:
+                        tb = ready.recv()
+                    except EOFError:  # the worker closed its end: it is exiting
+                        continue
+                    failure = fail(local_rank, None, tb)
+                    break
+                if ready not in running:
+                    continue
+                local_rank, proc = running.pop(ready)
+                proc.join()
+                if proc.exitcode != 0:
+                    tb = ""
+                    for reader, i in list(readers.items()):
+                        if i == local_rank and reader.poll():
+                            try:
+                                tb = reader.recv()
+                            except EOFError:
+                                pass
+                    failure = fail(local_rank, proc.exitcode, tb)
+                    break
+    finally:
+        _terminate(processes)
+        for conn in [*readers, *keep_alive]:
+            conn.close()
+    if failure is not None:
+        raise failure
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_external(
+    env: _ExternalEnv,
+    main_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    num_gpus_per_machine: int,
+    num_machines: int,
+    timeout: datetime.timedelta,
+) -> None:
+    if env.world_size != num_gpus_per_machine * num_machines:
+        logger.warning(
+            "%s started %d process(es) in total; launch(num_gpus_per_machine=%d, num_machines=%d) "
+            "asked for %d. The %s job decides: main_func runs once in each of its processes.",
+            env.launcher,
+            env.world_size,
+            num_gpus_per_machine,
+            num_machines,
+            num_gpus_per_machine * num_machines,
+            env.launcher,
+        )
+    if dist.is_initialized():
+        logger.info("The process group is initialised already: calling main_func in place.")
+        main_func(*args)
+        return
+    if env.world_size == 1:
+        main_func(*args)
+        return
+    cuda_ok = torch.cuda.is_available() and env.local_rank < torch.cuda.device_count()
+    backend = "nccl" if cuda_ok else "gloo"
+    if env.rank == 0:
+        logger.info(
+            "Started by %s: %d processes, backend %s (%s).",
+            env.launcher,
+            env.world_size,
+            backend,
+            "one CUDA device per process" if cuda_ok else "no CUDA device for every process",
+        )
+    succeeded = False
+    try:
+        _setup_process_group(
+            backend=backend,
+            init_method=env.init_method,
+            rank=env.rank,
+            world_size=env.world_size,
+            local_rank=env.local_rank,
+            machine_id=env.machine_id,
+            num_per_machine=None,
+            timeout=timeout,
+        )
+        main_func(*args)
+        succeeded = True
+    finally:
+        _teardown_process_group(wait_for_others=succeeded)
+
+
+def launch(
+    main_func: Callable[..., Any],
+    num_gpus_per_machine: int,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    dist_url: str | None = None,
+    args: tuple[Any, ...] = (),
+    timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+) -> None:
+    """Run ``main_func(*args)`` in every process of a (possibly) multi-process job.
+
+    Call it on every machine. See the module docstring for the three ways it runs: directly for
+    one process, in ``num_gpus_per_machine`` spawned workers, or once under torchrun / srun.
+    Global rank = ``machine_rank * num_gpus_per_machine + local rank``.
+
+    Args:
+        main_func: a picklable (top-level) function, called as ``main_func(*args)``.
+        num_gpus_per_machine: processes per machine; one GPU each when CUDA has that many devices,
+            CPU processes on gloo otherwise.
+        num_machines: the number of machines.
+        machine_rank: the rank of this machine, in ``[0, num_machines)``.
+        dist_url: the rendezvous: ``"auto"`` (or ``None``) for a free port on this machine (one
+            machine only), ``"tcp://host:port"`` (machine 0's address), ``"file:///path"`` (a file
+            that does not exist yet, on a file system every machine sees) or ``"env://"``.
+        args: arguments of ``main_func``; picklable.
+        timeout: timeout of the rendezvous and of collectives.
+
+    Raises:
+        TypeError: if ``main_func`` is not callable or ``timeout`` is not a ``timedelta``.
+        ValueError: for inconsistent sizes or ranks, or an unusable ``dist_url``.
+        WorkerError: if a worker raised an exception or died; the other workers are terminated.
+    """
+    if not callable(main_func):
+        raise TypeError(
+            f"main_func must be callable, got {type(main_func).__name__}. HINT: pass the function "
+            "itself, launch(main, ...), not its result, launch(main(), ...)."
+        )
+    if not isinstance(timeout, datetime.timedelta):
+        raise TypeError(
+            f"timeout must be a datetime.timedelta, got {type(timeout).__name__}. "
+            "HINT: timeout=datetime.timedelta(minutes=30)."
+        )
+    for name, value in (("num_gpus_per_machine", num_gpus_per_machine), ("num_machines", num_machines)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    if not 0 <= machine_rank < num_machines:
+        raise ValueError(
+            f"machine_rank must be in [0, num_machines={num_machines}), got {machine_rank}."
+        )
+    args = tuple(args)
+
+    external = _detect_external_env()
+    if external is not None:
+        _run_external(external, main_func, args, num_gpus_per_machine, num_machines, timeout)
+        return
+
+    world_size = num_machines * num_gpus_per_machine
+    if world_size == 1:
+        main_func(*args)
+        return
+
+    init_method = _resolve_dist_url(dist_url, num_machines)
+    backend, why = _choose_backend(num_gpus_per_machine)
+    logger.info(
+        "Starting %d worker process(es) on machine %d of %d (world size %d) with backend %s: %s; "
+        "rendezvous at %s.",
+        num_gpus_per_machine,
+        machine_rank,
+        num_machines,
+        world_size,
+        backend,
+        why,
+        init_method,
+    )
+    _spawn_and_watch(
+        main_func,
+        args,
+        backend=backend,
+        init_method=init_method,
+        world_size=world_size,
+        num_gpus_per_machine=num_gpus_per_machine,
+        machine_rank=machine_rank,
+        timeout=timeout,
+    )

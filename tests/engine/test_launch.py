@@ -1,0 +1,365 @@
+"""d2engine.engine.launch: spawned gloo workers, two machines, torchrun, Slurm, failures."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import dist_helpers  # tests/ is on sys.path (see dist_helpers' docstring)
+import pytest
+import torch.distributed as dist
+
+from d2engine.engine import launch as launch_mod
+from d2engine.engine.launch import DEFAULT_TIMEOUT, WorkerError, launch
+from d2engine.utils import comm
+
+
+def _record_call(out: list[tuple[int, ...]], *args: int) -> None:
+    out.append((comm.get_world_size(), dist.is_initialized(), *args))
+
+
+# --------------------------------------------------------------------------------------------
+# In-process: argument checks, one process, environment detection
+# --------------------------------------------------------------------------------------------
+
+
+def test_default_timeout_is_thirty_minutes() -> None:
+    assert datetime.timedelta(minutes=30) == DEFAULT_TIMEOUT
+
+
+def test_single_process_calls_main_in_place() -> None:
+    calls: list[tuple[int, ...]] = []
+    launch(_record_call, 1, args=(calls, 7, 8))
+    assert calls == [(1, False, 7, 8)]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"main_func": 3}, TypeError, r"pass the function itself, launch\(main"),
+        ({"timeout": 30}, TypeError, "timeout must be a datetime.timedelta"),
+        ({"num_gpus_per_machine": 0}, ValueError, "num_gpus_per_machine must be a positive int"),
+        ({"num_machines": 0}, ValueError, "num_machines must be a positive int"),
+        ({"num_machines": 2, "machine_rank": 2}, ValueError, r"machine_rank must be in \[0, num"),
+        ({"num_machines": 2, "dist_url": "auto"}, ValueError, "cannot know.*tcp://"),
+        ({"num_machines": 2}, ValueError, "cannot know.*tcp://"),
+        ({"dist_url": "tcp://127.0.0.1"}, ValueError, "not of the form 'tcp://host:port'"),
+        ({"dist_url": "udp://x:1"}, ValueError, "not supported: expected 'auto'"),
+        ({"dist_url": "env://"}, ValueError, "needs MASTER_ADDR, MASTER_PORT"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, error: type[Exception], match: str) -> None:
+    call = {"main_func": print, "num_gpus_per_machine": 2, **kwargs}
+    with pytest.raises(error, match=match):
+        launch(**call)
+
+
+def test_unpicklable_main_func_names_the_fix() -> None:
+    def nested() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="must be picklable.*top level of a module"):
+        launch(nested, 2)
+
+
+@pytest.mark.parametrize(
+    ("nodelist", "hosts"),
+    [
+        ("node7", ["node7"]),
+        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
+        ("gpu[01,7]", ["gpu01", "gpu7"]),  # each element keeps its own zero padding
+        ("a-[1-2],cpu3", ["a-1", "a-2", "cpu3"]),
+        ("n[8-10]x", ["n8x", "n9x", "n10x"]),
+        ("10.0.0.5", ["10.0.0.5"]),
+    ],
+)
+def test_parse_slurm_nodelist(nodelist: str, hosts: list[str]) -> None:
+    assert launch_mod._parse_slurm_nodelist(nodelist) == hosts
+
+
+def test_parse_slurm_nodelist_rejects_odd_forms() -> None:
+    with pytest.raises(ValueError, match="Cannot parse the range 'a-b'"):
+        launch_mod._parse_slurm_nodelist("n[a-b]")
+
+
+def test_detect_torchrun() -> None:
+    env = {
+        "RANK": "3",
+        "WORLD_SIZE": "4",
+        "LOCAL_RANK": "1",
+        "GROUP_RANK": "1",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "9",
+        # torchrun wins over the Slurm job it may run in
+        "SLURM_PROCID": "0",
+        "SLURM_NTASKS": "2",
+    }
+    found = launch_mod._detect_external_env(env)
+    assert found == launch_mod._ExternalEnv("torchrun", 3, 4, 1, "1", "env://")
+
+
+def test_detect_torchrun_without_master_names_what_is_missing() -> None:
+    with pytest.raises(ValueError, match="but LOCAL_RANK, MASTER_PORT is not.*torchrun"):
+        launch_mod._detect_external_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
+
+
+def test_detect_slurm() -> None:
+    env = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NODEID": "2",
+        "SLURM_JOB_NODELIST": "gpu[03-06]",
+        "SLURM_JOB_ID": "123456",
+    }
+    found = launch_mod._detect_external_env(env)
+    assert found == launch_mod._ExternalEnv("slurm", 5, 8, 1, "2", "tcp://gpu03:18456")
+    # MASTER_ADDR / MASTER_PORT win; the step's task count wins over the job's
+    env.update(MASTER_ADDR="fe80::1", MASTER_PORT="777", SLURM_STEP_NUM_TASKS="6")
+    found = launch_mod._detect_external_env(env)
+    assert (found.init_method, found.world_size) == ("tcp://[fe80::1]:777", 6)
+
+
+def test_single_task_slurm_job_is_not_a_slurm_launch() -> None:
+    # An sbatch script running `python train.py --num-gpus 2` has one task: start workers here.
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    assert launch_mod._detect_external_env(env) is None
+    assert launch_mod._detect_external_env({}) is None
+
+
+def test_slurm_without_host_asks_for_master_addr() -> None:
+    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
+    with pytest.raises(ValueError, match="export MASTER_ADDR"):
+        launch_mod._detect_external_env(env)
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-process jobs (gloo on 127.0.0.1)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_reports(reports: list[dict], local_size: int, timeout_s: float | None = None) -> None:
+    world = len(reports)
+    for rank, r in enumerate(reports):
+        assert r["initialized"] and r["backend"] == "gloo"
+        assert (r["rank"], r["world_size"]) == (rank, world)
+        assert (r["local_rank"], r["local_size"]) == (rank % local_size, local_size)
+        assert r["is_main"] == (rank == 0)
+        assert r["all_gather"] == [{"rank": i, "sq": i * i} for i in range(world)]
+        machine = rank // local_size
+        assert r["all_gather_local"] == list(range(machine * local_size, (machine + 1) * local_size))
+        assert r["gather"] == ([f"r{i}" for i in range(world)] if rank == 0 else [])
+        assert r["gather_dst1"] == ([i + 100 for i in range(world)] if rank == 1 else [])
+        if timeout_s is not None:
+            assert r["timeout_s"] == timeout_s
+    # reduce_dict: the mean / sum on rank 0
+    assert reports[0]["reduce_mean"] == {
+        "a": sum(i + 1.0 for i in range(world)) / world,
+        "b": sum(2.0 * i for i in range(world)) / world,
+    }
+    assert reports[0]["reduce_sum"] == {"a": sum(i + 1.0 for i in range(world))}
+    # shared_random_seed: one value on every rank although ranks seeded numpy differently,
+    # a fresh one on each call
+    assert all(r["seeds"] == reports[0]["seeds"] for r in reports)
+    assert reports[0]["seeds"][0] != reports[0]["seeds"][1]
+    assert len({r["pid"] for r in reports}) == world
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_auto_url(tmp_path: Path) -> None:
+    timeout = datetime.timedelta(seconds=123)
+    launch(dist_helpers.report_comm, 2, dist_url="auto", args=(str(tmp_path),), timeout=timeout)
+    reports = dist_helpers.read_reports(tmp_path, 2)
+    _check_reports(reports, local_size=2, timeout_s=123.0)
+    assert len((tmp_path / "calls.txt").read_text().split()) == 2
+
+
+_MACHINE_SCRIPT = """
+import sys
+import dist_helpers
+from d2engine.engine.launch import launch
+import datetime
+launch(dist_helpers.report_comm, 2, num_machines=2, machine_rank=int(sys.argv[1]),
+       dist_url=sys.argv[2], args=(sys.argv[3],), timeout=datetime.timedelta(seconds=90))
+"""
+
+
+@pytest.mark.timeout(150)
+def test_two_machines_on_one_tcp_url(tmp_path: Path) -> None:
+    url = f"tcp://127.0.0.1:{dist_helpers.free_port()}"
+    machine1 = subprocess.Popen(
+        [sys.executable, "-c", _MACHINE_SCRIPT, "1", url, str(tmp_path)],
+        env=dist_helpers.python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        launch(
+            dist_helpers.report_comm,
+            2,
+            num_machines=2,
+            machine_rank=0,
+            dist_url=url,
+            args=(str(tmp_path),),
+            timeout=datetime.timedelta(seconds=90),  # a rendezvous that never completes fails
+        )
+        output, _ = machine1.communicate(timeout=120)
+    finally:
+        machine1.kill()
+        machine1.wait()
+    assert machine1.returncode == 0, output
+    # global rank = machine_rank * num_gpus_per_machine + local rank
+    _check_reports(dist_helpers.read_reports(tmp_path, 4), local_size=2, timeout_s=90.0)
+
+
+_TORCHRUN_SCRIPT = """
+import os
+import sys
+import dist_helpers
+from d2engine.engine.launch import launch
+
+if __name__ == "__main__":
+    with open(os.path.join(sys.argv[1], "started.txt"), "a") as f:
+        f.write(f"{os.getpid()}\\n")
+    launch(dist_helpers.report_comm, 2, args=(sys.argv[1], "torchrun"))
+"""
+
+
+@pytest.mark.timeout(150)
+def test_under_torchrun_main_runs_once_per_process(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = dist_helpers.run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    started = sorted((out / "started.txt").read_text().split())
+    called = sorted((out / "calls.txt").read_text().split())
+    assert len(started) == 2
+    assert called == started  # main ran once in each torchrun process, no process was spawned
+    reports = dist_helpers.read_reports(out, 2)
+    assert {r["tag"] for r in reports} == {"torchrun"}
+    _check_reports(reports, local_size=2)
+
+
+_SLURM_SCRIPT = """
+import dist_helpers
+import sys
+from d2engine.engine.launch import launch
+launch(dist_helpers.report_comm, 4, args=(sys.argv[1], "slurm"))
+"""
+
+
+@pytest.mark.timeout(150)
+def test_under_slurm_two_nodes_of_one_task(tmp_path: Path) -> None:
+    port = str(dist_helpers.free_port())
+    procs = []
+    for rank in range(2):
+        env = {
+            "SLURM_JOB_ID": "42",
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": "2",
+            "SLURM_LOCALID": "0",
+            "SLURM_NODEID": str(rank),
+            "SLURM_TASKS_PER_NODE": "1(x2)",
+            "SLURM_JOB_NODELIST": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _SLURM_SCRIPT, str(tmp_path)],
+                env=dist_helpers.python_env(env),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "The slurm job decides: main_func runs once in each of its processes" in outputs[0]
+    reports = dist_helpers.read_reports(tmp_path, 2)
+    assert len((tmp_path / "calls.txt").read_text().split()) == 2
+    _check_reports(reports, local_size=1)
+
+
+def _assert_workers_gone(out: Path, world_size: int) -> None:
+    for rank in range(world_size):
+        pid = int((out / f"pid{rank}").read_text())
+        assert dist_helpers.pid_gone(pid), f"worker {rank} (pid {pid}) is still running"
+
+
+@pytest.mark.timeout(120)
+def test_worker_exception_ends_the_job_with_its_traceback(tmp_path: Path) -> None:
+    url = (tmp_path / "rendezvous").as_uri()  # file:// URLs work too
+    with pytest.raises(WorkerError, match=r"Worker 1 \(local rank 1\).*raised") as info:
+        launch(dist_helpers.record_pid_then, 2, dist_url=url, args=(str(tmp_path), "raise", 1))
+    err = info.value
+    assert (err.global_rank, err.local_rank, err.exitcode) == (1, 1, None)
+    assert "ValueError: boom on rank 1" in str(err)
+    assert 'in record_pid_then\n    raise ValueError(f"boom on rank {rank}")' in err.worker_traceback
+    # rank 0 waited in a barrier rank 1 never joined: it was terminated, not left behind
+    _assert_workers_gone(tmp_path, 2)
+
+
+@pytest.mark.timeout(120)
+def test_worker_killed_by_sigkill_ends_the_job(tmp_path: Path) -> None:
+    with pytest.raises(WorkerError, match=r"Worker 0 .* killed by SIGKILL \(exit code -9\)") as info:
+        launch(dist_helpers.record_pid_then, 2, args=(str(tmp_path), "sigkill", 0))
+    assert info.value.exitcode == -signal.SIGKILL
+    assert info.value.worker_traceback == ""
+    _assert_workers_gone(tmp_path, 2)
+
+
+@pytest.mark.timeout(120)
+def test_worker_sys_exit_code_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(WorkerError, match=r"(?s)Worker 1 .*SystemExit: 3") as info:
+        launch(dist_helpers.record_pid_then, 2, args=(str(tmp_path), "exit", 1))
+    assert info.value.global_rank == 1
+    _assert_workers_gone(tmp_path, 2)
+
+
+_ORPHAN_SCRIPT = """
+import sys
+import dist_helpers
+from d2engine.engine.launch import launch
+launch(dist_helpers.record_pid_then, 2, args=(sys.argv[1], "sleep", -1))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_workers_exit_when_the_launcher_is_killed(tmp_path: Path) -> None:
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT, str(tmp_path)],
+        env=dist_helpers.python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        dist_helpers.wait_until(
+            lambda: all((tmp_path / f"pid{r}").exists() for r in range(2)), 90, "workers to start"
+        )
+        launcher.kill()
+        launcher.wait()
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
+        dist_helpers.wait_until(
+            lambda: all(dist_helpers.pid_gone(p) for p in pids), 30, "orphaned workers to exit"
+        )
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for r in range(2):  # leave nothing behind if the test failed
+            pid_file = tmp_path / f"pid{r}"
+            if pid_file.exists() and not dist_helpers.pid_gone(int(pid_file.read_text())):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
