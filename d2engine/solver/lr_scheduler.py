@@ -1,0 +1,357 @@
+"""Learning-rate schedulers: a torch ``LRScheduler`` driven by a :class:`ParamScheduler`.
+
+:class:`LRMultiplier` sets every param group's lr to ``base_lr * multiplier(iter / max_iter)``.
+It is stepped once per iteration (the :class:`~d2engine.engine.hooks.LRScheduler` hook does this
+after each ``optimizer.step()``). The named schedulers :class:`WarmupMultiStepLR`,
+:class:`WarmupCosineLR` and :class:`WarmupStepWithFixedGammaLR` are LRMultipliers over a
+:class:`~d2engine.solver.param_scheduler.WarmupParamScheduler`, as detectron2 builds them.
+
+Checkpoints: the state of a scheduler is only ``{"base_lrs", "last_epoch"}`` (plain numbers), so a
+checkpoint never pickles the schedule itself and loads with ``torch.load(weights_only=True)``.
+The schedule is rebuilt from code or config when resuming.
+
+Past the end: iterations at or beyond ``max_iter`` use the schedule's final value
+(``multiplier(1.0)``); the progress is clamped rather than raising, because the hook steps the
+scheduler once more after the last iteration and users sometimes train a little longer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from d2engine.solver.param_scheduler import (
+    CosineParamScheduler,
+    MultiStepParamScheduler,
+    ParamScheduler,
+    StepWithFixedGammaParamScheduler,
+    WarmupParamScheduler,
+)
+
+__all__ = [
+    "LRMultiplier",
+    "WarmupCosineLR",
+    "WarmupMultiStepLR",
+    "WarmupStepWithFixedGammaLR",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class LRMultiplier(LRScheduler):
+    """A torch LR scheduler with ``lr = base_lr * multiplier(iter / max_iter)`` for every group.
+
+    Construction sets the lr for iteration ``last_iter + 1``; each :meth:`step` advances one
+    iteration. Typical use (one ``step()`` per training iteration, after ``optimizer.step()``)::
+
+        sched = LRMultiplier(opt, WarmupParamScheduler(CosineParamScheduler(1, 0), 0.001, 0.01),
+                             max_iter=90000)
+        for it in range(90000):
+            ...; opt.step(); sched.step()
+
+    State: ``state_dict()`` holds ``base_lrs`` and ``last_epoch`` only. Loading it also sets the
+    optimizer's lrs to the values for the loaded iteration.
+
+    Args:
+        optimizer: the optimizer whose param groups' lrs are set.
+        multiplier: a :class:`ParamScheduler` (or any callable ``float -> float``) giving the lr
+            multiplier at training progress ``where`` in ``[0, 1]``.
+        max_iter: the number of training iterations; ``where = iter / max_iter``, clamped to
+            ``[0, 1]`` so that iterations past ``max_iter`` keep the final value.
+        last_iter: the last iteration done, ``-1`` for a fresh start. When resuming (``>= 0``)
+            the base lrs come from each group's ``"initial_lr"``, which torch schedulers store in
+            the optimizer (and so in its checkpoint); a group without it uses its current lr.
+
+    Raises:
+        TypeError: if ``optimizer`` is not an Optimizer or ``multiplier`` is not callable.
+        ValueError: if ``max_iter`` is not a positive integer or ``last_iter < -1``.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        multiplier: ParamScheduler | Callable[[float], float],
+        max_iter: int,
+        last_iter: int = -1,
+    ) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"LRMultiplier needs a torch Optimizer, got {type(optimizer).__name__}")
+        if not callable(multiplier):
+            raise TypeError(
+                f"LRMultiplier needs a ParamScheduler (a callable where -> multiplier) as "
+                f"multiplier, got {type(multiplier).__name__}"
+            )
+        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
+            raise ValueError(f"LRMultiplier needs a positive integer max_iter, got {max_iter!r}")
+        if int(last_iter) != last_iter or last_iter < -1:
+            raise ValueError(
+                f"LRMultiplier needs last_iter >= -1 (-1 for a fresh start), got {last_iter!r}"
+            )
+        if last_iter >= 0:
+            missing = [i for i, g in enumerate(optimizer.param_groups) if "initial_lr" not in g]
+            if missing:
+                logger.warning(
+                    "LRMultiplier resumes at iteration %d but param groups %s have no "
+                    "'initial_lr' (the optimizer state was not loaded from a checkpoint?); "
+                    "using their current lr as the base lr.",
+                    last_iter + 1,
+                    missing,
+                )
+                for i in missing:
+                    lr = optimizer.param_groups[i]["lr"]
+                    optimizer.param_groups[i]["initial_lr"] = (
+                        lr.clone() if isinstance(lr, torch.Tensor) else lr
+                    )
+        self._multiplier = multiplier
+        self._max_iter = int(max_iter)
+        super().__init__(optimizer, last_epoch=int(last_iter))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return ``{"base_lrs": [...], "last_epoch": int}``; the schedule itself is not saved.
+
+        Returns:
+            The plain state of the scheduler.
+        """
+        return {"base_lrs": list(self.base_lrs), "last_epoch": self.last_epoch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore ``base_lrs`` and ``last_epoch`` and set the lrs for that iteration.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`. Extra keys written by torch's
+                default ``state_dict`` (older checkpoints) are ignored.
+
+        Raises:
+            KeyError: if ``base_lrs`` or ``last_epoch`` is missing.
+            ValueError: if the number of base lrs differs from the number of param groups.
+        """
+        missing = [k for k in ("base_lrs", "last_epoch") if k not in state_dict]
+        if missing:
+            raise KeyError(
+                f"LRMultiplier state_dict lacks {missing}; got keys {sorted(state_dict)}. "
+                "Hint: pass a dict produced by LRMultiplier.state_dict()."
+            )
+        base_lrs = list(state_dict["base_lrs"])
+        if len(base_lrs) != len(self.optimizer.param_groups):
+            raise ValueError(
+                f"LRMultiplier state_dict has {len(base_lrs)} base lrs but the optimizer has "
+                f"{len(self.optimizer.param_groups)} param groups. Hint: build the optimizer the "
+                "same way as in the run that saved the checkpoint."
+            )
+        self.base_lrs = base_lrs
+        self.last_epoch = int(state_dict["last_epoch"])
+        for group, lr in zip(self.optimizer.param_groups, self._lrs_at(self.last_epoch)):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(float(lr))
+            else:
+                group["lr"] = lr
+        self._last_lr = [
+            g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"]
+            for g in self.optimizer.param_groups
+        ]
+
+    @property
+    def max_iter(self) -> int:
+        """The number of iterations that ``where`` is computed against."""
+        return self._max_iter
+
+    @property
+    def multiplier(self) -> ParamScheduler | Callable[[float], float]:
+        """The schedule of lr multipliers."""
+        return self._multiplier
+
+    def _lrs_at(self, iteration: int) -> list[float | torch.Tensor]:
+        where = min(max(iteration / self._max_iter, 0.0), 1.0)
+        factor = self._multiplier(where)
+        return [base_lr * factor for base_lr in self.base_lrs]
+
+    def get_lr(self) -> list[float | torch.Tensor]:
+        """Return the lrs of the current iteration (``last_epoch``).
+
+        Returns:
+            One lr per param group.
+        """
+        return self._lrs_at(self.last_epoch)
+
+
+def _warmup(
+    sched: ParamScheduler,
+    max_iter: int,
+    warmup_factor: float,
+    warmup_iters: int,
+    warmup_method: str,
+    rescale_interval: bool,
+) -> WarmupParamScheduler:
+    if warmup_iters < 0:
+        raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+    return WarmupParamScheduler(
+        sched,
+        warmup_factor,
+        min(warmup_iters / max_iter, 1.0),
+        warmup_method,
+        rescale_interval,
+    )
+
+
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or int(value) != value or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+class WarmupMultiStepLR(LRMultiplier):
+    """Warm-up, then the lr is multiplied by ``gamma`` at each milestone iteration.
+
+    Args:
+        optimizer: the optimizer.
+        milestones: increasing iterations at which the lr is multiplied by ``gamma``.
+        gamma: the decay factor.
+        warmup_factor: the lr multiplier at iteration 0.
+        warmup_iters: the length of the warm-up in iterations.
+        warmup_method: "linear" (from ``warmup_factor`` to 1) or "constant".
+        last_iter: the last iteration done (-1 for a fresh start).
+        max_iter: the number of training iterations. Milestones at or past it are dropped with
+            a warning (they could never take effect). If None, the schedule is as long as needed
+            to hold every milestone and the warm-up.
+        rescale_interval: see :class:`WarmupParamScheduler` (False: milestones are absolute).
+
+    Raises:
+        ValueError: for decreasing or non-positive milestones or a bad warm-up.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        milestones: Sequence[int],
+        gamma: float = 0.1,
+        warmup_factor: float = 0.001,
+        warmup_iters: int = 1000,
+        warmup_method: str = "linear",
+        last_iter: int = -1,
+        *,
+        max_iter: int | None = None,
+        rescale_interval: bool = False,
+    ) -> None:
+        milestones = list(milestones)
+        if list(sorted(milestones)) != milestones:
+            raise ValueError(
+                f"WarmupMultiStepLR milestones must be increasing, got {milestones}. "
+                "Hint: sort SOLVER.STEPS."
+            )
+        if max_iter is None:
+            max_iter = max([m + 1 for m in milestones] + [warmup_iters, 1])
+        else:
+            max_iter = _positive_int("max_iter", max_iter)
+            dropped = [m for m in milestones if m >= max_iter]
+            if dropped:
+                logger.warning(
+                    "WarmupMultiStepLR: milestones (SOLVER.STEPS) %s are at or past max_iter=%d "
+                    "and are ignored.",
+                    dropped,
+                    max_iter,
+                )
+            milestones = [m for m in milestones if m < max_iter]
+        sched = MultiStepParamScheduler(
+            values=[gamma**k for k in range(len(milestones) + 1)],
+            milestones=milestones,
+            num_updates=max_iter,
+        )
+        super().__init__(
+            optimizer,
+            _warmup(sched, max_iter, warmup_factor, warmup_iters, warmup_method, rescale_interval),
+            max_iter=max_iter,
+            last_iter=last_iter,
+        )
+
+
+class WarmupCosineLR(LRMultiplier):
+    """Warm-up, then half a cosine from the base lr to ``end_factor * base_lr`` at ``max_iters``.
+
+    Args:
+        optimizer: the optimizer.
+        max_iters: the number of training iterations.
+        warmup_factor: the lr multiplier at iteration 0.
+        warmup_iters: the length of the warm-up in iterations.
+        warmup_method: "linear" or "constant".
+        last_iter: the last iteration done (-1 for a fresh start).
+        end_factor: the lr multiplier reached at the end (``BASE_LR_END / BASE_LR``).
+        rescale_interval: see :class:`WarmupParamScheduler`.
+
+    Raises:
+        ValueError: if ``end_factor`` is outside ``[0, 1]`` or the warm-up is invalid.
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_iters: int,
+        warmup_factor: float = 0.001,
+        warmup_iters: int = 1000,
+        warmup_method: str = "linear",
+        last_iter: int = -1,
+        *,
+        end_factor: float = 0.0,
+        rescale_interval: bool = False,
+    ) -> None:
+        max_iters = _positive_int("max_iters", max_iters)
+        if not (math.isfinite(end_factor) and 0.0 <= end_factor <= 1.0):
+            raise ValueError(
+                f"WarmupCosineLR needs end_factor in [0, 1], got {end_factor}. Hint: "
+                "SOLVER.BASE_LR_END must lie between 0 and SOLVER.BASE_LR."
+            )
+        sched = CosineParamScheduler(1.0, end_factor)
+        super().__init__(
+            optimizer,
+            _warmup(sched, max_iters, warmup_factor, warmup_iters, warmup_method, rescale_interval),
+            max_iter=max_iters,
+            last_iter=last_iter,
+        )
+
+
+class WarmupStepWithFixedGammaLR(LRMultiplier):
+    """Warm-up, then ``num_decays`` equally spaced decays by ``gamma``.
+
+    The decays happen every ``ceil(max_iter / (num_decays + 1))`` iterations.
+
+    Args:
+        optimizer: the optimizer.
+        max_iter: the number of training iterations.
+        gamma: the decay factor.
+        num_decays: the number of decays.
+        warmup_factor: the lr multiplier at iteration 0.
+        warmup_iters: the length of the warm-up in iterations.
+        warmup_method: "linear" or "constant".
+        last_iter: the last iteration done (-1 for a fresh start).
+        rescale_interval: see :class:`WarmupParamScheduler` (True: the decays are spread over
+            the iterations after the warm-up).
+    """
+
+    def __init__(
+        self,
+        optimizer: Optimizer,
+        max_iter: int,
+        gamma: float = 0.1,
+        num_decays: int = 3,
+        warmup_factor: float = 0.001,
+        warmup_iters: int = 1000,
+        warmup_method: str = "linear",
+        last_iter: int = -1,
+        *,
+        rescale_interval: bool = False,
+    ) -> None:
+        max_iter = _positive_int("max_iter", max_iter)
+        sched = StepWithFixedGammaParamScheduler(
+            base_value=1.0, num_decays=num_decays, gamma=gamma, num_updates=max_iter
+        )
+        super().__init__(
+            optimizer,
+            _warmup(sched, max_iter, warmup_factor, warmup_iters, warmup_method, rescale_interval),
+            max_iter=max_iter,
+            last_iter=last_iter,
+        )

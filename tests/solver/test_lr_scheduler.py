@@ -1,0 +1,293 @@
+"""Tests for d2engine.solver.lr_scheduler and build_lr_scheduler: lrs at known iterations."""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import math
+import weakref
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from d2engine.config import get_cfg
+from d2engine.solver.build import build_lr_scheduler
+from d2engine.solver.lr_scheduler import (
+    LRMultiplier,
+    WarmupCosineLR,
+    WarmupMultiStepLR,
+    WarmupStepWithFixedGammaLR,
+)
+from d2engine.solver.param_scheduler import LinearParamScheduler, MultiStepParamScheduler
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _create_first_optimizer() -> None:
+    """torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+def _optimizer(*lrs: float) -> torch.optim.SGD:
+    groups = [{"params": [nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups, lr=lrs[0])
+
+
+def _lrs(optimizer: torch.optim.Optimizer) -> list[float]:
+    return [g["lr"] for g in optimizer.param_groups]
+
+
+def _run(optimizer: torch.optim.Optimizer, sched: Any, iters: int) -> list[float]:
+    """The lr of group 0 used at iterations 0 .. iters-1 (stepped as the LRScheduler hook does)."""
+    out = []
+    for _ in range(iters):
+        out.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sched.step()
+    return out
+
+
+def test_lr_multiplier_values_per_group_and_past_the_end() -> None:
+    opt = _optimizer(1.0, 0.5)
+    sched = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=4)
+    seen = []
+    for _ in range(6):
+        seen.append(_lrs(opt))
+        opt.step()
+        sched.step()
+    # iteration i: base_lr * (1 - i / 4); iterations >= 4 are clamped to where = 1 -> 0
+    expected = [[1.0, 0.5], [0.75, 0.375], [0.5, 0.25], [0.25, 0.125], [0.0, 0.0], [0.0, 0.0]]
+    for got, want in zip(seen, expected, strict=True):
+        assert got == pytest.approx(want)
+    assert sched.get_last_lr() == pytest.approx([0.0, 0.0])
+    assert sched.max_iter == 4
+
+
+def test_lr_multiplier_accepts_a_plain_callable() -> None:
+    opt = _optimizer(2.0)
+    LRMultiplier(opt, lambda where: 0.25, max_iter=10)
+    assert _lrs(opt) == [0.5]
+
+
+def test_lr_multiplier_resume_from_last_iter() -> None:
+    opt = _optimizer(1.0)
+    first = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10)
+    _run(opt, first, 3)  # now at iteration 3, lr 0.7, group has initial_lr = 1.0
+    resumed = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10, last_iter=2)
+    assert resumed.base_lrs == [1.0]
+    assert _lrs(opt) == pytest.approx([0.7])  # 1 - 3 / 10
+    resumed.step()
+    assert _lrs(opt) == pytest.approx([0.6])
+
+
+def test_lr_multiplier_resume_without_initial_lr_warns(caplog: pytest.LogCaptureFixture) -> None:
+    opt = _optimizer(1.0)
+    with caplog.at_level(logging.WARNING, logger="d2engine.solver.lr_scheduler"):
+        LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10, last_iter=4)
+    assert "no 'initial_lr'" in caplog.text
+    assert _lrs(opt) == pytest.approx([0.5])  # 1 * (1 - 5 / 10)
+
+
+def test_state_dict_is_plain_and_weights_only_loadable() -> None:
+    opt = _optimizer(1.0, 0.1)
+    sched = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10)
+    _run(opt, sched, 4)
+    state = sched.state_dict()
+    assert state == {"base_lrs": [1.0, 0.1], "last_epoch": 4}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+
+    opt2 = _optimizer(1.0, 0.1)
+    sched2 = LRMultiplier(opt2, LinearParamScheduler(1.0, 0.0), max_iter=10)
+    sched2.load_state_dict(loaded)
+    assert sched2.last_epoch == 4
+    assert _lrs(opt2) == pytest.approx([0.6, 0.06])  # lr of iteration 4: base * (1 - 4/10)
+    assert sched2.get_last_lr() == pytest.approx([0.6, 0.06])
+    opt2.step()
+    sched2.step()
+    assert _lrs(opt2) == pytest.approx([0.5, 0.05])
+
+
+def test_load_state_dict_errors() -> None:
+    opt = _optimizer(1.0)
+    sched = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10)
+    with pytest.raises(KeyError, match=r"lacks \['last_epoch'\]"):
+        sched.load_state_dict({"base_lrs": [1.0]})
+    with pytest.raises(ValueError, match="2 base lrs but the optimizer has 1 param groups"):
+        sched.load_state_dict({"base_lrs": [1.0, 2.0], "last_epoch": 0})
+
+
+def test_no_reference_cycles() -> None:
+    """Dropping the last reference frees the scheduler and optimizer at once, without gc."""
+    gc.collect()
+    gc.disable()
+    try:
+        opt = _optimizer(1.0)
+        sched = LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=10)
+        sched_ref, opt_ref = weakref.ref(sched), weakref.ref(opt)
+        del sched
+        assert sched_ref() is None, "LRMultiplier is part of a reference cycle"
+        assert gc.get_referrers(opt) == [], "something still refers to the optimizer"
+        del opt
+        assert opt_ref() is None, "the optimizer is part of a reference cycle"
+    finally:
+        gc.enable()
+
+
+def test_constructor_errors() -> None:
+    opt = _optimizer(1.0)
+    with pytest.raises(TypeError, match="needs a torch Optimizer, got list"):
+        LRMultiplier([], LinearParamScheduler(1.0, 0.0), max_iter=10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got float"):
+        LRMultiplier(opt, 0.5, max_iter=10)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="positive integer max_iter, got 0"):
+        LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=0)
+    with pytest.raises(ValueError, match="last_iter >= -1"):
+        LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=5, last_iter=-3)
+
+
+# ------------------------------------------------------------------ named schedulers / builder
+
+
+def _cfg(**solver: Any) -> Any:
+    cfg = get_cfg()
+    cfg.SOLVER.BASE_LR = 1.0
+    for k, v in solver.items():
+        setattr(cfg.SOLVER, k, v)
+    return cfg
+
+
+def test_build_warmup_multistep(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _cfg(
+        LR_SCHEDULER_NAME="WarmupMultiStepLR",
+        MAX_ITER=20,
+        STEPS=(10, 15, 20, 25),
+        GAMMA=0.1,
+        WARMUP_FACTOR=0.001,
+        WARMUP_ITERS=5,
+        WARMUP_METHOD="linear",
+    )
+    opt = _optimizer(1.0)
+    with caplog.at_level(logging.WARNING, logger="d2engine.solver.lr_scheduler"):
+        sched = build_lr_scheduler(cfg, opt)
+    assert isinstance(sched, WarmupMultiStepLR) and isinstance(sched, LRMultiplier)
+    assert "[20, 25]" in caplog.text and "ignored" in caplog.text
+    lrs = _run(opt, sched, 21)
+    # warm-up: 0.001 + (1 - 0.001) * i / 5
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[1] == pytest.approx(0.2008)
+    assert lrs[4] == pytest.approx(0.8002)
+    assert lrs[5:10] == pytest.approx([1.0] * 5)
+    assert lrs[10:15] == pytest.approx([0.1] * 5)
+    assert lrs[15:] == pytest.approx([0.01] * 6)  # iteration 20 (= MAX_ITER) keeps the last value
+
+
+def test_build_warmup_multistep_constant_warmup() -> None:
+    cfg = _cfg(MAX_ITER=20, STEPS=(10,), WARMUP_ITERS=5, WARMUP_METHOD="constant")
+    opt = _optimizer(1.0)
+    lrs = _run(opt, build_lr_scheduler(cfg, opt), 12)
+    assert lrs == pytest.approx([0.001] * 5 + [1.0] * 5 + [0.1] * 2)
+
+
+def test_build_warmup_cosine_ends_at_base_lr_end() -> None:
+    cfg = _cfg(
+        LR_SCHEDULER_NAME="WarmupCosineLR",
+        BASE_LR=2.0,
+        BASE_LR_END=0.2,
+        MAX_ITER=10,
+        WARMUP_ITERS=0,
+    )
+    opt = _optimizer(2.0)
+    sched = build_lr_scheduler(cfg, opt)
+    assert isinstance(sched, WarmupCosineLR)
+    lrs = _run(opt, sched, 11)
+    # lr = 0.2 + 0.5 * (2 - 0.2) * (1 + cos(pi * i / 10))
+    assert lrs[0] == pytest.approx(2.0)
+    assert lrs[2] == pytest.approx(0.2 + 0.9 * (1 + math.cos(0.2 * math.pi)))
+    assert lrs[2] == pytest.approx(1.8281152949374527)
+    assert lrs[5] == pytest.approx(1.1)  # 0.2 + 0.9
+    assert lrs[10] == pytest.approx(0.2)
+
+
+def test_build_warmup_cosine_with_linear_warmup() -> None:
+    cfg = _cfg(LR_SCHEDULER_NAME="WarmupCosineLR", MAX_ITER=10, WARMUP_ITERS=2, WARMUP_FACTOR=0.1)
+    opt = _optimizer(1.0)
+    lrs = _run(opt, build_lr_scheduler(cfg, opt), 3)
+    # warm-up ends at cos value of iteration 2: 0.5 * (1 + cos(0.2 pi)) = 0.9045084971874737
+    assert lrs[0] == pytest.approx(0.1)
+    assert lrs[1] == pytest.approx(0.1 + 0.5 * (0.9045084971874737 - 0.1))
+    assert lrs[2] == pytest.approx(0.9045084971874737)
+
+
+def test_build_step_with_fixed_gamma() -> None:
+    cfg = _cfg(
+        LR_SCHEDULER_NAME="WarmupStepWithFixedGammaLR",
+        MAX_ITER=12,
+        NUM_DECAYS=2,
+        GAMMA=0.5,
+        WARMUP_ITERS=0,
+    )
+    opt = _optimizer(1.0)
+    sched = build_lr_scheduler(cfg, opt)
+    assert isinstance(sched, WarmupStepWithFixedGammaLR)
+    # ceil(12 / 3) = 4 iterations per value: 1, 0.5, 0.25
+    assert _run(opt, sched, 12) == pytest.approx([1.0] * 4 + [0.5] * 4 + [0.25] * 4)
+
+
+def test_build_step_with_fixed_gamma_rescale_interval() -> None:
+    cfg = _cfg(
+        LR_SCHEDULER_NAME="WarmupStepWithFixedGammaLR",
+        MAX_ITER=12,
+        NUM_DECAYS=2,
+        GAMMA=0.5,
+        WARMUP_ITERS=4,
+        WARMUP_FACTOR=0.1,
+        WARMUP_METHOD="constant",
+        RESCALE_INTERVAL=True,
+    )
+    opt = _optimizer(1.0)
+    # after warm-up: local = (i - 4) / 8, update = local * 12, milestones at updates 4 and 8
+    # i=6: 3 -> 1; i=7: 4.5 -> 0.5; i=9: 7.5 -> 0.5; i=10: 9 -> 0.25
+    expected = [0.1] * 4 + [1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.25, 0.25]
+    assert _run(opt, build_lr_scheduler(cfg, opt), 12) == pytest.approx(expected)
+
+
+def test_build_warmup_longer_than_training_is_capped() -> None:
+    cfg = _cfg(LR_SCHEDULER_NAME="WarmupCosineLR", MAX_ITER=4, WARMUP_ITERS=100, WARMUP_FACTOR=0.0)
+    opt = _optimizer(1.0)
+    # warm-up over all 4 iterations from 0 to cos(1.0) = 0
+    assert _run(opt, build_lr_scheduler(cfg, opt), 4) == pytest.approx([0.0] * 4)
+
+
+def test_build_errors() -> None:
+    opt = _optimizer(1.0)
+    with pytest.raises(
+        ValueError, match=r"Unknown SOLVER.LR_SCHEDULER_NAME 'Poly'.*WarmupCosineLR"
+    ):
+        build_lr_scheduler(_cfg(LR_SCHEDULER_NAME="Poly"), opt)
+    with pytest.raises(ValueError, match=r"Unknown warmup_method 'cubic'.*'constant', 'linear'"):
+        build_lr_scheduler(_cfg(WARMUP_METHOD="cubic"), opt)
+    with pytest.raises(ValueError, match="BASE_LR_END <= SOLVER.BASE_LR"):
+        build_lr_scheduler(_cfg(LR_SCHEDULER_NAME="WarmupCosineLR", BASE_LR_END=3.0), opt)
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        build_lr_scheduler(_cfg(MAX_ITER=0), opt)
+
+
+def test_warmup_multistep_without_max_iter_and_bad_milestones() -> None:
+    opt = _optimizer(1.0)
+    sched = WarmupMultiStepLR(opt, [2, 4], gamma=0.5, warmup_iters=0)
+    assert _run(opt, sched, 7) == pytest.approx([1.0, 1.0, 0.5, 0.5, 0.25, 0.25, 0.25])
+    with pytest.raises(ValueError, match="milestones must be increasing"):
+        WarmupMultiStepLR(_optimizer(1.0), [4, 2])
+
+
+def test_multistep_param_scheduler_in_lr_multiplier_at_every_iteration() -> None:
+    opt = _optimizer(0.1)
+    sched = LRMultiplier(
+        opt, MultiStepParamScheduler([1.0, 0.1], num_updates=7, milestones=[3]), max_iter=7
+    )
+    assert _run(opt, sched, 7) == pytest.approx([0.1] * 3 + [0.01] * 4)
