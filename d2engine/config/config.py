@@ -205,8 +205,8 @@ class CfgNode(dict):
         for key, value in (init_dict or {}).items():
             if isinstance(value, Mapping) and not isinstance(value, CfgNode):
                 value = type(self)(value, key_list + [str(key)], new_allowed=new_allowed)
-            self[key] = value
             _check_value_type(value, ".".join(key_list + [str(key)]))
+            self[key] = value
 
     # ----------------------------------------------------------------- attribute access
     def __getattr__(self, name: str) -> Any:

@@ -86,8 +86,11 @@ class LazyCall:
                 "LazyCall itself."
             )
         target: Any = self._target
-        if isinstance(target, type) and dataclasses.is_dataclass(target):
-            # omegaconf would turn a dataclass type into a structured config; keep it a name.
+        if isinstance(target, type) and (
+            dataclasses.is_dataclass(target) or issubclass(target, (dict, list, tuple))
+        ):
+            # omegaconf turns a dataclass type into a structured config and refuses container
+            # types (dict, OrderedDict, list...) as values: store these targets by name.
             target = target_to_string(target)
         return DictConfig(content={_TARGET_KEY: target, **kwargs}, flags={"allow_objects": True})
 
@@ -114,7 +117,7 @@ def _check_suffix(filename: str) -> str:
     return ext
 
 
-def _module_package(filename: str) -> str:
+def _module_package() -> str:
     # A unique, never-importable package name marks the globals of a config file so that our
     # import hook recognises relative imports made from it.
     return f"{_CFG_PACKAGE_NAME}.c{uuid.uuid4().hex}"
@@ -124,7 +127,7 @@ def _exec_config_file(filename: str) -> dict[str, Any]:
     """Execute a Python config file and return its global namespace."""
     with open(filename, encoding="utf-8") as f:
         source = f.read()
-    package = _module_package(filename)
+    package = _module_package()
     namespace: dict[str, Any] = {
         "__file__": filename,
         "__name__": package + ".config",
@@ -137,7 +140,7 @@ def _exec_config_file(filename: str) -> dict[str, Any]:
 
 def _load_relative(path: str) -> types.ModuleType:
     """Load the config file (or directory of config files) ``path`` refers to, as a module."""
-    module = types.ModuleType(_module_package(path) + ".module")
+    module = types.ModuleType(_module_package() + ".module")
     if os.path.isfile(path + ".py"):
         module.__file__ = path + ".py"
         namespace = _exec_config_file(path + ".py")
@@ -267,7 +270,9 @@ class LazyConfig:
         Returns:
             As in :meth:`load`.
         """
-        caller_file = inspect.stack()[1].filename
+        frame = inspect.currentframe()
+        caller_file = frame.f_back.f_code.co_filename if frame and frame.f_back else "<unknown>"
+        del frame  # frames hold references to their locals
         if caller_file.startswith("<"):
             raise ValueError("LazyConfig.load_rel must be called from a file; use load() instead.")
         return LazyConfig.load(os.path.join(os.path.dirname(caller_file), filename), keys)
