@@ -1,0 +1,664 @@
+"""Event storage (scalars, images, histograms logged during training) and the writers that read it.
+
+A training loop opens an :class:`EventStorage`; code anywhere in the loop logs into it through
+:func:`get_event_storage`. :class:`EventWriter` objects (usually run by the
+:class:`~d2engine.engine.hooks.PeriodicWriter` hook) read what was logged and write it out:
+:class:`JSONWriter` (JSON lines), :class:`TensorboardXWriter` (TensorBoard event files) and
+:class:`CommonMetricPrinter` (one log line).
+
+Scalars may be logged as tensors, on any device. The storage keeps them as they are and converts
+them to ``float`` only when they are read, so logging a CUDA tensor never forces a host-device
+synchronisation by itself. Metrics computed in a background thread (asynchronous metric writing)
+are tracked with :meth:`EventStorage.add_pending` so that writers see them complete.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Iterator
+from concurrent.futures import Future
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+__all__ = [
+    "CommonMetricPrinter",
+    "EventStorage",
+    "EventWriter",
+    "HistoryBuffer",
+    "JSONWriter",
+    "TensorboardXWriter",
+    "get_event_storage",
+    "has_event_storage",
+]
+
+_CURRENT_STORAGE_STACK: list[EventStorage] = []
+"""Open storages, innermost last. Global (not thread-local) so that a background metric writer
+started by the training thread logs into the training thread's storage."""
+
+_DEFAULT_MAX_LENGTH = 1_000_000
+
+
+def get_event_storage() -> EventStorage:
+    """Return the innermost open :class:`EventStorage`.
+
+    Returns:
+        The storage of the running training loop.
+
+    Raises:
+        RuntimeError: if no storage is open.
+    """
+    if not _CURRENT_STORAGE_STACK:
+        raise RuntimeError(
+            "get_event_storage() was called outside of an EventStorage. HINT: call it during "
+            "training (TrainerBase.train opens one), or open one yourself with "
+            "`with EventStorage(start_iter): ...`."
+        )
+    return _CURRENT_STORAGE_STACK[-1]
+
+
+def has_event_storage() -> bool:
+    """Whether an :class:`EventStorage` is open (so :func:`get_event_storage` would succeed)."""
+    return bool(_CURRENT_STORAGE_STACK)
+
+
+def _to_floats(values: list[Any]) -> list[float]:
+    """Convert numbers and 1-element tensors to floats, with one sync per device at most."""
+    out: list[Any] = list(values)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, v in enumerate(values):
+        if isinstance(v, torch.Tensor):
+            by_device[v.device].append(i)
+        else:
+            out[i] = float(v)
+    for idx in by_device.values():
+        if len(idx) == 1:
+            out[idx[0]] = float(values[idx[0]])
+        else:
+            stacked = torch.stack([values[i].reshape(()) for i in idx]).double().tolist()
+            for i, f in zip(idx, stacked):
+                out[i] = f
+    return out
+
+
+class HistoryBuffer:
+    """The bounded history of one scalar: (value, iteration) pairs with summary statistics.
+
+    Values may be numbers or single-element tensors; tensors are converted to ``float`` when the
+    history is read. Thread-safe.
+
+    Args:
+        max_length: the most points kept; older points are dropped (they still count in
+            :meth:`global_avg`).
+    """
+
+    def __init__(self, max_length: int = _DEFAULT_MAX_LENGTH) -> None:
+        if max_length <= 0:
+            raise ValueError(f"HistoryBuffer needs max_length > 0, got {max_length}")
+        self._max_length = max_length
+        self._data: deque[tuple[float, int]] = deque(maxlen=max_length)
+        self._pending: list[tuple[Any, int]] = []
+        self._global_sum = 0.0
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def update(self, value: float | torch.Tensor, iteration: int) -> None:
+        """Add a point.
+
+        Args:
+            value: a number or a single-element tensor (kept unconverted until read).
+            iteration: the iteration the value belongs to.
+        """
+        with self._lock:
+            if isinstance(value, torch.Tensor) or self._pending:
+                self._pending.append((value, iteration))
+                if len(self._pending) >= self._max_length:
+                    self._materialize()
+            else:
+                value = float(value)
+                self._data.append((value, iteration))
+                self._global_sum += value
+                self._count += 1
+
+    def _materialize(self) -> None:
+        # Called with the lock held.
+        if not self._pending:
+            return
+        floats = _to_floats([v for v, _ in self._pending])
+        for f, (_, it) in zip(floats, self._pending):
+            self._data.append((f, it))
+            self._global_sum += f
+            self._count += 1
+        self._pending.clear()
+
+    def _snapshot(self, window: int | None = None) -> list[tuple[float, int]]:
+        with self._lock:
+            self._materialize()
+            if window is None or window >= len(self._data):
+                return list(self._data)
+            if window <= 0:
+                return []
+            n = len(self._data)
+            return [self._data[i] for i in range(n - window, n)]
+
+    def latest(self) -> float:
+        """The most recent value.
+
+        Raises:
+            IndexError: if the history is empty.
+        """
+        data = self._snapshot(1)
+        if not data:
+            raise IndexError("latest() of an empty HistoryBuffer")
+        return data[-1][0]
+
+    def median(self, window_size: int) -> float:
+        """The median of the last ``window_size`` values (nan if there are none)."""
+        values = sorted(v for v, _ in self._snapshot(window_size))
+        if not values:
+            return math.nan
+        n = len(values)
+        mid = n // 2
+        return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
+
+    def avg(self, window_size: int) -> float:
+        """The mean of the last ``window_size`` values (nan if there are none)."""
+        values = [v for v, _ in self._snapshot(window_size)]
+        return sum(values) / len(values) if values else math.nan
+
+    def global_avg(self) -> float:
+        """The mean of every value ever added, including those dropped from the buffer."""
+        with self._lock:
+            self._materialize()
+            return self._global_sum / self._count if self._count else math.nan
+
+    def values(self) -> list[tuple[float, int]]:
+        """All kept points as (value, iteration) pairs, oldest first."""
+        return self._snapshot()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._data) + len(self._pending)
+
+
+class EventStorage:
+    """The store of everything logged during training, opened as a context manager.
+
+    ``with EventStorage(start_iter) as storage:`` makes it the current storage, returned by
+    :func:`get_event_storage`. Scalars go into bounded :class:`HistoryBuffer` objects; images and
+    histograms are queued until a writer (e.g. :class:`TensorboardXWriter`) consumes them.
+
+    Args:
+        start_iter: the iteration that logged values belong to until :meth:`step` is called.
+        max_history: the most points kept per scalar.
+    """
+
+    def __init__(self, start_iter: int = 0, max_history: int = _DEFAULT_MAX_LENGTH) -> None:
+        self._history: dict[str, HistoryBuffer] = {}
+        self._smoothing_hints: dict[str, bool] = {}
+        self._latest_scalars: dict[str, tuple[Any, int]] = {}
+        self._iter = start_iter
+        self._current_prefix = ""
+        self._vis_data: list[tuple[str, torch.Tensor, int]] = []
+        self._histograms: list[dict[str, Any]] = []
+        self._max_history = max_history
+        self._lock = threading.RLock()
+        self._pending: list[Future[Any]] = []
+
+    # -- scalars -----------------------------------------------------------------------------
+    def put_scalar(
+        self,
+        name: str,
+        value: float | torch.Tensor,
+        smoothing_hint: bool = True,
+        cur_iter: int | None = None,
+    ) -> None:
+        """Log a scalar.
+
+        Args:
+            name: the scalar's name (prefixed by the current :meth:`name_scope`).
+            value: a number or a single-element tensor on any device; a tensor is detached and
+                converted to float only when read.
+            smoothing_hint: whether writers should smooth this scalar (median over a window) or
+                report its latest value. A name must keep the same hint.
+            cur_iter: the iteration the value belongs to; default the storage's current one.
+
+        Raises:
+            ValueError: if ``name`` was logged before with a different smoothing hint, or a
+                tensor value has more than one element.
+        """
+        name = self._current_prefix + name
+        cur_iter = self._iter if cur_iter is None else int(cur_iter)
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(
+                    f"put_scalar('{name}') needs a number or a single-element tensor, got a "
+                    f"tensor of shape {tuple(value.shape)}. HINT: reduce it first (e.g. .mean())."
+                )
+            value = value.detach()
+        else:
+            value = float(value)
+        with self._lock:
+            existing = self._smoothing_hints.get(name)
+            if existing is None:
+                self._smoothing_hints[name] = smoothing_hint
+                self._history[name] = HistoryBuffer(self._max_history)
+            elif existing != smoothing_hint:
+                raise ValueError(
+                    f"Scalar '{name}' was put with smoothing_hint={existing} before and now with "
+                    f"smoothing_hint={smoothing_hint}. HINT: use one hint per name."
+                )
+            self._history[name].update(value, cur_iter)
+            self._latest_scalars[name] = (value, cur_iter)
+
+    def put_scalars(
+        self, *, smoothing_hint: bool = True, cur_iter: int | None = None, **kwargs: Any
+    ) -> None:
+        """Log several scalars with the same hint: ``put_scalars(loss=1.0, acc=0.5)``.
+
+        Args:
+            smoothing_hint: see :meth:`put_scalar`.
+            cur_iter: see :meth:`put_scalar`.
+            **kwargs: name=value pairs.
+        """
+        for k, v in kwargs.items():
+            self.put_scalar(k, v, smoothing_hint=smoothing_hint, cur_iter=cur_iter)
+
+    def history(self, name: str) -> HistoryBuffer:
+        """The history of scalar ``name``.
+
+        Raises:
+            KeyError: if no scalar of that name was logged.
+        """
+        with self._lock:
+            buf = self._history.get(name)
+        if buf is None:
+            raise KeyError(f"No history metric available for '{name}'.")
+        return buf
+
+    def histories(self) -> dict[str, HistoryBuffer]:
+        """A copy of the mapping name -> :class:`HistoryBuffer`."""
+        with self._lock:
+            return dict(self._history)
+
+    def latest(self) -> dict[str, tuple[float, int]]:
+        """The latest value of every scalar: name -> (value, iteration it was logged at)."""
+        with self._lock:
+            items = list(self._latest_scalars.items())
+        floats = _to_floats([v for _, (v, _) in items])
+        return {k: (f, it) for (k, (_, it)), f in zip(items, floats)}
+
+    def latest_with_smoothing_hint(self, window_size: int = 20) -> dict[str, tuple[float, int]]:
+        """Like :meth:`latest`, but smoothed scalars give the median of their recent values.
+
+        Args:
+            window_size: smoothed scalars use the values logged within the last
+                ``window_size`` iterations (up to the iteration of the latest value).
+
+        Returns:
+            name -> (value, iteration of the latest value).
+        """
+        result = {}
+        with self._lock:
+            latest = self.latest()
+            hints = dict(self._smoothing_hints)
+        for k, (v, itr) in latest.items():
+            if hints[k]:
+                v = self._history[k].median(self.count_samples(k, window_size))
+            result[k] = (v, itr)
+        return result
+
+    def count_samples(self, name: str, window_size: int = 20) -> int:
+        """The number of values of ``name`` logged within the last ``window_size`` iterations.
+
+        Counted back from the iteration of its latest value.
+        """
+        data = self.history(name).values()
+        if not data:
+            return 0
+        last = data[-1][1]
+        n = 0
+        for _, it in reversed(data):
+            if it > last - window_size:
+                n += 1
+            else:
+                break
+        return n
+
+    def smoothing_hints(self) -> dict[str, bool]:
+        """name -> the smoothing hint the scalar was logged with."""
+        with self._lock:
+            return dict(self._smoothing_hints)
+
+    # -- images and histograms ---------------------------------------------------------------
+    def put_image(self, img_name: str, img_tensor: torch.Tensor) -> None:
+        """Queue an image for :class:`TensorboardXWriter`.
+
+        Args:
+            img_name: the image's tag (prefixed by the current :meth:`name_scope`).
+            img_tensor: a CHW tensor, float in [0, 1] or uint8 in [0, 255] (3 channels, RGB).
+        """
+        with self._lock:
+            self._vis_data.append((self._current_prefix + img_name, img_tensor, self._iter))
+
+    def clear_images(self) -> None:
+        """Drop the queued images (writers call this after writing them)."""
+        with self._lock:
+            self._vis_data = []
+
+    def put_histogram(self, hist_name: str, hist_tensor: torch.Tensor, bins: int = 1000) -> None:
+        """Queue a histogram of the values of a tensor of any shape.
+
+        The histogram is computed now (this synchronises with the tensor's device).
+
+        Args:
+            hist_name: the histogram's tag (prefixed by the current :meth:`name_scope`).
+            hist_tensor: the values; any shape and numeric dtype.
+            bins: the number of buckets.
+
+        Raises:
+            ValueError: if the tensor is empty or ``bins`` is not positive.
+        """
+        if bins <= 0:
+            raise ValueError(f"put_histogram('{hist_name}') needs bins > 0, got {bins}")
+        values = hist_tensor.detach().reshape(-1).double()
+        if values.numel() == 0:
+            raise ValueError(f"put_histogram('{hist_name}') got an empty tensor")
+        ht_min, ht_max = values.min().item(), values.max().item()
+        if ht_min == ht_max:
+            # a single value: one bucket holding everything, edge at that value
+            limits = [ht_max]
+            counts = [float(values.numel())]
+        else:
+            counts = torch.histc(values, bins=bins, min=ht_min, max=ht_max).tolist()
+            limits = torch.linspace(ht_min, ht_max, bins + 1, dtype=torch.float64)[1:].tolist()
+        params = {
+            "tag": self._current_prefix + hist_name,
+            "min": ht_min,
+            "max": ht_max,
+            "num": int(values.numel()),
+            "sum": float(values.sum().item()),
+            "sum_squares": float((values * values).sum().item()),
+            "bucket_limits": limits,
+            "bucket_counts": counts,
+            "global_step": self._iter,
+        }
+        with self._lock:
+            self._histograms.append(params)
+
+    def clear_histograms(self) -> None:
+        """Drop the queued histograms (writers call this after writing them)."""
+        with self._lock:
+            self._histograms = []
+
+    # -- iteration and scope -----------------------------------------------------------------
+    def step(self) -> None:
+        """Advance the current iteration by one."""
+        self._iter += 1
+
+    @property
+    def iter(self) -> int:
+        """The current iteration: values are logged at it unless ``cur_iter`` says otherwise."""
+        return self._iter
+
+    @iter.setter
+    def iter(self, val: int) -> None:
+        self._iter = int(val)
+
+    @property
+    def iteration(self) -> int:
+        """Alias of :attr:`iter`."""
+        return self._iter
+
+    @contextmanager
+    def name_scope(self, name: str) -> Iterator[None]:
+        """Prefix the names logged inside the block with ``name + "/"`` (scopes nest)."""
+        old_prefix = self._current_prefix
+        self._current_prefix = old_prefix + name.rstrip("/") + "/"
+        try:
+            yield
+        finally:
+            self._current_prefix = old_prefix
+
+    # -- background writes -------------------------------------------------------------------
+    def add_pending(self, future: Future[Any]) -> None:
+        """Track a background computation that will log into this storage.
+
+        Writers call :meth:`wait_pending` before reading so that they see its values.
+        """
+        with self._lock:
+            self._pending.append(future)
+
+    def discard_pending(self, future: Future[Any]) -> None:
+        """Stop tracking ``future`` (its owner collected its result)."""
+        with self._lock:
+            if future in self._pending:
+                self._pending.remove(future)
+
+    def wait_pending(self) -> None:
+        """Wait for the tracked background computations.
+
+        Successful ones are forgotten; failed ones stay tracked so that their owner (or
+        :meth:`raise_pending`) still raises their error.
+        """
+        with self._lock:
+            pending = list(self._pending)
+        for fut in pending:
+            if fut.exception() is None:
+                self.discard_pending(fut)
+
+    def raise_pending(self) -> None:
+        """Wait for the tracked background computations, forget them, and raise the first error.
+
+        Raises:
+            Exception: the first error raised by a tracked computation.
+        """
+        with self._lock:
+            pending, self._pending = self._pending, []
+        error = None
+        for fut in pending:
+            exc = fut.exception()
+            if exc is not None and error is None:
+                error = exc
+        if error is not None:
+            raise error
+
+    # -- context manager ---------------------------------------------------------------------
+    def __enter__(self) -> EventStorage:
+        _CURRENT_STORAGE_STACK.append(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not _CURRENT_STORAGE_STACK or _CURRENT_STORAGE_STACK[-1] is not self:
+            raise RuntimeError("EventStorage contexts were not closed in the order they opened.")
+        _CURRENT_STORAGE_STACK.pop()
+
+
+class EventWriter:
+    """Base class of writers that read the current :class:`EventStorage`."""
+
+    def write(self) -> None:
+        """Write what the current storage holds (called periodically)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release files and other resources; the default does nothing."""
+
+
+class JSONWriter(EventWriter):
+    """Write scalars to a JSON-lines file: one object per iteration, with key ``"iteration"``.
+
+    Each :meth:`write` appends one line for every iteration that has values newer than the last
+    line written (smoothed scalars as the median over ``window_size`` iterations), then flushes.
+    The file is fsynced only at :meth:`close`. Read it with::
+
+        [json.loads(line) for line in open("metrics.json")]
+
+    Args:
+        json_file: the file, opened for appending (parent directories are created).
+        window_size: the smoothing window for scalars logged with ``smoothing_hint=True``.
+    """
+
+    def __init__(self, json_file: str | os.PathLike[str], window_size: int = 20) -> None:
+        parent = os.path.dirname(os.fspath(json_file))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._file_handle = open(json_file, "a")  # noqa: SIM115 (closed in close())
+        self._window_size = window_size
+        self._last_write = -1
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        storage.wait_pending()
+        to_save: dict[int, dict[str, Any]] = defaultdict(dict)
+        for k, (v, itr) in storage.latest_with_smoothing_hint(self._window_size).items():
+            if itr > self._last_write:
+                to_save[itr][k] = v
+        for itr in sorted(to_save):
+            line = dict(to_save[itr])
+            line["iteration"] = itr
+            self._file_handle.write(json.dumps(line, sort_keys=True) + "\n")
+        if to_save:
+            self._last_write = max(to_save)
+            self._file_handle.flush()
+
+    def close(self) -> None:
+        if self._file_handle.closed:
+            return
+        self._file_handle.flush()
+        try:
+            os.fsync(self._file_handle.fileno())
+        except OSError:
+            pass
+        self._file_handle.close()
+
+
+class TensorboardXWriter(EventWriter):
+    """Write scalars, images and histograms to TensorBoard event files.
+
+    Uses ``torch.utils.tensorboard.SummaryWriter``, created at the first :meth:`write` (no file
+    exists before). Each write adds the scalars newer than the last write at their iteration,
+    then the queued images and histograms, which it removes from the storage.
+
+    Args:
+        log_dir: the directory of the event files.
+        window_size: the smoothing window for scalars logged with ``smoothing_hint=True``.
+        **kwargs: passed to ``SummaryWriter``.
+    """
+
+    def __init__(
+        self, log_dir: str | os.PathLike[str], window_size: int = 20, **kwargs: Any
+    ) -> None:
+        self._log_dir = os.fspath(log_dir)
+        self._window_size = window_size
+        self._writer_args = kwargs
+        self._writer: Any = None
+        self._last_write = -1
+
+    def _get_writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(self._log_dir, **self._writer_args)
+        return self._writer
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        storage.wait_pending()
+        writer = self._get_writer()
+        new_last_write = self._last_write
+        for k, (v, itr) in storage.latest_with_smoothing_hint(self._window_size).items():
+            if itr > self._last_write:
+                writer.add_scalar(k, v, itr)
+                new_last_write = max(new_last_write, itr)
+        self._last_write = new_last_write
+        if storage._vis_data:
+            for img_name, img, step_num in storage._vis_data:
+                writer.add_image(img_name, img, step_num)
+            storage.clear_images()
+        if storage._histograms:
+            for params in storage._histograms:
+                writer.add_histogram_raw(**params)
+            storage.clear_histograms()
+        writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+class CommonMetricPrinter(EventWriter):
+    """Log the common metrics as one line to the logger ``d2engine.utils.events``.
+
+    ``eta: 0:01:23  iter: 199  total_loss: 0.512  loss_cls: 0.3  time: 0.1234  last_time: 0.1201
+    data_time: 0.0012  last_data_time: 0.0010  lr: 0.01  max_mem: 812M``. Losses (names containing
+    "loss") and ``[metric]`` names are smoothed over ``window_size`` iterations. Nothing is printed
+    at ``iter == max_iter`` (the final write after training). The ETA is the median of the last
+    1000 ``time`` values times the remaining iterations (also put as ``eta_seconds``), or the
+    wall time between writes when ``time`` is not logged.
+
+    Args:
+        max_iter: the number of training iterations; without it no ETA is printed.
+        window_size: the smoothing window of losses and data_time.
+    """
+
+    def __init__(self, max_iter: int | None = None, window_size: int = 20) -> None:
+        self.logger = logging.getLogger(__name__)
+        self._max_iter = max_iter
+        self._window_size = window_size
+        self._last_write: tuple[int, float] | None = None
+
+    def _get_eta(self, storage: EventStorage) -> str | None:
+        if self._max_iter is None:
+            return None
+        iteration = storage.iter
+        try:
+            eta_seconds = storage.history("time").median(1000) * (self._max_iter - iteration - 1)
+            storage.put_scalar("eta_seconds", eta_seconds, smoothing_hint=False)
+            return str(datetime.timedelta(seconds=int(eta_seconds)))
+        except KeyError:
+            eta_string = None
+            now = time.perf_counter()
+            if self._last_write is not None and iteration > self._last_write[0]:
+                per_iter = (now - self._last_write[1]) / (iteration - self._last_write[0])
+                eta_seconds = per_iter * (self._max_iter - iteration - 1)
+                eta_string = str(datetime.timedelta(seconds=int(eta_seconds)))
+            self._last_write = (iteration, now)
+            return eta_string
+
+    def write(self) -> None:
+        storage = get_event_storage()
+        storage.wait_pending()
+        iteration = storage.iter
+        if iteration == self._max_iter:
+            return
+        histories = storage.histories()
+        parts = []
+        eta = self._get_eta(storage)
+        if eta:
+            parts.append(f"eta: {eta}")
+        parts.append(f"iter: {iteration}")
+        for k, buf in histories.items():
+            if "loss" in k or k.startswith("[metric]"):
+                parts.append(f"{k}: {buf.median(storage.count_samples(k, self._window_size)):.4g}")
+        if "time" in histories:
+            parts.append(f"time: {histories['time'].global_avg():.4f}")
+            parts.append(f"last_time: {histories['time'].latest():.4f}")
+        if "data_time" in histories:
+            n = storage.count_samples("data_time", self._window_size)
+            parts.append(f"data_time: {histories['data_time'].avg(n):.4f}")
+            parts.append(f"last_data_time: {histories['data_time'].latest():.4f}")
+        lr = f"{histories['lr'].latest():.5g}" if "lr" in histories else "N/A"
+        parts.append(f"lr: {lr}")
+        if torch.cuda.is_available():
+            parts.append(f"max_mem: {torch.cuda.max_memory_allocated() / 1024.0 / 1024.0:.0f}M")
+        self.logger.info("  ".join(parts))

@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from d2engine.utils.events import (
+    CommonMetricPrinter,
+    EventStorage,
+    HistoryBuffer,
+    JSONWriter,
+    TensorboardXWriter,
+    get_event_storage,
+    has_event_storage,
+)
+
+
+def test_get_event_storage_outside_raises() -> None:
+    assert not has_event_storage()
+    with pytest.raises(RuntimeError, match="outside of an EventStorage"):
+        get_event_storage()
+    with EventStorage(5) as s:
+        assert has_event_storage()
+        assert get_event_storage() is s
+        with EventStorage() as inner:
+            assert get_event_storage() is inner
+        assert get_event_storage() is s
+        assert s.iter == s.iteration == 5
+    assert not has_event_storage()
+
+
+def test_history_buffer_statistics_and_bound() -> None:
+    buf = HistoryBuffer(max_length=3)
+    for i, v in enumerate([1.0, 5.0, 2.0, 8.0]):
+        buf.update(v, i)
+    assert buf.values() == [(5.0, 1), (2.0, 2), (8.0, 3)]
+    assert buf.latest() == 8.0
+    assert buf.median(3) == 5.0
+    assert buf.median(2) == 5.0  # mean of the two middle values of [2, 8]
+    assert buf.avg(2) == 5.0
+    assert buf.global_avg() == 4.0  # includes the dropped first value
+    assert len(buf) == 3
+    with pytest.raises(IndexError, match="empty"):
+        HistoryBuffer().latest()
+    assert math.isnan(HistoryBuffer().median(5))
+
+
+def test_put_scalar_tensor_is_lazy() -> None:
+    calls = {"n": 0}
+    orig_item = torch.Tensor.item
+    orig_float = torch.Tensor.__float__
+    orig_tolist = torch.Tensor.tolist
+
+    def count(orig):
+        def wrapper(self, *a, **k):
+            calls["n"] += 1
+            return orig(self, *a, **k)
+
+        return wrapper
+
+    with EventStorage() as s:
+        t = torch.tensor(2.5, requires_grad=True) * 2
+        torch.Tensor.item = count(orig_item)
+        torch.Tensor.__float__ = count(orig_float)
+        torch.Tensor.tolist = count(orig_tolist)
+        try:
+            for i in range(10):
+                s.put_scalar("loss", t + i, cur_iter=i)
+            assert calls["n"] == 0, "put_scalar converted a tensor eagerly"
+            values = s.history("loss").values()
+        finally:
+            torch.Tensor.item = orig_item
+            torch.Tensor.__float__ = orig_float
+            torch.Tensor.tolist = orig_tolist
+        assert calls["n"] >= 1
+        assert values == [(5.0 + i, i) for i in range(10)]
+        assert all(type(v) is float for v, _ in values)
+        assert s.latest()["loss"] == (14.0, 9)
+        with pytest.raises(ValueError, match="single-element tensor"):
+            s.put_scalar("bad", torch.ones(3))
+
+
+def test_smoothing_hint_conflict_names_the_scalar() -> None:
+    with EventStorage() as s:
+        s.put_scalar("acc", 1.0, smoothing_hint=False)
+        with pytest.raises(ValueError, match="'acc'.*smoothing_hint=False"):
+            s.put_scalar("acc", 2.0)
+        assert s.smoothing_hints() == {"acc": False}
+
+
+def test_latest_with_smoothing_hint_and_count_samples() -> None:
+    with EventStorage() as s:
+        for i in range(30):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+            s.put_scalar("acc", float(i) * 10, smoothing_hint=False)
+        assert s.count_samples("loss", 20) == 20
+        out = s.latest_with_smoothing_hint(20)
+        assert out["loss"] == (19.5, 29)  # median of 10..29
+        assert out["acc"] == (290.0, 29)
+        s.put_scalars(a=1, b=torch.tensor(2.0), cur_iter=100)
+        assert s.latest()["b"] == (2.0, 100)
+        assert set(s.histories()) == {"loss", "acc", "a", "b"}
+
+
+def test_name_scope_and_step() -> None:
+    with EventStorage() as s:
+        with s.name_scope("val"):
+            s.put_scalar("acc", 1.0)
+            with s.name_scope("sub"):
+                s.put_scalar("x", 2.0)
+        s.put_scalar("acc", 3.0)
+        s.step()
+        assert s.iter == 1
+        assert set(s.histories()) == {"val/acc", "val/sub/x", "acc"}
+
+
+@pytest.mark.parametrize("shape", [(100,), (10, 10), (2, 5, 10), ()])
+def test_put_histogram_any_shape(shape: tuple[int, ...]) -> None:
+    torch.manual_seed(0)
+    t = torch.randn(shape) if shape else torch.tensor(3.0)
+    with EventStorage() as s:
+        s.put_histogram("w", t, bins=10)
+        (h,) = s._histograms
+        assert h["num"] == t.numel()
+        assert sum(h["bucket_counts"]) == t.numel()
+        assert h["sum"] == pytest.approx(float(t.sum()), rel=1e-6)
+        assert h["sum_squares"] == pytest.approx(float((t * t).sum()), rel=1e-6)
+        assert h["min"] == pytest.approx(float(t.min()))
+        assert h["bucket_limits"][-1] == pytest.approx(float(t.max()))
+        s.put_histogram("ints", torch.arange(12).reshape(3, 4), bins=4)
+        assert s._histograms[1]["bucket_counts"] == [3.0, 3.0, 3.0, 3.0]
+        s.clear_histograms()
+        assert s._histograms == []
+        with pytest.raises(ValueError, match="empty"):
+            s.put_histogram("e", torch.empty(0))
+
+
+def test_pending_futures() -> None:
+    with EventStorage() as s, ThreadPoolExecutor(1) as ex:
+        gate = threading.Event()
+
+        def put() -> None:
+            gate.wait(10)
+            s.put_scalar("bg", 1.0)
+
+        fut = ex.submit(put)
+        s.add_pending(fut)
+        gate.set()
+        s.wait_pending()
+        assert s.latest()["bg"][0] == 1.0
+        assert s._pending == []
+
+        def fail() -> None:
+            raise FloatingPointError("nan!")
+
+        fut = ex.submit(fail)
+        s.add_pending(fut)
+        s.wait_pending()  # a failed computation stays tracked
+        with pytest.raises(FloatingPointError, match="nan!"):
+            s.raise_pending()
+        s.raise_pending()  # forgotten after raising
+
+
+def test_json_writer_lines(tmp_path) -> None:
+    path = tmp_path / "sub" / "metrics.json"
+    writer = JSONWriter(path, window_size=2)
+    with EventStorage() as s:
+        for i in range(4):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+            if i % 2 == 1:
+                s.put_scalar("acc", 0.5, smoothing_hint=False)
+        writer.write()
+        writer.write()  # nothing new: no duplicated line
+        s.iter = 4
+        s.put_scalar("loss", 10.0)
+        writer.write()
+    writer.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines == [
+        {"acc": 0.5, "iteration": 3, "loss": 2.5},
+        {"iteration": 4, "loss": 6.5},
+    ]
+
+
+def test_tensorboard_writer_read_back(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log_dir = tmp_path / "tb"
+    writer = TensorboardXWriter(log_dir, window_size=1)
+    assert not log_dir.exists()  # no file before the first write
+    with EventStorage() as s:
+        for i in range(3):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+        s.put_image("img", torch.rand(3, 8, 8))
+        s.put_histogram("w", torch.randn(4, 5), bins=5)
+        writer.write()
+        assert s._vis_data == [] and s._histograms == []
+        s.iter = 3
+        s.put_scalar("loss", 7.0)
+        writer.write()
+    writer.close()
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(2, 2.0), (3, 7.0)]
+    assert acc.Tags()["images"] == ["img"]
+    assert acc.Tags()["histograms"] == ["w"]
+
+
+def test_common_metric_printer(caplog) -> None:
+    printer = CommonMetricPrinter(max_iter=100, window_size=20)
+    with EventStorage() as s, caplog.at_level(logging.INFO, logger="d2engine.utils.events"):
+        for i in range(10):
+            s.iter = i
+            s.put_scalars(total_loss=1.0, loss_cls=0.25, time=0.5, data_time=0.1)
+            s.put_scalar("lr", 0.01, smoothing_hint=False)
+            s.put_scalar("[metric]grad_scaler", 1024.0)
+        printer.write()
+        s.iter = 100
+        printer.write()  # iter == max_iter: silent
+    records = [r for r in caplog.records if r.name == "d2engine.utils.events"]
+    assert len(records) == 1
+    msg = records[0].getMessage()
+    assert msg.startswith("eta: 0:00:45  iter: 9  ")
+    for part in (
+        "total_loss: 1",
+        "loss_cls: 0.25",
+        "time: 0.5000",
+        "data_time: 0.1000",
+        "lr: 0.01",
+        "[metric]grad_scaler: 1024",
+    ):
+        assert part in msg
