@@ -34,10 +34,12 @@ from d2engine.solver.param_scheduler import (
     WarmupParamScheduler,
 )
 
+# WarmupParamScheduler is re-exported here because detectron2 users import it from this module.
 __all__ = [
     "LRMultiplier",
     "WarmupCosineLR",
     "WarmupMultiStepLR",
+    "WarmupParamScheduler",
     "WarmupStepWithFixedGammaLR",
 ]
 
