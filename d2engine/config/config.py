@@ -173,7 +173,7 @@ class CfgNode(dict):
     Example::
 
         cfg = get_cfg()
-        cfg.merge_from_file("configs/digits/mlp.yaml")
+        cfg.merge_from_file("configs/digits/convnet.yaml")
         cfg.merge_from_list(["SOLVER.BASE_LR", "0.05", "SOLVER.STEPS", "(300, 400)"])
         cfg.freeze()
     """
@@ -326,7 +326,7 @@ class CfgNode(dict):
 
     # -------------------------------------------------------------------- merging
     @classmethod
-    def load_yaml_with_base(cls, filename: str) -> dict[str, Any]:
+    def load_yaml_with_base(cls, filename: str | os.PathLike[str]) -> dict[str, Any]:
         """Read a YAML config file and everything it inherits through ``_BASE_``.
 
         ``_BASE_`` holds a path or a list of paths, relative to the directory of the file
@@ -344,9 +344,9 @@ class CfgNode(dict):
                 contains a tag that would build a Python object.
             FileNotFoundError: if a file (or a base) does not exist.
         """
-        return _load_yaml_with_base(filename, ())
+        return _load_yaml_with_base(os.fspath(filename), ())
 
-    def merge_from_file(self, cfg_filename: str) -> None:
+    def merge_from_file(self, cfg_filename: str | os.PathLike[str]) -> None:
         """Merge a YAML config file (and its ``_BASE_`` files) into this config.
 
         Args:
@@ -358,6 +358,7 @@ class CfgNode(dict):
             FrozenConfigError: if the config is frozen.
             ValueError: for an unsafe tag, a ``_BASE_`` cycle or an unsupported ``VERSION``.
         """
+        cfg_filename = os.fspath(cfg_filename)
         loaded = self.load_yaml_with_base(cfg_filename)
         version = loaded.get("VERSION")
         if version is not None and "VERSION" in self and version != self["VERSION"]:

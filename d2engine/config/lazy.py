@@ -39,6 +39,7 @@ _CFG_PACKAGE_NAME = "d2engine._cfg_loader"
 _PY_SUFFIXES = (".py",)
 _YAML_SUFFIXES = (".yaml", ".yml")
 _import_lock = threading.RLock()
+_loading: list[str] = []  # real paths of the config files being executed (cycle detection)
 
 
 class LazyCall:
@@ -125,6 +126,10 @@ def _module_package() -> str:
 
 def _exec_config_file(filename: str) -> dict[str, Any]:
     """Execute a Python config file and return its global namespace."""
+    real = os.path.realpath(filename)
+    if real in _loading:
+        chain = " -> ".join([*_loading[_loading.index(real) :], real])
+        raise ImportError(f"Config files import each other in a cycle: {chain}.")
     with open(filename, encoding="utf-8") as f:
         source = f.read()
     package = _module_package()
@@ -134,7 +139,11 @@ def _exec_config_file(filename: str) -> dict[str, Any]:
         "__package__": package,
     }
     code = compile(source, filename, "exec")
-    exec(code, namespace)  # noqa: S102 - executing the user's own config file is the point
+    _loading.append(real)
+    try:
+        exec(code, namespace)  # executing the user's own config file is the point
+    finally:
+        _loading.pop()
     return namespace
 
 
@@ -161,8 +170,8 @@ def _patch_import() -> Iterator[None]:
 
     def config_import(
         name: str,
-        globals: Mapping[str, Any] | None = None,  # noqa: A002 - the builtin's signature
-        locals: Mapping[str, Any] | None = None,  # noqa: A002
+        globals: Mapping[str, Any] | None = None,  # the builtin's parameter names
+        locals: Mapping[str, Any] | None = None,
         fromlist: Sequence[str] | None = (),
         level: int = 0,
     ) -> Any:
@@ -180,8 +189,14 @@ def _patch_import() -> Iterator[None]:
                     f"'from .{name} import *' is not supported in config files "
                     f"({globals['__file__']}); import names explicitly."  # type: ignore[index]
                 )
-            if not hasattr(module, item):
-                setattr(module, item, _load_relative(os.path.join(target, item)))
+            if hasattr(module, item):
+                continue
+            if getattr(module, "__file__", None):
+                raise ImportError(
+                    f"Cannot import name {item!r} from config file {module.__file__}: it defines "
+                    f"no such top-level name."
+                )
+            setattr(module, item, _load_relative(os.path.join(target, item)))
         return module
 
     with _import_lock:

@@ -347,7 +347,7 @@ def test_yaml_values_are_decoded_like_overrides(tmp_path: Path) -> None:
     empty = _write(tmp_path / "empty.yaml", "")
     cfg = get_cfg()
     cfg.merge_from_file(path)
-    cfg.merge_from_file(empty)
+    cfg.merge_from_file(Path(empty))  # os.PathLike works too
     assert cfg.SOLVER.BASE_LR == 0.001  # PyYAML reads 1e-3 as a string
     assert cfg.SOLVER.STEPS == (10, 20)
     assert cfg.SOLVER.WEIGHT_DECAY == 0.0 and type(cfg.SOLVER.WEIGHT_DECAY) is float

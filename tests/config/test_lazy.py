@@ -185,6 +185,16 @@ def test_load_errors(config_tree: Path, tmp_path: Path) -> None:
     bad_import = _write(tmp_path / "bad.py", "from .missing import x\n")
     with pytest.raises(ImportError, match=r"missing.py nor a directory"):
         LazyConfig.load(bad_import)
+    no_name = _write(tmp_path / "no_name.py", "from .other.main import nothing\n")
+    _write(tmp_path / "other" / "main.py", "x = {}\n")
+    with pytest.raises(
+        ImportError, match=r"Cannot import name 'nothing' from config file .*main.py"
+    ):
+        LazyConfig.load(no_name)
+    cyc_a = _write(tmp_path / "cyc_a.py", "from .cyc_b import b\na = {}\n")
+    _write(tmp_path / "cyc_b.py", "from .cyc_a import a\nb = {}\n")
+    with pytest.raises(ImportError, match=r"cycle: .*cyc_a.py -> .*cyc_b.py -> .*cyc_a.py"):
+        LazyConfig.load(cyc_a)
     assert builtins.__import__ is __import__
 
 
