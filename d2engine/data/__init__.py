@@ -1,0 +1,31 @@
+"""Data: dataset/metadata catalogs, samplers and data loaders built from a config."""
+
+from __future__ import annotations
+
+from d2engine.data.build import (
+    TrainDataLoader,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    build_test_loader,
+    build_train_loader,
+    get_detection_dataset_dicts,
+)
+from d2engine.data.catalog import DatasetCatalog, Metadata, MetadataCatalog
+from d2engine.data.common import DatasetFromList, MapDataset
+from d2engine.data.samplers import InferenceSampler, TrainingSampler
+
+__all__ = [
+    "DatasetCatalog",
+    "DatasetFromList",
+    "InferenceSampler",
+    "MapDataset",
+    "Metadata",
+    "MetadataCatalog",
+    "TrainDataLoader",
+    "TrainingSampler",
+    "build_detection_test_loader",
+    "build_detection_train_loader",
+    "build_test_loader",
+    "build_train_loader",
+    "get_detection_dataset_dicts",
+]
