@@ -32,6 +32,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import pickle
 import re
 import signal
 import socket
@@ -428,7 +429,7 @@ def _spawn_and_watch(
             )
             try:
                 proc.start()
-            except Exception as e:
+            except (pickle.PicklingError, AttributeError, TypeError) as e:
                 raise TypeError(
                     f"Cannot start worker {local_rank}: {type(e).__name__}: {e}. HINT: main_func "
                     "and args must be picklable, so define main_func at the top level of a module "
