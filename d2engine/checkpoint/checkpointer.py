@@ -1,0 +1,548 @@
+"""Checkpointer, DetectionCheckpointer and PeriodicCheckpointer.
+
+A checkpoint is one file ``{save_dir}/{name}.pth`` holding ``{"model": model.state_dict(),
+<name>: checkpointable.state_dict() for each checkpointable, **extra}``; the text file
+``{save_dir}/last_checkpoint`` holds the base name of the newest complete checkpoint. Both are
+written atomically (see :mod:`d2engine.checkpoint.io`), the checkpoint first, so a job killed at
+any moment leaves ``last_checkpoint`` pointing to a file that loads. Files are read with
+``torch.load(weights_only=True)`` unless the checkpointer is built with ``weights_only=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from d2engine.checkpoint import io
+from d2engine.checkpoint.async_saver import AsyncSaver
+from d2engine.checkpoint.io import CheckpointError, UnsafeCheckpointError
+from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
+from d2engine.checkpoint.state import Stateful, snapshot_to_cpu
+
+__all__ = ["Checkpointer", "DetectionCheckpointer", "PeriodicCheckpointer"]
+
+logger = logging.getLogger(__name__)
+
+LAST_CHECKPOINT = "last_checkpoint"
+_TRAILING_NUMBER = re.compile(r"(\d+)$")
+
+
+class Checkpointer:
+    """Saves and loads a model and other checkpointable objects.
+
+    Args:
+        model: the model; DistributedDataParallel / DataParallel / ``torch.compile`` wrappers are
+            unwrapped, so checkpoints never carry a ``module.`` prefix.
+        save_dir: the directory (a local path or an fsspec URL such as ``s3://bucket/run``) where
+            checkpoints are saved; ``""`` disables saving.
+        save_to_disk: whether :meth:`save` writes anything (e.g. only on the main process).
+        async_save: copy the state to CPU memory in :meth:`save` and write it on a background
+            thread (see :meth:`save`).
+        weights_only: load files with ``torch.load(weights_only=True)``, refusing files that
+            need arbitrary pickled objects. Set to False only for files from a trusted source.
+        checkpointables: other objects with ``state_dict()`` / ``load_state_dict()`` (optimizer,
+            scheduler, ...), saved under their keyword. ``async_save`` and ``weights_only`` are
+            therefore not usable as names.
+
+    Attributes:
+        last_load_report: what did not fit when the model weights were last loaded (shape
+            mismatches, missing and unexpected keys); None before the first load.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        save_to_disk: bool = True,
+        async_save: bool = False,
+        weights_only: bool = True,
+        **checkpointables: Stateful,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(
+                f"Checkpointer expects an nn.Module as model; got {type(model).__name__}."
+            )
+        self.model = unwrap_model(model)
+        self.save_dir = str(save_dir) if save_dir else ""
+        self.save_to_disk = bool(save_to_disk)
+        self.async_save = bool(async_save)
+        self.weights_only = bool(weights_only)
+        self.checkpointables: dict[str, Stateful] = {}
+        for key, obj in checkpointables.items():
+            self.add_checkpointable(key, obj)
+        self.logger = logger
+        self.last_load_report: LoadReport | None = None
+        self._saver: AsyncSaver | None = AsyncSaver() if self.async_save else None
+        self._prepared_dir = False
+
+    # ----------------------------------------------------------------------------------------
+    # registration
+    # ----------------------------------------------------------------------------------------
+    def add_checkpointable(self, key: str, checkpointable: Stateful) -> None:
+        """Save and load ``checkpointable`` under ``key`` from now on.
+
+        Args:
+            key: its name in the checkpoint.
+            checkpointable: an object with ``state_dict()`` and ``load_state_dict()``.
+
+        Raises:
+            KeyError: ``key`` is "model" or already registered.
+            TypeError: the object has no ``state_dict`` / ``load_state_dict``.
+        """
+        if key == "model" or key in self.checkpointables:
+            raise KeyError(
+                f"Cannot add checkpointable {key!r}: the name is already used "
+                f"(taken: {['model', *self.checkpointables]}). HINT: pick another key."
+            )
+        if not isinstance(checkpointable, Stateful):
+            raise TypeError(
+                f"Checkpointable {key!r} must have state_dict() and load_state_dict(); got "
+                f"{type(checkpointable).__name__}."
+            )
+        self.checkpointables[key] = checkpointable
+
+    # ----------------------------------------------------------------------------------------
+    # saving
+    # ----------------------------------------------------------------------------------------
+    def checkpoint_path(self, name: str) -> str:
+        """The path :meth:`save` writes for ``name``: ``{save_dir}/{name}.pth``."""
+        return io.join(self.save_dir, f"{name}.pth")
+
+    def save(self, name: str, **extra: Any) -> None:
+        """Write a checkpoint ``{save_dir}/{name}.pth``, then point ``last_checkpoint`` to it.
+
+        Does nothing when ``save_dir`` is empty or ``save_to_disk`` is False. With
+        ``async_save``, the previous pending save is waited for, the state is copied to CPU
+        memory (later in-place changes of the model do not change what is written), and the
+        write happens on a background thread; ``last_checkpoint`` is updated once the file is
+        complete. :meth:`wait` blocks until then.
+
+        Args:
+            name: the file name without ``.pth``, e.g. ``"model_0000999"``.
+            extra: more entries for the checkpoint (e.g. ``iteration=999``).
+
+        Raises:
+            KeyError: an extra key is "model" or a checkpointable's name.
+            AsyncSaveError: the previous asynchronous save failed.
+        """
+        if not self.save_dir or not self.save_to_disk:
+            return
+        clashes = sorted(set(extra) & {"model", *self.checkpointables})
+        if clashes:
+            raise KeyError(
+                f"Checkpointer.save got extra keys {clashes} that clash with the model or a "
+                f"checkpointable. HINT: rename the extra entries."
+            )
+        if self._saver is not None:
+            self._saver.wait()  # at most one snapshot in memory; re-raises a failed save
+        data: dict[str, Any] = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(extra)
+        path = self.checkpoint_path(name)
+        basename = f"{name}.pth"
+        self._prepare_dir()
+        self.logger.info("Saving checkpoint to %s", path)
+        if self._saver is None:
+            io.atomic_save(data, path)
+            io.atomic_write_text(self._last_checkpoint_path(), basename)
+            return
+        snapshot = snapshot_to_cpu(data)
+        del data
+
+        def write() -> None:
+            io.atomic_save(snapshot, path)
+            io.atomic_write_text(self._last_checkpoint_path(), basename)
+            self.logger.info("Finished writing checkpoint %s", path)
+
+        self._saver.submit(write, f"write checkpoint {path}")
+
+    def _prepare_dir(self) -> None:
+        if self._prepared_dir:
+            return
+        io.makedirs(self.save_dir)
+        for stale in io.remove_stale_temp_files(self.save_dir):
+            self.logger.info("Removed a temporary file left by an interrupted save: %s", stale)
+        self._prepared_dir = True
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` to ``last_filename_basename`` (written atomically).
+
+        With ``async_save`` and saves pending, the update is queued after them.
+
+        Args:
+            last_filename_basename: a file name in ``save_dir``, e.g. ``"model_final.pth"``.
+        """
+        path = self._last_checkpoint_path()
+        if self._saver is not None and self._saver.pending:
+            self._saver.submit(
+                lambda: io.atomic_write_text(path, last_filename_basename), f"update {path}"
+            )
+        else:
+            io.atomic_write_text(path, last_filename_basename)
+
+    def remove_checkpoint(self, path: str) -> None:
+        """Delete a checkpoint file once the pending saves are complete.
+
+        The file ``last_checkpoint`` points to at that moment is never deleted (a warning is
+        logged instead). A missing file is not an error.
+
+        Args:
+            path: the file's path (e.g. from :meth:`checkpoint_path`).
+        """
+
+        def remove() -> None:
+            if path == self.get_checkpoint_file():
+                self.logger.warning("Not deleting %s: last_checkpoint points to it.", path)
+                return
+            io.remove(path)
+
+        if self._saver is not None and self._saver.pending:
+            self._saver.submit(remove, f"delete {path}")
+        else:
+            remove()
+
+    def wait(self) -> None:
+        """Block until pending asynchronous saves are complete (no-op without ``async_save``).
+
+        Raises:
+            AsyncSaveError: a pending save failed.
+        """
+        if self._saver is not None:
+            self._saver.wait()
+
+    def close(self) -> None:
+        """Finish pending saves and stop the background writer (it restarts on the next save).
+
+        Raises:
+            AsyncSaveError: a pending save failed.
+        """
+        if self._saver is not None:
+            self._saver.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------------------------------
+    # finding checkpoints
+    # ----------------------------------------------------------------------------------------
+    def _last_checkpoint_path(self) -> str:
+        return io.join(self.save_dir, LAST_CHECKPOINT)
+
+    def has_checkpoint(self) -> bool:
+        """Whether ``save_dir`` has a ``last_checkpoint`` file."""
+        return bool(self.save_dir) and io.exists(self._last_checkpoint_path())
+
+    def get_checkpoint_file(self) -> str:
+        """The path of the newest complete checkpoint in ``save_dir``, or ``""`` if none."""
+        if not self.save_dir:
+            return ""
+        try:
+            name = io.read_text(self._last_checkpoint_path()).strip()
+        except (FileNotFoundError, OSError):
+            return ""
+        return io.join(self.save_dir, name) if name else ""
+
+    def get_all_checkpoint_files(self) -> list[str]:
+        """All checkpoint files in ``save_dir`` (``.pth``, ``.pt``, ``.safetensors``), by name."""
+        if not self.save_dir:
+            return []
+        return io.list_checkpoint_files(self.save_dir)
+
+    # ----------------------------------------------------------------------------------------
+    # loading
+    # ----------------------------------------------------------------------------------------
+    def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
+        """Resume from ``save_dir``'s last checkpoint if ``resume`` and one exists, else load ``path``.
+
+        Resuming loads everything (model and all checkpointables). When the last checkpoint is
+        corrupt or missing, the newest other checkpoint in ``save_dir`` that loads is used, with a
+        warning naming the bad file. Otherwise only the model weights of ``path`` are loaded.
+
+        Args:
+            path: weights to start from when not resuming (``""``: none).
+            resume: whether to resume.
+
+        Returns:
+            The unused entries of the loaded checkpoint (e.g. ``{"iteration": 999}``).
+
+        Raises:
+            CheckpointError: no checkpoint in ``save_dir`` loads.
+        """
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            try:
+                return self.load(last)
+            except UnsafeCheckpointError:
+                raise
+            except (CheckpointError, FileNotFoundError) as exc:
+                self.logger.warning(
+                    "The last checkpoint %s cannot be loaded (%s); falling back to the newest "
+                    "checkpoint in %s that loads.",
+                    last,
+                    exc,
+                    self.save_dir,
+                )
+                return self._load_newest_valid(exclude=last, first_error=exc)
+        return self.load(path, checkpointables=[])
+
+    def _load_newest_valid(self, exclude: str, first_error: BaseException) -> dict[str, Any]:
+        candidates = [p for p in self.get_all_checkpoint_files() if p != exclude]
+        candidates.sort(key=_recency, reverse=True)
+        errors = [f"{exclude}: {first_error}"]
+        for candidate in candidates:
+            try:
+                result = self.load(candidate)
+            except UnsafeCheckpointError:
+                raise
+            except (CheckpointError, FileNotFoundError) as exc:
+                self.logger.warning("Checkpoint %s cannot be loaded either: %s", candidate, exc)
+                errors.append(f"{candidate}: {exc}")
+                continue
+            self.logger.warning("Resumed from %s instead of the bad %s.", candidate, exclude)
+            return result
+        raise CheckpointError(
+            f"No checkpoint in {self.save_dir!r} can be loaded:\n  "
+            + "\n  ".join(errors)
+            + "\nHINT: resume=False starts from the initial weights."
+        )
+
+    def load(
+        self,
+        path: str | None,
+        checkpointables: Iterable[str] | None = None,
+        *,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Load a checkpoint into the model and the named checkpointables.
+
+        Args:
+            path: a checkpoint file (local or fsspec URL); ``""`` or None loads nothing.
+            checkpointables: the checkpointables to restore (default: all); others stay in the
+                returned dict.
+            weights_only: override the checkpointer's ``weights_only`` for this call.
+
+        Returns:
+            The checkpoint entries that were not used (e.g. ``{"iteration": 999}``).
+
+        Raises:
+            FileNotFoundError: no file at ``path``.
+            UnsafeCheckpointError: the file needs arbitrary pickled objects (see ``weights_only``).
+            CheckpointError: the file is corrupt, truncated or has no model weights.
+            KeyError: a name in ``checkpointables`` is not registered.
+        """
+        if not path:
+            self.logger.info("No checkpoint found. Initializing model from scratch.")
+            return {}
+        self.wait()
+        names = list(self.checkpointables) if checkpointables is None else list(checkpointables)
+        unknown = [name for name in names if name not in self.checkpointables]
+        if unknown:
+            raise KeyError(
+                f"Checkpointer.load was asked to restore {unknown}, which are not registered "
+                f"checkpointables (registered: {sorted(self.checkpointables)})."
+            )
+        self.logger.info("[Checkpointer] Loading from %s ...", path)
+        only_weights = self.weights_only if weights_only is None else bool(weights_only)
+        checkpoint = self._load_file(path, weights_only=only_weights)
+        report = self._load_model(checkpoint)
+        report.log(self.logger)
+        self.last_load_report = report
+        for name in names:
+            if name in checkpoint:
+                self.logger.info("Loading %s from %s ...", name, path)
+                self.checkpointables[name].load_state_dict(checkpoint.pop(name))
+        return checkpoint
+
+    def _load_file(self, path: str, *, weights_only: bool = True) -> dict[str, Any]:
+        """Read ``path`` into a dict with a "model" entry.
+
+        A bare state dict (no "model" key, only tensors) is accepted as model weights.
+        """
+        return self._as_checkpoint(path, io.load_checkpoint_file(path, weights_only=weights_only))
+
+    def _as_checkpoint(self, path: str, loaded: Any) -> dict[str, Any]:
+        if not isinstance(loaded, dict):
+            raise CheckpointError(
+                f"Checkpoint {path!r} holds a {type(loaded).__name__}, not a dict. HINT: save "
+                f"checkpoints with Checkpointer.save or torch.save(model.state_dict(), path)."
+            )
+        if "model" in loaded:
+            return dict(loaded)
+        if loaded and all(isinstance(v, torch.Tensor) for v in loaded.values()):
+            return {"model": loaded}
+        raise CheckpointError(
+            f"Checkpoint {path!r} has no 'model' entry (keys: {sorted(map(str, loaded))[:10]}) and "
+            f"is not a bare state dict of tensors. HINT: DetectionCheckpointer loads any dict "
+            f"without a 'model' entry as model weights."
+        )
+
+    def _load_model(self, checkpoint: dict[str, Any]) -> LoadReport:
+        """Load ``checkpoint.pop("model")`` into the model leniently and report what did not fit."""
+        return load_model_state(self.model, checkpoint.pop("model"))
+
+
+def _recency(path: str) -> tuple[float, float]:
+    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
+    if stem.endswith("_final"):
+        number = math.inf
+    else:
+        match = _TRAILING_NUMBER.search(stem)
+        number = float(match.group(1)) if match else -1.0
+    return number, io.modified_time(path)
+
+
+class DetectionCheckpointer(Checkpointer):
+    """A :class:`Checkpointer` that saves on the main process only (by default) and loads any
+    dict without a "model" entry as bare model weights.
+
+    Args:
+        model: see :class:`Checkpointer`.
+        save_dir: see :class:`Checkpointer`.
+        save_to_disk: whether to write; None (default): only on the main process.
+        checkpointables: see :class:`Checkpointer` (``async_save`` and ``weights_only`` too).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        save_dir: str = "",
+        *,
+        save_to_disk: bool | None = None,
+        **checkpointables: Any,
+    ) -> None:
+        from d2engine.utils import comm
+
+        is_main = comm.is_main_process()
+        super().__init__(
+            model,
+            save_dir,
+            save_to_disk=is_main if save_to_disk is None else save_to_disk,
+            **checkpointables,
+        )
+
+    def _as_checkpoint(self, path: str, loaded: Any) -> dict[str, Any]:
+        if isinstance(loaded, dict) and "model" not in loaded:
+            return {"model": loaded}
+        return super()._as_checkpoint(path, loaded)
+
+
+class PeriodicCheckpointer:
+    """Saves a checkpoint every ``period`` iterations and at the end, keeping the newest ones.
+
+    :meth:`step` saves ``{file_prefix}_{iteration:07d}`` when ``(iteration + 1) % period == 0``
+    and ``{file_prefix}_final`` when ``iteration >= max_iter - 1``, each with
+    ``iteration=iteration`` plus the given keyword arguments. With ``max_to_keep``, the oldest
+    periodic files that *this object wrote* are deleted once the newer file is complete; final
+    files and files of other prefixes never are.
+
+    Its state (:meth:`state_dict`) is the list of periodic files it keeps and the files it is about
+    to delete. Registered as a checkpointable of the checkpointer it uses (or saved by the
+    trainer's hook), the state in each checkpoint already names the file being written, so a run
+    resumed from it goes on deleting the right files, including deletions the killed run did not
+    get to.
+
+    Args:
+        checkpointer: the checkpointer that writes the files.
+        period: save every this many iterations.
+        max_iter: the number of iterations of the run (None: never write the final file).
+        max_to_keep: keep at most this many periodic files (None: keep all).
+        file_prefix: the file name prefix.
+    """
+
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        period: int,
+        max_iter: int | None = None,
+        max_to_keep: int | None = None,
+        file_prefix: str = "model",
+    ) -> None:
+        if not isinstance(period, int) or period < 1:
+            raise ValueError(f"PeriodicCheckpointer period must be an int >= 1; got {period!r}.")
+        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+            raise ValueError(
+                f"PeriodicCheckpointer max_to_keep must be None or an int >= 1; got {max_to_keep!r}."
+            )
+        self.checkpointer = checkpointer
+        self.period = period
+        self.max_iter = max_iter
+        self.max_to_keep = max_to_keep
+        self.file_prefix = file_prefix
+        self.recent_checkpoints: list[
+            str
+        ] = []  # base names of the periodic files kept, oldest first
+        self._to_delete: list[
+            str
+        ] = []  # base names dropped from recent_checkpoints, not yet deleted
+        self._periodic_name = re.compile(re.escape(file_prefix) + r"_\d{7,}\.pth")
+
+    def step(self, iteration: int, **kwargs: Any) -> None:
+        """Save if ``iteration`` is due (see the class docstring).
+
+        Args:
+            iteration: the iteration that just finished.
+            kwargs: more entries for the checkpoint.
+        """
+        iteration = int(iteration)
+        state = {"iteration": iteration, **kwargs}
+        if (iteration + 1) % self.period == 0:
+            name = f"{self.file_prefix}_{iteration:07d}"
+            keep = self.max_to_keep if self._writes() else None
+            if keep is not None:
+                self._track(f"{name}.pth", keep)  # before saving: the saved state names the file
+            self.checkpointer.save(name, **state)
+            if keep is not None:
+                self._delete_dropped()
+        if self.max_iter is not None and iteration >= self.max_iter - 1:
+            self.checkpointer.save(f"{self.file_prefix}_final", **state)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Save a checkpoint named ``name`` now (not counted in ``max_to_keep``).
+
+        Args:
+            name: the file name without ``.pth``.
+            kwargs: more entries for the checkpoint.
+        """
+        self.checkpointer.save(name, **kwargs)
+
+    def _writes(self) -> bool:
+        return bool(self.checkpointer.save_dir) and self.checkpointer.save_to_disk
+
+    def _track(self, basename: str, max_to_keep: int) -> None:
+        if basename in self.recent_checkpoints:
+            self.recent_checkpoints.remove(basename)
+        self.recent_checkpoints.append(basename)
+        while len(self.recent_checkpoints) > max_to_keep:
+            self._to_delete.append(self.recent_checkpoints.pop(0))
+
+    def _delete_dropped(self) -> None:
+        for old in self._to_delete:
+            if self._periodic_name.fullmatch(old) and old not in self.recent_checkpoints:
+                self.checkpointer.remove_checkpoint(io.join(self.checkpointer.save_dir, old))
+        self._to_delete = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"recent_checkpoints": [kept periodic files, oldest first], "to_delete": [...]}``.
+
+        Base names only, so a moved output directory still works.
+        """
+        return {
+            "recent_checkpoints": list(self.recent_checkpoints),
+            "to_delete": list(self._to_delete),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the lists saved by :meth:`state_dict`; pending deletions run at the next save."""
+        self.recent_checkpoints = [str(name) for name in state_dict.get("recent_checkpoints", [])]
+        self._to_delete = [str(name) for name in state_dict.get("to_delete", [])]

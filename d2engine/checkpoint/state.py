@@ -1,0 +1,258 @@
+"""Building blocks for checkpointable state: the ``Stateful`` protocol, RNG states, CPU snapshots.
+
+Everything produced here is made of tensors, numbers, strings, ``None``, lists, tuples and dicts,
+so a checkpoint holding it loads with ``torch.load(..., weights_only=True)``.
+
+Exact resume needs the random generators the training step draws from: python's ``random``,
+numpy's global generator, torch's CPU generator and one CUDA generator per visible device.
+:func:`capture_rng_state` returns them as one dict and :func:`restore_rng_state` sets them back.
+In a multi-process job every rank has its own generators: call :func:`gather_rng_states` on every
+rank (a collective) and restore ``states[get_rank()]`` after loading. numpy ``Generator`` objects
+created by user code (``np.random.default_rng``) are not global state and are not captured.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "RNGState",
+    "Stateful",
+    "capture_rng_state",
+    "gather_rng_states",
+    "restore_rng_state",
+    "snapshot_to_cpu",
+]
+
+logger = logging.getLogger(__name__)
+
+_RNG_FORMAT = 1
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """An object whose state can be saved into and restored from a checkpoint."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Returns the state as a dict (of tensors, numbers, strings, lists, dicts)."""
+        ...
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> Any:
+        """Restores the state returned by :meth:`state_dict`."""
+        ...
+
+
+# --------------------------------------------------------------------------------------------
+# RNG states
+# --------------------------------------------------------------------------------------------
+def _python_state() -> dict[str, Any]:
+    version, internal, gauss_next = random.getstate()
+    return {"version": int(version), "state": list(internal), "gauss_next": gauss_next}
+
+
+def _numpy_state() -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    return {
+        "bit_generator": str(name),
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def capture_rng_state(*, cuda: bool | None = None) -> dict[str, Any]:
+    """The states of python's, numpy's, torch's CPU and torch's CUDA random generators.
+
+    Args:
+        cuda: capture the CUDA generators of all visible devices. ``None`` (default): only when
+            CUDA is already initialised in this process, so that a CPU job never starts CUDA.
+
+    Returns:
+        ``{"format", "python", "numpy", "torch", "cuda"}``, loadable with ``weights_only=True``;
+        ``"cuda"`` is a list with one state per device (empty when not captured).
+    """
+    if cuda is None:
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    elif cuda and not torch.cuda.is_available():
+        raise RuntimeError(
+            "capture_rng_state(cuda=True) was called but CUDA is not available. "
+            "HINT: pass cuda=None to capture CUDA states only when CUDA is in use."
+        )
+    return {
+        "format": _RNG_FORMAT,
+        "python": _python_state(),
+        "numpy": _numpy_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": [state.clone() for state in torch.cuda.get_rng_state_all()] if cuda else [],
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Set the random generators to a state returned by :func:`capture_rng_state`.
+
+    CUDA states are restored for as many devices as both the state and this process have; a
+    different device count is logged as a warning (draws on the extra devices will differ).
+
+    Args:
+        state: the dict returned by :func:`capture_rng_state` (possibly after a save and load).
+
+    Raises:
+        ValueError: ``state`` is not such a dict.
+    """
+    missing = {"python", "numpy", "torch"} - set(state)
+    if missing or state.get("format") != _RNG_FORMAT:
+        raise ValueError(
+            f"restore_rng_state expected the dict returned by capture_rng_state() (format "
+            f"{_RNG_FORMAT} with keys python, numpy, torch, cuda); got keys {sorted(state)} and "
+            f"format {state.get('format')!r}."
+        )
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    npy = state["numpy"]
+    keys = torch.as_tensor(npy["keys"]).numpy().astype(np.uint32)
+    np.random.set_state(
+        (npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.set_rng_state(torch.as_tensor(state["torch"], dtype=torch.uint8))
+    cuda_states = list(state.get("cuda", []))
+    if not cuda_states:
+        return
+    if not torch.cuda.is_available():
+        logger.warning(
+            "The RNG state holds %d CUDA generator state(s) but CUDA is not available; "
+            "they are not restored.",
+            len(cuda_states),
+        )
+        return
+    count = torch.cuda.device_count()
+    if count != len(cuda_states):
+        logger.warning(
+            "The RNG state holds %d CUDA generator state(s) but this process sees %d device(s); "
+            "restoring the first %d.",
+            len(cuda_states),
+            count,
+            min(count, len(cuda_states)),
+        )
+    for device, cuda_state in enumerate(cuda_states[:count]):
+        torch.cuda.set_rng_state(torch.as_tensor(cuda_state, dtype=torch.uint8), device)
+
+
+def gather_rng_states(*, cuda: bool | None = None) -> list[dict[str, Any]]:
+    """:func:`capture_rng_state` of every rank, in rank order (a collective: call on all ranks).
+
+    Args:
+        cuda: see :func:`capture_rng_state`.
+
+    Returns:
+        One state per rank on every rank; ``[capture_rng_state()]`` without a process group.
+    """
+    from d2engine.utils import comm
+
+    return list(comm.all_gather(capture_rng_state(cuda=cuda)))
+
+
+class RNGState:
+    """The global random generators of this process as a checkpointable object.
+
+    ``state_dict()`` captures them (:func:`capture_rng_state`) and ``load_state_dict()`` restores
+    them, so ``Checkpointer(model, dir, rng=RNGState())`` saves and resumes them. One process
+    only: in a multi-process job use :func:`gather_rng_states` so that every rank's state is kept.
+
+    Args:
+        cuda: see :func:`capture_rng_state`.
+    """
+
+    def __init__(self, *, cuda: bool | None = None) -> None:
+        self.cuda = cuda
+
+    def state_dict(self) -> dict[str, Any]:
+        """The current states of the generators."""
+        return capture_rng_state(cuda=self.cuda)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Set the generators to ``state_dict``."""
+        restore_rng_state(state_dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------------
+_IMMUTABLE = (
+    int,
+    float,
+    complex,
+    bool,
+    str,
+    bytes,
+    type(None),
+    torch.dtype,
+    torch.device,
+    torch.Size,
+)
+
+
+def snapshot_to_cpu(obj: Any) -> Any:
+    """A deep copy of ``obj`` with every tensor copied into fresh CPU memory.
+
+    Later in-place changes of the original tensors (an optimizer step) do not change the copy.
+    Tensors that are the same object stay one object in the copy (tied weights are written once).
+    CUDA tensors are copied into pinned memory asynchronously with a single synchronisation at the
+    end.
+
+    Args:
+        obj: nested dicts, lists and tuples of tensors and plain values (e.g. a ``state_dict()``).
+
+    Returns:
+        The copy.
+    """
+    memo: dict[int, torch.Tensor] = {}
+    cuda_used = [False]
+    result = _snapshot(obj, memo, cuda_used)
+    if cuda_used[0]:
+        torch.cuda.synchronize()
+    return result
+
+
+def _copy_tensor(tensor: torch.Tensor, cuda_used: list[bool]) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.device.type == "cpu":
+        return tensor.clone()
+    if tensor.device.type == "cuda" and tensor.layout == torch.strided:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+        out.copy_(tensor, non_blocking=True)
+        cuda_used[0] = True
+        return out
+    return tensor.to("cpu", copy=True)
+
+
+def _snapshot(obj: Any, memo: dict[int, torch.Tensor], cuda_used: list[bool]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = id(obj)
+        if key not in memo:
+            memo[key] = _copy_tensor(obj, cuda_used)
+        return memo[key]
+    if isinstance(obj, _IMMUTABLE):
+        return obj
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for key, value in obj.items():
+            out[key] = _snapshot(value, memo, cuda_used)
+        metadata = getattr(obj, "_metadata", None)  # module versions in a model's state_dict
+        if metadata is not None:
+            out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, list):
+        return [_snapshot(value, memo, cuda_used) for value in obj]
+    if isinstance(obj, tuple):
+        items = [_snapshot(value, memo, cuda_used) for value in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return copy.deepcopy(obj)
