@@ -1,0 +1,441 @@
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import logging
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from d2engine.utils.events import EventStorage
+
+# torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check runs.
+torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+
+
+class _Model(nn.Module):
+    """A linear model returning two losses; loss is NaN at the iterations in ``nan_at``."""
+
+    def __init__(self, nan_at: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self.fc = nn.Linear(3, 1)
+        self.nan_at = set(nan_at)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.fc(x).mean()
+        loss = out * out
+        if self.calls in self.nan_at:
+            loss = loss * float("nan")
+        self.calls += 1
+        return {"loss_a": loss, "loss_b": 0.5 * loss}
+
+
+class _Counting:
+    """An infinite data source that counts the batches it yielded."""
+
+    def __init__(self) -> None:
+        self.yielded = 0
+        self.iters = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self.iters += 1
+        while True:
+            self.yielded += 1
+            yield torch.ones(4, 3)
+
+
+def _trainer(**kwargs: Any) -> SimpleTrainer:
+    model = _Model(nan_at=kwargs.pop("nan_at", ()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    return SimpleTrainer(model, _Counting(), opt, **kwargs)
+
+
+class _Recorder(HookBase):
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name = name
+        self.log = log
+
+    def before_train(self) -> None:
+        self.log.append(f"{self.name}.before_train")
+
+    def after_train(self) -> None:
+        self.log.append(f"{self.name}.after_train@{self.trainer.iter}/{self.trainer.storage.iter}")
+
+    def before_step(self) -> None:
+        self.log.append(f"{self.name}.before_step{self.trainer.iter}")
+
+    def after_backward(self) -> None:
+        self.log.append(f"{self.name}.after_backward{self.trainer.iter}")
+
+    def after_step(self) -> None:
+        self.log.append(f"{self.name}.after_step{self.trainer.iter}")
+
+
+class _StepOnly(HookBase):
+    def __init__(self) -> None:
+        self.n = 0
+
+    def after_step(self) -> None:
+        self.n += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"n": self.n}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n = state_dict["n"]
+
+
+def test_exact_hook_call_order() -> None:
+    log: list[str] = []
+    trainer = _trainer()
+    trainer.register_hooks([_Recorder("a", log), None, _Recorder("b", log)])
+    trainer.train(5, 7)
+    assert log == [
+        "a.before_train", "b.before_train",
+        "a.before_step5", "b.before_step5", "a.after_backward5", "b.after_backward5",
+        "a.after_step5", "b.after_step5",
+        "a.before_step6", "b.before_step6", "a.after_backward6", "b.after_backward6",
+        "a.after_step6", "b.after_step6",
+        "a.after_train@7/7", "b.after_train@7/7",
+    ]  # fmt: skip
+    assert trainer.iter == 7 and trainer.start_iter == 5 and trainer.max_iter == 7
+    assert trainer.storage.history("total_loss").values()[-1][1] == 6
+
+
+def test_register_hooks_rejects_non_hooks() -> None:
+    trainer = _trainer()
+    with pytest.raises(TypeError, match="got function.*CallbackHook"):
+        trainer.register_hooks([lambda: None])  # type: ignore[list-item]
+
+
+def test_stages_dispatch_only_to_overriding_hooks() -> None:
+    trainer = _trainer()
+    step_only = _StepOnly()
+    plain = HookBase()
+    plain.before_step = lambda: None  # an instance override counts too
+    trainer.register_hooks([step_only, plain, HookBase()])
+    calls = trainer._stage_calls
+    assert calls["before_train"] == [] and calls["after_backward"] == []
+    assert calls["after_train"] == []
+    assert calls["after_step"] == [step_only.after_step]
+    assert calls["before_step"] == [plain.before_step]
+    trainer.train(0, 3)
+    assert step_only.n == 3
+
+
+def test_exception_logged_reraised_after_train_runs(caplog) -> None:
+    log: list[str] = []
+
+    class Boom(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == 2:
+                raise KeyError("boom")
+
+    trainer = _trainer()
+    trainer.register_hooks([_Recorder("r", log), Boom()])
+    with caplog.at_level(logging.ERROR), pytest.raises(KeyError, match="boom"):
+        trainer.train(0, 10)
+    assert trainer.iter == 2
+    assert log[-1] == "r.after_train@2/2"
+    assert any("Exception during training at iteration 2" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("async_write", [False, True])
+def test_trainer_is_garbage_collectable(async_write: bool) -> None:
+    trainer = _trainer(async_write_metrics=async_write)
+    trainer.register_hooks([_Recorder("r", []), _StepOnly()])
+    trainer.train(0, 3)
+    ref = weakref.ref(trainer)
+    model_ref = weakref.ref(trainer.model)
+    gc.disable()
+    try:
+        del trainer
+        assert ref() is None, "the trainer is part of a reference cycle"
+        assert model_ref() is None
+    finally:
+        gc.enable()
+
+
+def test_state_dict_round_trip(caplog) -> None:
+    trainer = _trainer()
+    h1, h2 = _StepOnly(), _StepOnly()
+    trainer.register_hooks([h1, HookBase(), h2])
+    trainer.train(0, 4)
+    h2.n = 10
+    state = trainer.state_dict()
+    assert state["iteration"] == 4
+    assert state["hooks"] == {"_StepOnly": {"n": 4}, "_StepOnly.1": {"n": 10}}
+    assert "optimizer" in state and state["optimizer"]["param_groups"][0]["lr"] == 0.01
+
+    other = _trainer()
+    o1 = _StepOnly()
+    other.register_hooks([o1])
+    with caplog.at_level(logging.WARNING):
+        other.load_state_dict(state)
+    assert other.iter == 4 and o1.n == 4
+    assert "Cannot find the hook '_StepOnly.1'" in caplog.text
+    with pytest.raises(KeyError, match="no 'iteration'"):
+        other.load_state_dict({"hooks": {}})
+
+
+def test_data_iterator_survives_train_calls_and_reset() -> None:
+    trainer = _trainer()
+    data = trainer.data_loader
+    trainer.train(0, 3)
+    trainer.train(3, 5)
+    assert data.iters == 1 and data.yielded == 5
+    trainer.reset_data_loader(_Counting)
+    trainer.train(5, 6)
+    assert trainer.data_loader is not data and trainer.data_loader.yielded == 1
+
+
+def test_data_time_and_bare_tensor_loss() -> None:
+    class TensorModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(()))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (self.w * x).mean()
+
+    model = TensorModel()
+    trainer = SimpleTrainer(model, _Counting(), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.train(0, 2)
+    hist = trainer.storage.histories()
+    assert set(hist) == {"total_loss", "data_time", "rank_data_time"}  # no duplicate loss entry
+    assert all(v >= 0 for v, _ in hist["data_time"].values())
+    assert float(model.w.detach()) == pytest.approx(0.8)
+
+
+def test_eval_mode_model_is_an_error() -> None:
+    trainer = _trainer()
+    trainer.model.eval()
+    with pytest.raises(RuntimeError, match="eval mode at iteration 0.*model.train"):
+        trainer.train(0, 1)
+
+
+def test_invalid_period() -> None:
+    with pytest.raises(ValueError, match="gather_metric_period must be a positive integer"):
+        _trainer(gather_metric_period=0)
+
+
+def test_zero_grad_before_forward() -> None:
+    order: list[str] = []
+    trainer = _trainer(zero_grad_before_forward=True)
+    opt, model = trainer.optimizer, trainer.model
+    zero = opt.zero_grad
+    fwd = model.forward
+    opt.zero_grad = lambda *a, **k: (order.append("zero"), zero(*a, **k))[1]  # type: ignore
+    model.forward = lambda x: (order.append("fwd"), fwd(x))[1]  # type: ignore
+    trainer.train(0, 1)
+    assert order == ["zero", "fwd"]
+
+
+def test_write_metrics_nan_sync() -> None:
+    trainer = _trainer(nan_at=(3,))
+    with pytest.raises(FloatingPointError, match=r"iteration=3!\nloss_dict = .*loss_a.*nan"):
+        trainer.train(0, 10)
+    assert trainer.iter == 3
+    # the NaN step did not update the weights
+    assert torch.isfinite(trainer.model.fc.weight).all()
+
+
+def test_write_metrics_static_with_prefix() -> None:
+    with EventStorage(7) as s:
+        SimpleTrainer.write_metrics(
+            {"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, 0.5, prefix="val_"
+        )
+        assert s.latest()["val_total_loss"] == (3.0, 7)
+        assert s.latest()["val_a"] == (1.0, 7) and s.latest()["data_time"] == (0.5, 7)
+        with pytest.raises(FloatingPointError, match="iteration=9"):
+            SimpleTrainer.write_metrics({"a": torch.tensor(float("inf"))}, 0.1, cur_iter=9)
+
+
+def test_async_nan_surfaces_at_next_step_and_train_again() -> None:
+    trainer = _trainer(async_write_metrics=True, nan_at=(3,))
+    with pytest.raises(FloatingPointError, match="iteration=3"):
+        trainer.train(0, 10)
+    assert trainer.iter == 4  # raised in the training thread at the next step
+    # a second train() call works: the executor was not shut down
+    trainer.model.nan_at = set()
+    trainer.model.fc.reset_parameters()
+    trainer.train(4, 8)
+    assert trainer.iter == 8
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == [4, 5, 6, 7]
+    trainer.close()
+
+
+def test_async_nan_at_last_iteration_raises_at_end() -> None:
+    log: list[str] = []
+    trainer = _trainer(async_write_metrics=True, nan_at=(4,))
+    trainer.register_hooks([_Recorder("r", log)])
+    with pytest.raises(FloatingPointError, match="iteration=4"):
+        trainer.train(0, 5)
+    assert log[-1].startswith("r.after_train")
+    trainer.close()
+
+
+def test_async_metrics_complete_for_writers(tmp_path: Path) -> None:
+    from d2engine.utils.events import JSONWriter
+
+    class Writer(HookBase):
+        def __init__(self) -> None:
+            self.w = JSONWriter(tmp_path / "m.json")
+
+        def after_step(self) -> None:
+            if (self.trainer.iter + 1) % 2 == 0:
+                self.w.write()
+
+        def after_train(self) -> None:
+            self.w.close()
+
+    trainer = _trainer(async_write_metrics=True)
+    trainer.register_hooks([Writer()])
+    trainer.train(0, 6)
+    trainer.close()
+    lines = [json.loads(x) for x in (tmp_path / "m.json").read_text().splitlines()]
+    assert [x["iteration"] for x in lines] == [1, 3, 5]
+    assert all("total_loss" in x and "loss_a" in x for x in lines)
+
+
+def test_no_sync_between_metric_periods(monkeypatch: pytest.MonkeyPatch) -> None:
+    counter = {"n": 0}
+
+    def counting(name: str) -> None:
+        orig = getattr(torch.Tensor, name)
+
+        def wrapper(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            counter["n"] += 1
+            return orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+
+    for name in ("item", "tolist", "__float__", "__bool__", "numpy", "cpu"):
+        counting(name)
+
+    per_iter: dict[int, int] = {}
+
+    class Probe(HookBase):
+        def before_step(self) -> None:
+            self.start = counter["n"]
+
+        def after_step(self) -> None:
+            per_iter[self.trainer.iter] = counter["n"] - self.start
+
+    trainer = _trainer(gather_metric_period=5)
+    trainer.register_hooks([Probe()])
+    trainer.train(0, 10)
+    monkeypatch.undo()
+    assert per_iter[4] > 0 and per_iter[9] > 0  # the metric iterations do read the losses
+    assert {it: n for it, n in per_iter.items() if it not in (4, 9)} == dict.fromkeys(
+        (0, 1, 2, 3, 5, 6, 7, 8), 0
+    )
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == [4, 9]
+
+
+def test_amp_bf16_cpu_learns_regression() -> None:
+    torch.manual_seed(0)
+    w_true = torch.tensor([[1.5, -2.0, 0.5]])
+    xs = torch.randn(256, 3)
+    ys = xs @ w_true.T + 0.3
+
+    class Reg(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+            x, y = batch
+            pred = self.fc(x)
+            assert pred.dtype == torch.bfloat16  # autocast is active
+            return {"loss_mse": ((pred.float() - y) ** 2).mean()}
+
+    def data() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        g = torch.Generator().manual_seed(1)
+        while True:
+            idx = torch.randint(0, 256, (32,), generator=g)
+            yield xs[idx], ys[idx]
+
+    model = Reg()
+    trainer = AMPTrainer(
+        model, data(), torch.optim.SGD(model.parameters(), lr=0.1), precision=torch.bfloat16
+    )
+    assert trainer.grad_scaler is None
+    trainer.train(0, 200)
+    assert trainer.storage.history("total_loss").latest() < 0.01
+    assert torch.allclose(model.fc.weight, w_true, atol=0.05)
+    assert "grad_scaler" not in trainer.state_dict()
+
+
+def test_amp_precision_errors_and_scaler_state() -> None:
+    model = _Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(ValueError, match="float16 for a model on the CPU.*bfloat16"):
+        AMPTrainer(model, _Counting(), opt)
+    with pytest.raises(ValueError, match="float16 or torch.bfloat16, got torch.float32"):
+        AMPTrainer(model, _Counting(), opt, precision=torch.float32)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    trainer = AMPTrainer(
+        model, _Counting(), opt, scaler, precision=torch.bfloat16, log_grad_scaler=True
+    )
+    trainer.train(0, 3)
+    assert trainer.storage.latest()["[metric]grad_scaler"] == (256.0, 2)
+    state = trainer.state_dict()
+    assert state["grad_scaler"]["scale"] == 256.0
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0)
+    other = AMPTrainer(_Model(), _Counting(), opt, scaler2, precision=torch.bfloat16)
+    other.load_state_dict(state)
+    assert scaler2.get_scale() == 256.0
+
+
+# -- multi-process: a NaN on one rank raises on every rank, sync and async -------------------
+def _dist_nan_worker(out_dir: str) -> None:
+    from d2engine.utils import comm
+
+    rank = comm.get_rank()
+    for async_write in (False, True):
+        trainer = _trainer(async_write_metrics=async_write, nan_at=(2,) if rank == 1 else ())
+        result: dict[str, Any] = {"rank": rank}
+        try:
+            trainer.train(0, 6)
+            result["error"] = None
+        except FloatingPointError as e:
+            result["error"] = str(e).splitlines()[0]
+        result["iter"] = trainer.iter
+        result["has_total"] = "total_loss" in trainer.storage.histories()
+        trainer.close()
+        comm.synchronize()
+        (Path(out_dir) / f"{async_write}_{rank}.json").write_text(json.dumps(result))
+
+
+def test_distributed_nan_raises_on_every_rank(tmp_path: Path) -> None:
+    from d2engine.engine.launch import launch
+
+    launch(
+        _dist_nan_worker,
+        2,
+        dist_url="auto",
+        args=(str(tmp_path),),
+        timeout=datetime.timedelta(seconds=60),
+    )
+    for async_write in (False, True):
+        results = [json.loads((tmp_path / f"{async_write}_{r}.json").read_text()) for r in range(2)]
+        for r in results:
+            assert r["error"] == "Loss became infinite or NaN at iteration=2!"
+            assert r["iter"] == (3 if async_write else 2)
+        assert results[0]["has_total"] and not results[1]["has_total"]  # only rank 0 puts
+
+
+def test_trainer_base_needs_run_step() -> None:
+    trainer = TrainerBase()
+    with pytest.raises(NotImplementedError):
+        trainer.train(0, 1)
+    assert trainer.iter == 0
