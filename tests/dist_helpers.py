@@ -126,6 +126,7 @@ def report_comm(out_dir: str, tag: str = "") -> None:
     report = {
         "tag": tag,
         "pid": os.getpid(),
+        "threads": torch.get_num_threads(),
         "initialized": dist.is_initialized(),
         "backend": dist.get_backend(),
         "timeout_s": timeout.total_seconds(),

@@ -8,8 +8,9 @@
   ``spawn`` start method. Each one initialises ``torch.distributed`` (NCCL and one GPU per process
   when CUDA has enough devices, gloo on CPU otherwise, so ``--num-gpus 2`` works on a laptop), creates
   the per-machine process group (:func:`d2engine.utils.comm.create_local_process_group`), waits at a
-  barrier, calls ``main_func(*args)``, waits at a barrier again and destroys its process groups. The
-  launcher watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the
+  barrier, calls ``main_func(*args)``, waits at a barrier again and destroys its process groups.
+  Unless ``OMP_NUM_THREADS`` is set, each worker uses ``available CPUs // num_gpus_per_machine``
+  threads, so that the workers share the cores instead of oversubscribing them. The launcher watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the
   others and raises :class:`WorkerError` with the worker's traceback; workers exit by themselves if
   the launcher dies, so no orphan is left behind.
 * **An external launcher**: under ``torchrun`` / ``python -m torch.distributed.run`` (``RANK``,
@@ -295,6 +296,9 @@ def _distributed_worker(
         target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
     ).start()
     global_rank = machine_rank * num_gpus_per_machine + local_rank
+    if not os.environ.get("OMP_NUM_THREADS"):
+        # Share the CPU cores instead of every worker using all of them (oversubscription).
+        torch.set_num_threads(max(1, _available_cpus() // num_gpus_per_machine))
     exit_code = 0
     initialized = False
     try:
@@ -322,6 +326,13 @@ def _distributed_worker(
             _teardown_process_group(wait_for_others=exit_code == 0)
     error_conn.close()
     sys.exit(exit_code)
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _find_free_port() -> int:

@@ -176,6 +176,9 @@ def test_two_workers_auto_url(tmp_path: Path) -> None:
     reports = dist_helpers.read_reports(tmp_path, 2)
     _check_reports(reports, local_size=2, timeout_s=123.0)
     assert len((tmp_path / "calls.txt").read_text().split()) == 2
+    if not os.environ.get("OMP_NUM_THREADS"):  # the workers share the cores
+        threads = max(1, len(os.sched_getaffinity(0)) // 2)
+        assert [r["threads"] for r in reports] == [threads, threads]
 
 
 _MACHINE_SCRIPT = """
