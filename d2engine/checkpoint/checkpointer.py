@@ -43,7 +43,8 @@ class Checkpointer:
             checkpoints are saved; ``""`` disables saving.
         save_to_disk: whether :meth:`save` writes anything (e.g. only on the main process).
         async_save: copy the state to CPU memory in :meth:`save` and write it on a background
-            thread (see :meth:`save`).
+            thread (see :meth:`save`). The CPU copy is kept between saves and reused, so
+            this holds about one checkpoint's size of host memory until :meth:`close`.
         weights_only: load files with ``torch.load(weights_only=True)``, refusing files that
             need arbitrary pickled objects. Set to False only for files from a trusted source.
         checkpointables: other objects with ``state_dict()`` / ``load_state_dict()`` (optimizer,
@@ -80,6 +81,8 @@ class Checkpointer:
         self.logger = logger
         self.last_load_report: LoadReport | None = None
         self._saver: AsyncSaver | None = AsyncSaver() if self.async_save else None
+        # CPU copies of the state from the last async save, reused by the next one.
+        self._snapshot_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._prepared_dir = False
 
     # ----------------------------------------------------------------------------------------
@@ -154,7 +157,8 @@ class Checkpointer:
             io.atomic_save(data, path)
             io.atomic_write_text(self._last_checkpoint_path(), basename)
             return
-        snapshot = snapshot_to_cpu(data)
+        # The previous write is complete (waited for above), so its CPU buffers can be reused.
+        snapshot = snapshot_to_cpu(data, buffers=self._snapshot_buffers)
         del data
 
         def write() -> None:
@@ -226,6 +230,7 @@ class Checkpointer:
         """
         if self._saver is not None:
             self._saver.close()
+            self._snapshot_buffers.clear()
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -200,8 +200,8 @@ _IMMUTABLE = (
 )
 
 
-def snapshot_to_cpu(obj: Any) -> Any:
-    """A deep copy of ``obj`` with every tensor copied into fresh CPU memory.
+def snapshot_to_cpu(obj: Any, *, buffers: dict[tuple[Any, ...], torch.Tensor] | None = None) -> Any:
+    """A deep copy of ``obj`` with every tensor copied into CPU memory of its own.
 
     Later in-place changes of the original tensors (an optimizer step) do not change the copy.
     Tensors that are the same object stay one object in the copy (tied weights are written once).
@@ -210,49 +210,81 @@ def snapshot_to_cpu(obj: Any) -> Any:
 
     Args:
         obj: nested dicts, lists and tuples of tensors and plain values (e.g. a ``state_dict()``).
+        buffers: CPU tensors of an earlier snapshot, keyed by their position in ``obj``. A tensor
+            whose buffer has the same shape and dtype is copied into it instead of into freshly
+            allocated memory (which is several times slower: the new pages must be faulted in).
+            The dict is updated to hold this snapshot's tensors. Pass the same dict to every call,
+            and only once nothing reads the earlier snapshot any more.
 
     Returns:
         The copy.
     """
     memo: dict[int, torch.Tensor] = {}
     cuda_used = [False]
-    result = _snapshot(obj, memo, cuda_used)
+    new_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+    old_buffers = buffers if buffers is not None else {}
+    result = _snapshot(obj, (), memo, cuda_used, old_buffers, new_buffers)
     if cuda_used[0]:
         torch.cuda.synchronize()
+    if buffers is not None:
+        buffers.clear()
+        buffers.update(new_buffers)
     return result
 
 
-def _copy_tensor(tensor: torch.Tensor, cuda_used: list[bool]) -> torch.Tensor:
+def _copy_tensor(
+    tensor: torch.Tensor, buffer: torch.Tensor | None, cuda_used: list[bool]
+) -> torch.Tensor:
     tensor = tensor.detach()
-    if tensor.device.type == "cpu":
-        return tensor.clone()
-    if tensor.device.type == "cuda" and tensor.layout == torch.strided:
-        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
+    from_cuda = tensor.device.type == "cuda"
+    if tensor.layout != torch.strided or tensor.device.type not in ("cpu", "cuda"):
+        return tensor.to("cpu", copy=True)
+    reusable = (
+        buffer is not None
+        and buffer.shape == tensor.shape
+        and buffer.dtype == tensor.dtype
+        and buffer.is_contiguous()
+        and (not from_cuda or buffer.is_pinned())
+    )
+    if reusable:
+        out = buffer
+    else:
+        out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=from_cuda)
+    if from_cuda:
         out.copy_(tensor, non_blocking=True)
         cuda_used[0] = True
-        return out
-    return tensor.to("cpu", copy=True)
+    else:
+        out.copy_(tensor)
+    return out
 
 
-def _snapshot(obj: Any, memo: dict[int, torch.Tensor], cuda_used: list[bool]) -> Any:
+def _snapshot(
+    obj: Any,
+    path: tuple[Any, ...],
+    memo: dict[int, torch.Tensor],
+    cuda_used: list[bool],
+    old: dict[tuple[Any, ...], torch.Tensor],
+    new: dict[tuple[Any, ...], torch.Tensor],
+) -> Any:
     if isinstance(obj, torch.Tensor):
         key = id(obj)
         if key not in memo:
-            memo[key] = _copy_tensor(obj, cuda_used)
+            memo[key] = _copy_tensor(obj, old.get(path), cuda_used)
+            new[path] = memo[key]
         return memo[key]
     if isinstance(obj, _IMMUTABLE):
         return obj
     if isinstance(obj, dict):
         out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
         for key, value in obj.items():
-            out[key] = _snapshot(value, memo, cuda_used)
+            out[key] = _snapshot(value, (*path, key), memo, cuda_used, old, new)
         metadata = getattr(obj, "_metadata", None)  # module versions in a model's state_dict
         if metadata is not None:
             out._metadata = copy.deepcopy(metadata)  # type: ignore[attr-defined]
         return out
-    if isinstance(obj, list):
-        return [_snapshot(value, memo, cuda_used) for value in obj]
-    if isinstance(obj, tuple):
-        items = [_snapshot(value, memo, cuda_used) for value in obj]
+    if isinstance(obj, (list, tuple)):
+        items = [_snapshot(v, (*path, i), memo, cuda_used, old, new) for i, v in enumerate(obj)]
+        if isinstance(obj, list):
+            return items
         return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
     return copy.deepcopy(obj)

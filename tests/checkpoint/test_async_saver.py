@@ -69,6 +69,21 @@ def test_snapshot_is_taken_before_save_returns(tmp_path: Path, gate: threading.E
     ckpt.close()
 
 
+def test_successive_async_saves_write_their_own_state(tmp_path: Path) -> None:
+    model = _model()
+    with Checkpointer(model, str(tmp_path), async_save=True) as ckpt:
+        for it in range(4):
+            with torch.no_grad():
+                model.weight.fill_(float(it))
+            ckpt.save(f"model_{it:07d}", iteration=it)
+            with torch.no_grad():
+                model.weight.fill_(-1.0)  # changed right after save() returned
+    for it in range(4):
+        saved = torch.load(tmp_path / f"model_{it:07d}.pth", weights_only=True)
+        assert saved["iteration"] == it and bool((saved["model"]["weight"] == it).all())
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+
+
 def test_load_waits_for_pending_saves(tmp_path: Path, gate: threading.Event) -> None:
     with Checkpointer(_model(), str(tmp_path), async_save=True) as ckpt:
         ckpt.save("a", iteration=3)

@@ -348,3 +348,44 @@ def test_tag_last_checkpoint(tmp_path: Path) -> None:
     ckpt.save("b")
     ckpt.tag_last_checkpoint("a.pth")
     assert ckpt.get_checkpoint_file() == str(tmp_path / "a.pth")
+
+
+def test_typical_training_state_loads_with_weights_only(tmp_path: Path) -> None:
+    from d2engine.checkpoint import RNGState, restore_rng_state
+
+    model = Net()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[3, 6], gamma=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model.backbone(torch.randn(8, 4)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    rng = RNGState()
+    saved_rng = rng.state_dict()
+    ckpt = Checkpointer(
+        model, str(tmp_path), optimizer=optimizer, scheduler=scheduler, scaler=scaler, rng=rng
+    )
+    try:
+        ckpt.save("model_0000000", iteration=0)
+        model2 = Net()
+        optimizer2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
+        scheduler2 = torch.optim.lr_scheduler.MultiStepLR(optimizer2, milestones=[1], gamma=0.5)
+        scaler2 = torch.amp.GradScaler("cpu")
+        ckpt2 = Checkpointer(
+            model2,
+            str(tmp_path),
+            optimizer=optimizer2,
+            scheduler=scheduler2,
+            scaler=scaler2,
+            rng=RNGState(),
+        )
+        assert ckpt2.weights_only
+        assert ckpt2.resume_or_load("") == {"iteration": 0}
+        assert scheduler2.state_dict() == scheduler.state_dict()
+        assert scaler2.get_scale() == 1024.0
+        assert torch.equal(
+            optimizer2.state_dict()["state"][0]["exp_avg"],
+            optimizer.state_dict()["state"][0]["exp_avg"],
+        )
+    finally:
+        restore_rng_state(saved_rng)

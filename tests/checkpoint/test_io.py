@@ -152,3 +152,22 @@ def test_memory_filesystem_round_trip(memory_dir: str) -> None:
     io.remove(path)
     assert not io.exists(path)
     io.remove(path)  # missing: no error
+
+
+def test_data_is_fsynced_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync:" + os.readlink(f"/proc/self/fd/{fd}").rsplit("/", 1)[-1])
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("replace:" + os.path.basename(str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "fsync", fsync)
+    monkeypatch.setattr(io.os, "replace", replace)
+    io.atomic_save({"w": torch.zeros(1)}, str(tmp_path / "c.pth"))
+    assert events[0].startswith("fsync:.c.pth.") and events[0].endswith(".tmp")
+    assert events[1:] == ["replace:c.pth", f"fsync:{tmp_path.name}"]  # then the directory

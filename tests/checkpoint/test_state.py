@@ -141,3 +141,16 @@ def test_snapshot_keeps_shared_tensors_shared() -> None:
     weight = torch.ones(2)
     snap = snapshot_to_cpu({"a": weight, "b": weight})
     assert snap["a"] is snap["b"] and snap["a"] is not weight
+
+
+def test_snapshot_reuses_buffers_of_the_previous_snapshot() -> None:
+    weight = torch.ones(4, 4)
+    buffers: dict = {}
+    first = snapshot_to_cpu({"w": weight, "v": [torch.zeros(2)]}, buffers=buffers)
+    assert set(buffers) == {("w",), ("v", 0)}
+    weight.add_(1.0)
+    second = snapshot_to_cpu({"w": weight, "v": [torch.zeros(3)]}, buffers=buffers)
+    assert second["w"].data_ptr() == first["w"].data_ptr()  # copied into the old memory
+    assert torch.equal(second["w"], torch.full((4, 4), 2.0))
+    assert second["v"][0].shape == (3,) and second["v"][0].data_ptr() != first["v"][0].data_ptr()
+    assert buffers[("v", 0)] is second["v"][0]
