@@ -135,6 +135,25 @@ class Checkpointer:
             KeyError: an extra key is "model" or a checkpointable's name.
             AsyncSaveError: the previous asynchronous save failed.
         """
+        self._save(name, extra, tag=True)
+
+    def save_untagged(self, name: str, **extra: Any) -> None:
+        """Like :meth:`save`, but leave ``last_checkpoint`` alone.
+
+        For side copies such as a best-model checkpoint: a resumed run must continue from the
+        latest state, not from the best one.
+
+        Args:
+            name: the file name without ``.pth``, e.g. ``"model_best"``.
+            extra: more entries for the checkpoint.
+
+        Raises:
+            KeyError: an extra key is "model" or a checkpointable's name.
+            AsyncSaveError: the previous asynchronous save failed.
+        """
+        self._save(name, extra, tag=False)
+
+    def _save(self, name: str, extra: dict[str, Any], *, tag: bool) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
         clashes = sorted(set(extra) & {"model", *self.checkpointables})
@@ -151,11 +170,13 @@ class Checkpointer:
         data.update(extra)
         path = self.checkpoint_path(name)
         basename = f"{name}.pth"
+        last = self._last_checkpoint_path()
         self._prepare_dir()
         self.logger.info("Saving checkpoint to %s", path)
         if self._saver is None:
             io.atomic_save(data, path)
-            io.atomic_write_text(self._last_checkpoint_path(), basename)
+            if tag:
+                io.atomic_write_text(last, basename)
             return
         # The previous write is complete (waited for above), so its CPU buffers can be reused.
         snapshot = snapshot_to_cpu(data, buffers=self._snapshot_buffers)
@@ -163,7 +184,8 @@ class Checkpointer:
 
         def write() -> None:
             io.atomic_save(snapshot, path)
-            io.atomic_write_text(self._last_checkpoint_path(), basename)
+            if tag:
+                io.atomic_write_text(last, basename)
             self.logger.info("Finished writing checkpoint %s", path)
 
         self._saver.submit(write, f"write checkpoint {path}")

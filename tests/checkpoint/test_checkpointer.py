@@ -389,3 +389,13 @@ def test_typical_training_state_loads_with_weights_only(tmp_path: Path) -> None:
         )
     finally:
         restore_rng_state(saved_rng)
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_save_untagged_leaves_last_checkpoint(tmp_path: Path, async_save: bool) -> None:
+    with Checkpointer(Net(), str(tmp_path), async_save=async_save) as ckpt:
+        ckpt.save("model_0000009", iteration=9)
+        ckpt.save_untagged("model_best", iteration=4)
+        ckpt.wait()
+        assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")
+    assert torch.load(tmp_path / "model_best.pth", weights_only=True)["iteration"] == 4
