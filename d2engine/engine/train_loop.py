@@ -471,7 +471,16 @@ class SimpleTrainer(TrainerBase):
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the base state and the optimizer."""
+        """Restore the base state and the optimizer.
+
+        Raises:
+            KeyError: if ``state_dict`` has no "optimizer" (or no "iteration").
+        """
+        if "optimizer" not in state_dict:
+            raise KeyError(
+                f"SimpleTrainer state_dict has no 'optimizer'; got keys {sorted(state_dict)}. "
+                "HINT: pass the dict produced by SimpleTrainer.state_dict()."
+            )
         super().load_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
 
