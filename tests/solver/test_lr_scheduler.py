@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import itertools
 import logging
 import math
 import weakref
@@ -291,3 +292,48 @@ def test_multistep_param_scheduler_in_lr_multiplier_at_every_iteration() -> None
         opt, MultiStepParamScheduler([1.0, 0.1], num_updates=7, milestones=[3]), max_iter=7
     )
     assert _run(opt, sched, 7) == pytest.approx([0.1] * 3 + [0.01] * 4)
+
+
+# ------------------------------------------------------------------ with the LRScheduler hook
+
+
+class _ScaleModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(1))
+
+    def forward(self, data: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"loss": (self.w * data).sum()}
+
+
+def _train_with_param_scheduler(
+    optimizer: torch.optim.Optimizer, model: nn.Module, start_iter: int, max_iter: int
+) -> tuple[list[float], list[float]]:
+    """Train with LRScheduler(scheduler=<ParamScheduler>); return the lr used at each step and
+    the lrs the hook logged."""
+    from d2engine.engine.hooks import LRScheduler
+    from d2engine.engine.train_loop import HookBase, SimpleTrainer
+
+    used: list[float] = []
+
+    class RecordLR(HookBase):
+        def before_step(self) -> None:
+            used.append(self.trainer.optimizer.param_groups[0]["lr"])
+
+    trainer = SimpleTrainer(model, itertools.repeat(torch.ones(1)), optimizer)
+    trainer.register_hooks([RecordLR(), LRScheduler(scheduler=LinearParamScheduler(1.0, 0.0))])
+    trainer.train(start_iter, max_iter)
+    logged = [v for v, _ in trainer.storage.history("lr").values()]
+    return used, logged
+
+
+def test_lr_scheduler_hook_wraps_a_param_scheduler() -> None:
+    model = _ScaleModel()
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    used, logged = _train_with_param_scheduler(opt, model, 0, 4)
+    # lr at iteration i: 2 * (1 - i / 4)
+    assert used == pytest.approx([2.0, 1.5, 1.0, 0.5])
+    assert logged == pytest.approx([2.0, 1.5, 1.0, 0.5])
+    # a second run resuming at iteration 2 with the same optimizer continues the schedule
+    used, _ = _train_with_param_scheduler(opt, model, 2, 4)
+    assert used == pytest.approx([1.0, 0.5])
