@@ -2,7 +2,7 @@
 
 Spawning costs seconds, so one job (``_train_worker``) serves most assertions: it trains with
 SimpleTrainer + DDP on d2engine's sharded train loader with EvalHook on every rank and the writers
-on the main process only, then runs AMPTrainer (bf16) and asynchronous metric writing briefly.
+and checkpoints on the main process only, then runs AMPTrainer (bf16) and asynchronous metric writing briefly.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import torch
 import torch._dynamo  # noqa: F401
 from torch import nn
 
+from d2engine.checkpoint import DetectionCheckpointer, PeriodicCheckpointer
 from d2engine.data import TrainingSampler, build_train_loader
 from d2engine.engine.ddp import create_ddp_model
-from d2engine.engine.hooks import EvalHook, PeriodicWriter
+from d2engine.engine.hooks import CallbackHook, EvalHook, PeriodicWriter
 from d2engine.engine.launch import WorkerError, launch
 from d2engine.engine.train_loop import AMPTrainer, SimpleTrainer
 from d2engine.utils import comm
@@ -96,7 +97,13 @@ def _train_worker(out_dir: str) -> None:
         gathered = comm.all_gather(float(model.linear.weight.sum()))
         return {"eval": {"weight_sum": sum(gathered) / len(gathered)}}
 
-    hooks: list[Any] = [EvalHook(EVAL_PERIOD, evaluate)]
+    # DetectionCheckpointer saves on the main process only; a directory per rank shows who wrote.
+    checkpointer = DetectionCheckpointer(model, str(out / f"ckpt{rank}"))
+    periodic = PeriodicCheckpointer(checkpointer, period=25, max_iter=MAX_ITER)
+    hooks: list[Any] = [
+        EvalHook(EVAL_PERIOD, evaluate),
+        CallbackHook(after_step=lambda t: periodic.step(t.iter)),
+    ]
     if comm.is_main_process():  # as DefaultTrainer does
         hooks.append(PeriodicWriter([JSONWriter(str(out / "metrics.json"))], period=10))
     trainer.register_hooks(hooks)
@@ -208,6 +215,17 @@ def test_metrics_are_averaged_and_written_once_by_rank_0(train_job: tuple) -> No
     for it in (19, 39, MAX_ITER):  # the last evaluation is logged at max_iter
         line = next(line for line in lines if line["iteration"] == it and "eval/weight_sum" in line)
         assert math.isfinite(line["eval/weight_sum"])
+
+
+@pytest.mark.timeout(180)
+def test_checkpoints_are_saved_by_rank_0_only(train_job: tuple) -> None:
+    out, reports = train_job
+    assert not (out / "ckpt1").exists() or not any((out / "ckpt1").iterdir())
+    saved = {p.name for p in (out / "ckpt0").iterdir()}
+    assert {"model_0000024.pth", "model_final.pth"} <= saved
+    model = _Regressor()
+    DetectionCheckpointer(model).load(str(out / "ckpt0" / "model_final.pth"))
+    assert {k: v.flatten().tolist() for k, v in model.state_dict().items()} == reports[0]["params"]
 
 
 @pytest.mark.timeout(180)
