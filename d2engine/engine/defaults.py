@@ -1,0 +1,827 @@
+"""Default boilerplate for training and inference jobs: argument parsing, job set-up, writers,
+:class:`DefaultPredictor` and :class:`DefaultTrainer`.
+
+These mirror ``detectron2.engine.defaults``. They encode common defaults that suit many jobs but
+not every job: when one does not fit, subclass it, or build your own loop from
+:class:`~d2engine.engine.train_loop.SimpleTrainer` and the hooks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from d2engine.checkpoint import DetectionCheckpointer
+from d2engine.config import CfgNode
+from d2engine.data import MetadataCatalog, build_detection_test_loader, build_detection_train_loader
+from d2engine.engine import hooks
+from d2engine.engine.ddp import create_ddp_model
+from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from d2engine.evaluation import (
+    DatasetEvaluator,
+    ResultsVerificationError,
+    inference_on_dataset,
+    print_csv_format,
+    verify_results,
+)
+from d2engine.modeling import build_model
+from d2engine.solver import build_lr_scheduler, build_optimizer
+from d2engine.utils import comm
+from d2engine.utils.collect_env import collect_env_info
+from d2engine.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
+from d2engine.utils.logger import setup_logger
+
+__all__ = [
+    "DefaultPredictor",
+    "DefaultTrainer",
+    "create_ddp_model",
+    "default_argument_parser",
+    "default_setup",
+    "default_writers",
+]
+
+logger = logging.getLogger(__name__)
+
+_INPUT_FORMATS = ("BGR", "RGB", "L")
+"""Channel layouts :class:`DefaultPredictor` converts its BGR input to (``INPUT.FORMAT``)."""
+
+
+# --------------------------------------------------------------------------- command line
+def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
+    """Create the argument parser of a d2engine training script.
+
+    Arguments: ``--config-file``, ``--resume``, ``--eval-only``, ``--num-gpus`` (processes per
+    machine: GPUs, or CPU processes on gloo when CUDA is unavailable), ``--num-machines``,
+    ``--machine-rank``, ``--dist-url`` (default ``"auto"``: a free port on this machine; give
+    machine 0's ``tcp://host:port`` for several machines) and trailing ``opts``: config overrides
+    as ``KEY VALUE`` pairs (``SOLVER.BASE_LR 0.01``) for YAML configs, or ``key=value`` for lazy
+    Python configs.
+
+    Args:
+        epilog: text shown after the arguments in ``--help``; a usage example by default.
+
+    Returns:
+        The parser.
+    """
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
+    epilog = epilog or f"""
+Examples:
+
+Run on a single machine:
+    $ {prog} --num-gpus 2 --config-file cfg.yaml
+
+Change some config options:
+    $ {prog} --config-file cfg.yaml MODEL.WEIGHTS /path/to/weight.pth SOLVER.BASE_LR 0.001
+
+Run on multiple machines:
+    (machine0)$ {prog} --machine-rank 0 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
+    (machine1)$ {prog} --machine-rank 1 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
+"""
+    parser = argparse.ArgumentParser(
+        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Whether to attempt to resume from the checkpoint directory (OUTPUT_DIR). "
+        "See DefaultTrainer.resume_or_load for what it means.",
+    )
+    parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
+    parser.add_argument(
+        "--num-gpus", type=int, default=1,
+        help="number of processes per machine (one per GPU; CPU processes on gloo without CUDA)",
+    )
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument(
+        "--machine-rank", type=int, default=0, help="the rank of this machine (unique per machine)"
+    )
+    parser.add_argument(
+        "--dist-url",
+        default="auto",
+        help="initialization URL for the process group: 'auto' picks a free port on this machine "
+        "(single machine only); for several machines give machine 0's tcp://host:port.",
+    )
+    parser.add_argument(
+        "opts",
+        help="""
+Modify config options at the end of the command. For YAML configs, use space-separated
+"PATH.KEY VALUE" pairs. For python-based LazyConfig, use "path.key=value".
+        """.strip(),
+        default=None,
+        nargs=argparse.REMAINDER,
+    )
+    return parser
+
+
+# --------------------------------------------------------------------------- job set-up
+def _is_lazy_config(cfg: Any) -> bool:
+    try:
+        from omegaconf import DictConfig
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        return False
+    return isinstance(cfg, DictConfig)
+
+
+def _try_get_key(cfg: Any, *keys: str, default: Any = None) -> Any:
+    """Return the value of the first dotted key that ``cfg`` (CfgNode or DictConfig) has."""
+    if _is_lazy_config(cfg):
+        from omegaconf import OmegaConf
+
+        missing = object()
+        for key in keys:
+            value = OmegaConf.select(cfg, key, default=missing)
+            if value is not missing:
+                return value
+        return default
+    for key in keys:
+        node: Any = cfg
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                break
+            node = node[part]
+        else:
+            return node
+    return default
+
+
+def _seed_all_rng(seed: int) -> None:
+    """Seed python's ``random``, numpy and torch (all devices) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_setup(cfg: Any, args: argparse.Namespace) -> None:
+    """Prepare a job: output directory, logging, environment report, config backup and seeding.
+
+    In order:
+
+    1. creates the output directory (``OUTPUT_DIR`` of a CfgNode, ``train.output_dir`` or
+       ``output_dir`` of a lazy config; nothing when unset or empty);
+    2. sets up the ``d2engine`` logger: console on the main process, ``OUTPUT_DIR/log.txt``
+       (``log.txt.rank{N}`` for rank N > 0);
+    3. logs the rank and world size, :func:`~d2engine.utils.collect_env.collect_env_info`, the
+       command line and parsed arguments, the config file's text and the full config;
+    4. on the main process, saves the full config to ``OUTPUT_DIR/config.yaml``;
+    5. seeds python, numpy and torch with ``SEED + rank`` (``train.seed`` for lazy configs); a
+       negative seed draws a random one, which is logged so that the run can be repeated;
+    6. unless ``args.eval_only``, sets ``torch.backends.cudnn.benchmark`` to ``CUDNN_BENCHMARK``
+       (``train.cudnn_benchmark``).
+
+    Args:
+        cfg: the full config, a :class:`~d2engine.config.CfgNode` or an omegaconf ``DictConfig``.
+        args: the parsed command line (e.g. from :func:`default_argument_parser`).
+    """
+    output_dir = _try_get_key(cfg, "OUTPUT_DIR", "output_dir", "train.output_dir")
+    rank = comm.get_rank()
+    if output_dir:
+        # Every process creates it: ranks on other machines need it for their own log file.
+        os.makedirs(output_dir, exist_ok=True)
+
+    setup_logger(output_dir or None, distributed_rank=rank)
+    logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
+    logger.info("Environment info:\n" + collect_env_info())
+    logger.info(f"Command line: {' '.join(sys.argv)}")
+    logger.info(f"Command line arguments: {args}")
+    config_file = getattr(args, "config_file", "")
+    if config_file:
+        with open(config_file, encoding="utf-8") as f:
+            logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
+
+    if _is_lazy_config(cfg):
+        from omegaconf import OmegaConf
+
+        logger.info(f"Running with full config:\n{OmegaConf.to_yaml(cfg)}")
+    else:
+        logger.info(f"Running with full config:\n{cfg.dump()}")
+    if comm.is_main_process() and output_dir:
+        path = os.path.join(output_dir, "config.yaml")
+        if _is_lazy_config(cfg):
+            from d2engine.config import LazyConfig
+
+            LazyConfig.save(cfg, path)
+        else:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(cfg.dump())
+        logger.info(f"Full config saved to {path}")
+
+    seed = int(_try_get_key(cfg, "SEED", "train.seed", "seed", default=-1))
+    if seed < 0:
+        seed = int.from_bytes(os.urandom(4), "big") % 2**31
+        logger.info(f"SEED is negative: using the random seed {seed} (set SEED {seed} to repeat)")
+    _seed_all_rng(seed + rank)
+    logger.info(f"Seeded python, numpy and torch with {seed + rank} (seed {seed} + rank {rank})")
+
+    if not getattr(args, "eval_only", False):
+        torch.backends.cudnn.benchmark = bool(
+            _try_get_key(cfg, "CUDNN_BENCHMARK", "train.cudnn_benchmark", default=False)
+        )
+
+
+def default_writers(output_dir: str, max_iter: int | None = None) -> list[EventWriter]:
+    """The default event writers: console, ``metrics.json`` and TensorBoard.
+
+    Args:
+        output_dir: directory for ``metrics.json`` and the TensorBoard event files (created).
+        max_iter: the total number of iterations, for the console ETA.
+
+    Returns:
+        ``[CommonMetricPrinter(max_iter), JSONWriter(output_dir/metrics.json),
+        TensorboardXWriter(output_dir)]``.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    return [
+        CommonMetricPrinter(max_iter),
+        JSONWriter(os.path.join(output_dir, "metrics.json")),
+        TensorboardXWriter(output_dir),
+    ]
+
+
+# --------------------------------------------------------------------------- predictor
+def _resized_shape(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
+    """The size after scaling the shorter side to ``short_edge``, the longer one capped."""
+    scale = short_edge / min(height, width)
+    new_h, new_w = height * scale, width * scale
+    if max_size > 0 and max(new_h, new_w) > max_size:
+        scale = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * scale, new_w * scale
+    return max(1, int(new_h + 0.5)), max(1, int(new_w + 0.5))
+
+
+class DefaultPredictor:
+    """Run a model built from a config on one image at a time, for demos.
+
+    Compared with calling the model directly, it
+
+    1. builds the model (:func:`~d2engine.modeling.build_model`), loads ``MODEL.WEIGHTS`` and
+       puts the model in eval mode;
+    2. takes an H x W x C ``uint8`` image in BGR order (what ``cv2.imread`` returns; an H x W
+       array is taken as grayscale) and converts it to ``INPUT.FORMAT``: ``"BGR"``, ``"RGB"`` or
+       ``"L"`` (one gray channel, ``L = (299 R + 587 G + 114 B) / 1000`` as PIL computes it);
+    3. resizes it so that its shorter side is ``INPUT.MIN_SIZE_TEST`` and its longer side at most
+       ``INPUT.MAX_SIZE_TEST`` (``MIN_SIZE_TEST = 0``: no resizing; ``MAX_SIZE_TEST = 0``: no cap),
+       bilinearly with antialiasing;
+    4. returns ``model([{"image": C x H x W float tensor, "height": H, "width": W}])[0]`` computed
+       under ``torch.no_grad()``, where H and W are the original size.
+
+    Attributes:
+        cfg: a clone of the config.
+        model: the model, in eval mode.
+        metadata: the ``MetadataCatalog`` entry of ``DATASETS.TEST[0]``, or None without test sets.
+        input_format: ``INPUT.FORMAT``.
+
+    Example::
+
+        predictor = DefaultPredictor(cfg)
+        outputs = predictor(np.asarray(PIL.Image.open("input.png").convert("RGB"))[:, :, ::-1])
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        """Build the model and load its weights.
+
+        Args:
+            cfg: the config (cloned; the original is not changed).
+
+        Raises:
+            ValueError: ``INPUT.FORMAT`` is not one of "BGR", "RGB", "L".
+        """
+        self.cfg = cfg.clone()
+        self.input_format = str(self.cfg.INPUT.FORMAT)
+        if self.input_format not in _INPUT_FORMATS:
+            raise ValueError(
+                f"DefaultPredictor: INPUT.FORMAT must be one of {_INPUT_FORMATS}, got "
+                f"{self.input_format!r}."
+            )
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        test_sets = list(self.cfg.DATASETS.TEST)
+        self.metadata = MetadataCatalog.get(test_sets[0]) if test_sets else None
+        if self.cfg.MODEL.WEIGHTS:
+            DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+        else:
+            logger.warning("DefaultPredictor: MODEL.WEIGHTS is empty; the model keeps its "
+                           "initial (untrained) weights.")
+        self.min_size = int(self.cfg.INPUT.MIN_SIZE_TEST)
+        self.max_size = int(self.cfg.INPUT.MAX_SIZE_TEST)
+
+    def _convert_format(self, image: np.ndarray) -> np.ndarray:
+        """Turn an H x W x C BGR (or one-channel) array into ``INPUT.FORMAT``, H x W x C'."""
+        channels = image.shape[2]
+        if self.input_format == "L":
+            if channels == 1:
+                return image
+            b, g, r = (image[:, :, i].astype(np.uint32) for i in range(3))
+            # PIL's integer formula for convert("L"): exact for uint8 input.
+            gray = (r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16
+            return gray.astype(image.dtype)[:, :, None]
+        if channels == 1:
+            image = np.repeat(image, 3, axis=2)
+        return image[:, :, ::-1] if self.input_format == "RGB" else image
+
+    def preprocess(self, original_image: np.ndarray) -> dict[str, Any]:
+        """Build the model input for one image (format conversion and resizing).
+
+        Args:
+            original_image: H x W x C array in BGR order (C = 3; C = 1 or an H x W array for
+                grayscale).
+
+        Returns:
+            ``{"image": C x H' x W' float32 tensor, "height": H, "width": W}``.
+
+        Raises:
+            ValueError: the array is not H x W, H x W x 1 or H x W x 3.
+        """
+        image = np.asarray(original_image)
+        if image.ndim == 2:
+            image = image[:, :, None]
+        if image.ndim != 3 or image.shape[2] not in (1, 3) or min(image.shape[:2]) == 0:
+            raise ValueError(
+                "DefaultPredictor expects an H x W x 3 BGR image (or H x W / H x W x 1 "
+                f"grayscale), got an array of shape {tuple(np.shape(original_image))}."
+            )
+        height, width = image.shape[:2]
+        image = self._convert_format(image)
+        tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float()
+        if self.min_size > 0:
+            new_h, new_w = _resized_shape(height, width, self.min_size, self.max_size)
+            if (new_h, new_w) != (height, width):
+                tensor = torch.nn.functional.interpolate(
+                    tensor[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                    antialias=True,
+                )[0]
+        return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}
+
+    def __call__(self, original_image: np.ndarray) -> Any:
+        """Predict on one image.
+
+        Args:
+            original_image: H x W x C uint8 array in BGR order.
+
+        Returns:
+            The model's output for this image (``model([inputs])[0]``).
+        """
+        with torch.no_grad():
+            return self.model([self.preprocess(original_image)])[0]
+
+
+# --------------------------------------------------------------------------- trainer
+def _has_training_bn(model: nn.Module) -> bool:
+    bn_types = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+    return any(isinstance(m, bn_types) and m.training for m in model.modules())
+
+
+def _amp_dtype(name: str | None) -> torch.dtype:
+    """The autocast dtype named by ``SOLVER.AMP.PRECISION`` (default float16)."""
+    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
+              "bf16": torch.bfloat16}
+    key = str(name or "float16").lower()
+    if key not in dtypes:
+        raise ValueError(
+            f"SOLVER.AMP.PRECISION must be 'float16' or 'bfloat16', got {name!r}. HINT: use "
+            "'bfloat16' on CPU."
+        )
+    return dtypes[key]
+
+
+class _InnerHookDispatch(HookBase):
+    """Forwards the inner trainer's ``after_backward`` to the hooks of a :class:`DefaultTrainer`.
+
+    Registered on the inner :class:`SimpleTrainer` (which runs the backward pass), it runs
+    ``after_backward`` of the DefaultTrainer's hooks, in their order. It holds the DefaultTrainer
+    through a weak proxy: DefaultTrainer -> inner trainer -> this hook -> DefaultTrainer would
+    otherwise be a reference cycle. Stateless.
+    """
+
+    def __init__(self, outer: DefaultTrainer) -> None:
+        self._outer = weakref.proxy(outer)
+
+    def after_backward(self) -> None:
+        self._outer.after_backward()
+
+
+class DefaultTrainer(TrainerBase):
+    """A trainer with the default training logic, built from a config.
+
+    It
+
+    1. builds the model, optimizer, LR scheduler and data loader from the config (the ``build_*``
+       class methods; override them to change one part), wraps the model for DDP when there are
+       several processes, and trains with a :class:`SimpleTrainer` (an :class:`AMPTrainer` when
+       ``SOLVER.AMP.ENABLED``) held as ``self._trainer``;
+    2. loads the last checkpoint of ``OUTPUT_DIR`` or ``MODEL.WEIGHTS`` in :meth:`resume_or_load`;
+    3. registers the hooks of :meth:`build_hooks`: timing, LR schedule, precise BN, checkpoints,
+       evaluation and event writing.
+
+    Hooks registered on it (including ``after_backward`` hooks) run as on any trainer. Its
+    ``state_dict()`` holds the iteration, the hooks' state and, under ``"_trainer"``, the inner
+    trainer's state (optimizer, grad scaler, and whatever else it checkpoints).
+
+    Attributes:
+        cfg: the config, scaled by :meth:`auto_scale_workers` to the world size.
+        scheduler: the LR scheduler.
+        checkpointer: a :class:`~d2engine.checkpoint.DetectionCheckpointer` saving to
+            ``OUTPUT_DIR``.
+
+    Example::
+
+        trainer = DefaultTrainer(cfg)
+        trainer.resume_or_load()  # the last checkpoint of OUTPUT_DIR, or MODEL.WEIGHTS
+        trainer.train()
+    """
+
+    def __init__(self, cfg: CfgNode) -> None:
+        """Build everything the training needs.
+
+        Args:
+            cfg: the config; not modified.
+        """
+        super().__init__()
+        d2_logger = logging.getLogger("d2engine")
+        if not d2_logger.isEnabledFor(logging.INFO):  # no set-up done: at least log to console
+            setup_logger()
+        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg)
+        model = create_ddp_model(model, broadcast_buffers=False)
+        if cfg.SOLVER.AMP.ENABLED:
+            self._trainer = AMPTrainer(
+                model, data_loader, optimizer, precision=_amp_dtype(cfg.SOLVER.AMP.get("PRECISION"))
+            )
+        else:
+            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+        self._trainer.register_hooks([_InnerHookDispatch(self)])
+
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        # The proxy lets the checkpointer save the trainer's state without a reference cycle.
+        self.checkpointer = DetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = int(cfg.SOLVER.MAX_ITER)
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    def resume_or_load(self, resume: bool = True) -> None:
+        """Load the last checkpoint of ``OUTPUT_DIR`` (resume) or only ``MODEL.WEIGHTS``.
+
+        With ``resume=True`` and a ``last_checkpoint`` in ``OUTPUT_DIR``, everything is restored
+        (model, optimizer, scheduler, hooks, iteration, ...) and training continues at the saved
+        iteration + 1; ``MODEL.WEIGHTS`` is not used. Otherwise only the model weights are loaded
+        from ``MODEL.WEIGHTS`` (when set) and training starts at iteration 0.
+
+        Args:
+            resume: whether to resume from ``OUTPUT_DIR``.
+        """
+        self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        if resume and self.checkpointer.has_checkpoint():
+            # The checkpoint's "iteration" is the last finished one: continue with the next.
+            self.start_iter = self.iter + 1
+
+    def build_hooks(self) -> list[HookBase | None]:
+        """The default hooks, in this order.
+
+        IterationTimer; LRScheduler; PreciseBN (when ``TEST.PRECISE_BN.ENABLED`` and the model has
+        BN layers in training mode); PeriodicCheckpointer (main process); EvalHook (every process:
+        evaluation is collective); PeriodicWriter (main process, last so that it writes what the
+        other hooks logged).
+
+        Returns:
+            The hooks (``None`` entries are skipped by ``register_hooks``).
+        """
+        cfg = self.cfg.clone()
+        cfg.defrost()
+        cfg.DATALOADER.NUM_WORKERS = 0  # PreciseBN runs few iterations: workers cost more
+
+        ret: list[HookBase | None] = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if cfg.TEST.PRECISE_BN.ENABLED and _has_training_bn(self.model):
+            ret.append(
+                hooks.PreciseBN(
+                    cfg.TEST.EVAL_PERIOD,
+                    self.model,
+                    self.build_train_loader(cfg),
+                    cfg.TEST.PRECISE_BN.NUM_ITER,
+                )
+            )
+        if comm.is_main_process():
+            periodic_checkpointer = getattr(hooks, "PeriodicCheckpointer", None)
+            if periodic_checkpointer is None:
+                logger.warning("d2engine.engine.hooks has no PeriodicCheckpointer: no checkpoints")
+            else:
+                ret.append(periodic_checkpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+
+        # The closure holds the trainer weakly: the hook is owned by the trainer.
+        trainer_ref = weakref.ref(self)
+
+        def test_and_save_results() -> Any:
+            trainer = trainer_ref()
+            if trainer is None:  # pragma: no cover - the hook only runs while the trainer lives
+                return {}
+            trainer._last_eval_results = trainer.test(trainer.cfg, trainer.model)
+            return trainer._last_eval_results
+
+        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        if comm.is_main_process():
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+        return ret
+
+    def build_writers(self) -> list[EventWriter]:
+        """The event writers of the PeriodicWriter hook: :func:`default_writers`.
+
+        Returns:
+            The writers, writing to ``OUTPUT_DIR``.
+        """
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+
+    def train(self) -> OrderedDict | dict | None:
+        """Train from ``start_iter`` to ``max_iter``.
+
+        Returns:
+            The results of the last evaluation (as :meth:`test` returns them) when the config has
+            test datasets; otherwise None.
+
+        Raises:
+            ResultsVerificationError: the results do not match ``TEST.EXPECTED_RESULTS`` (see
+                :func:`d2engine.evaluation.verify_results`).
+        """
+        super().train(self.start_iter, self.max_iter)
+        results = getattr(self, "_last_eval_results", None) if self.cfg.DATASETS.TEST else None
+        if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
+            if results is None:
+                raise ResultsVerificationError(
+                    "TEST.EXPECTED_RESULTS is set but no evaluation ran during training. HINT: "
+                    "set DATASETS.TEST, or clear TEST.EXPECTED_RESULTS."
+                )
+            verify_results(self.cfg, results)
+        return results
+
+    def run_step(self) -> None:
+        """Run one step of the inner trainer at the current iteration."""
+        self._trainer.iter = self.iter
+        self._trainer.run_step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The trainer's state: iteration, hooks and the inner trainer's state (``"_trainer"``).
+
+        Returns:
+            A dict for :meth:`load_state_dict`.
+        """
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`.
+
+        Args:
+            state_dict: the saved state.
+        """
+        super().load_state_dict(state_dict)
+        self._trainer.load_state_dict(state_dict["_trainer"])
+
+    # ------------------------------------------------------------ builders
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> nn.Module:
+        """Build the model with :func:`d2engine.modeling.build_model`; override to change it.
+
+        Args:
+            cfg: the config.
+
+        Returns:
+            The model.
+        """
+        model = build_model(cfg)
+        num_params = sum(p.numel() for p in model.parameters())
+        logger.info(f"Model ({num_params:,} parameters):\n{model}")
+        return model
+
+    @classmethod
+    def build_optimizer(cls, cfg: CfgNode, model: nn.Module) -> torch.optim.Optimizer:
+        """Build the optimizer with :func:`d2engine.solver.build_optimizer`; override to change it.
+
+        Args:
+            cfg: the config.
+            model: the model.
+
+        Returns:
+            The optimizer.
+        """
+        return build_optimizer(cfg, model)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer) -> Any:
+        """Build the LR scheduler with :func:`d2engine.solver.build_lr_scheduler`.
+
+        Args:
+            cfg: the config.
+            optimizer: the optimizer it schedules.
+
+        Returns:
+            The scheduler.
+        """
+        return build_lr_scheduler(cfg, optimizer)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode) -> Iterable:
+        """Build the training loader with :func:`d2engine.data.build_detection_train_loader`.
+
+        Args:
+            cfg: the config.
+
+        Returns:
+            An infinite iterable of batches (lists of dataset dicts).
+        """
+        return build_detection_train_loader(cfg)
+
+    @classmethod
+    def build_test_loader(cls, cfg: CfgNode, dataset_name: str) -> Iterable:
+        """Build a test loader with :func:`d2engine.data.build_detection_test_loader`.
+
+        Args:
+            cfg: the config.
+            dataset_name: a name in ``DATASETS.TEST``.
+
+        Returns:
+            An iterable over the dataset, each item seen once across processes.
+        """
+        return build_detection_test_loader(cfg, dataset_name)
+
+    @classmethod
+    def build_evaluator(cls, cfg: CfgNode, dataset_name: str) -> DatasetEvaluator | None:
+        """Build the evaluator of a test dataset. Not implemented: override it.
+
+        Args:
+            cfg: the config.
+            dataset_name: a name in ``DATASETS.TEST``.
+
+        Returns:
+            The evaluator.
+
+        Raises:
+            NotImplementedError: always, unless overridden.
+        """
+        raise NotImplementedError(
+            f"{cls.__name__}.build_evaluator is not implemented: DefaultTrainer cannot know how to "
+            f"evaluate dataset {dataset_name!r}. HINT: subclass DefaultTrainer and override "
+            "build_evaluator(cls, cfg, dataset_name) to return a DatasetEvaluator (e.g. "
+            "d2engine.evaluation.ClassificationEvaluator), or pass evaluators= to test()."
+        )
+
+    @classmethod
+    def test(
+        cls,
+        cfg: CfgNode,
+        model: nn.Module,
+        evaluators: DatasetEvaluator | list[DatasetEvaluator | None] | None = None,
+    ) -> OrderedDict | dict:
+        """Evaluate ``model`` on every dataset of ``cfg.DATASETS.TEST``.
+
+        Args:
+            cfg: the config.
+            model: the model to evaluate.
+            evaluators: one evaluator per test dataset (a single evaluator for a single dataset);
+                when None, :meth:`build_evaluator` is called for each dataset. A dataset without an
+                evaluator is skipped with a warning and gets ``{}``.
+
+        Returns:
+            ``{dataset_name: results}`` in the order of ``DATASETS.TEST``; with a single test dataset,
+            its results alone (unwrapped), as detectron2 does.
+
+        Raises:
+            ValueError: the number of evaluators differs from the number of test datasets.
+        """
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
+        test_sets = list(cfg.DATASETS.TEST)
+        if evaluators is not None and len(evaluators) != len(test_sets):
+            raise ValueError(
+                f"DefaultTrainer.test got {len(evaluators)} evaluators for {len(test_sets)} test "
+                f"datasets {test_sets}: give one evaluator per dataset of DATASETS.TEST."
+            )
+        results: OrderedDict[str, Any] = OrderedDict()
+        for idx, dataset_name in enumerate(test_sets):
+            if evaluators is not None:
+                evaluator = evaluators[idx]
+            else:
+                try:
+                    evaluator = cls.build_evaluator(cfg, dataset_name)
+                except NotImplementedError:
+                    evaluator = None
+            if evaluator is None:
+                logger.warning(
+                    f"No evaluator for {dataset_name!r}: skipped. HINT: pass evaluators= to "
+                    "DefaultTrainer.test, or implement build_evaluator in your trainer."
+                )
+                results[dataset_name] = {}
+                continue
+            data_loader = cls.build_test_loader(cfg, dataset_name)
+            results_i = inference_on_dataset(model, data_loader, evaluator)
+            results[dataset_name] = results_i
+            if comm.is_main_process():
+                if not isinstance(results_i, Mapping):
+                    raise TypeError(
+                        f"The evaluator of {dataset_name!r} returned {type(results_i).__name__}; "
+                        "evaluate() must return a dict of results."
+                    )
+                logger.info(f"Evaluation results for {dataset_name} in csv format:")
+                print_csv_format(results_i)
+        if len(results) == 1:
+            return next(iter(results.values()))
+        return results
+
+    @staticmethod
+    def auto_scale_workers(cfg: CfgNode, num_workers: int) -> CfgNode:
+        """Scale a config written for ``SOLVER.REFERENCE_WORLD_SIZE`` processes to ``num_workers``.
+
+        The per-process batch size stays ``IMS_PER_BATCH // REFERENCE_WORLD_SIZE``: with
+        ``scale = num_workers / REFERENCE_WORLD_SIZE``, IMS_PER_BATCH and BASE_LR are multiplied
+        by ``scale`` (the linear scaling rule of "Accurate, Large Minibatch SGD"); MAX_ITER,
+        WARMUP_ITERS, STEPS, TEST.EVAL_PERIOD and CHECKPOINT_PERIOD are divided by it (rounded);
+        REFERENCE_WORLD_SIZE becomes ``num_workers``. For example IMS_PER_BATCH 16, BASE_LR 0.1,
+        REFERENCE_WORLD_SIZE 8, MAX_ITER 5000, STEPS (4000,), CHECKPOINT_PERIOD 1000 on 16
+        workers gives 32, 0.2, 16, 2500, (2000,), 500.
+
+        Args:
+            cfg: the config; not modified.
+            num_workers: the number of processes that will train.
+
+        Returns:
+            ``cfg`` itself when REFERENCE_WORLD_SIZE is 0 or equals ``num_workers``; otherwise a
+            scaled clone, frozen if ``cfg`` was.
+
+        Raises:
+            ValueError: ``num_workers`` < 1, or IMS_PER_BATCH is not divisible by
+                REFERENCE_WORLD_SIZE.
+        """
+        if num_workers < 1:
+            raise ValueError(f"auto_scale_workers: num_workers must be >= 1, got {num_workers}.")
+        old_world_size = int(cfg.SOLVER.REFERENCE_WORLD_SIZE)
+        if old_world_size == 0 or old_world_size == num_workers:
+            return cfg
+        if old_world_size < 0 or cfg.SOLVER.IMS_PER_BATCH % old_world_size != 0:
+            raise ValueError(
+                f"Invalid SOLVER.REFERENCE_WORLD_SIZE {old_world_size}: SOLVER.IMS_PER_BATCH "
+                f"({cfg.SOLVER.IMS_PER_BATCH}) must be a multiple of it. HINT: set it to the "
+                "number of processes the config was written for, or 0 to disable scaling."
+            )
+        cfg = cfg.clone()
+        frozen = cfg.is_frozen()
+        cfg.defrost()
+        scale = num_workers / old_world_size
+        solver = cfg.SOLVER
+        solver.IMS_PER_BATCH = bs = int(round(solver.IMS_PER_BATCH * scale))
+        solver.BASE_LR = lr = solver.BASE_LR * scale
+        solver.MAX_ITER = max_iter = int(round(solver.MAX_ITER / scale))
+        solver.WARMUP_ITERS = warmup_iter = int(round(solver.WARMUP_ITERS / scale))
+        solver.STEPS = tuple(int(round(s / scale)) for s in solver.STEPS)
+        cfg.TEST.EVAL_PERIOD = int(round(cfg.TEST.EVAL_PERIOD / scale))
+        solver.CHECKPOINT_PERIOD = int(round(solver.CHECKPOINT_PERIOD / scale))
+        solver.REFERENCE_WORLD_SIZE = num_workers  # the scaled config is "for" num_workers
+        logger.info(
+            f"Auto-scaling the config to batch_size={bs}, learning_rate={lr}, "
+            f"max_iter={max_iter}, warmup={warmup_iter}."
+        )
+        if frozen:
+            cfg.freeze()
+        return cfg
+
+    # ------------------------------------------------------------ inner trainer's members
+    @property
+    def model(self) -> nn.Module:
+        """The model being trained (DDP-wrapped in a multi-process job)."""
+        return self._trainer.model
+
+    @model.setter
+    def model(self, value: nn.Module) -> None:
+        self._trainer.model = value
+
+    @property
+    def data_loader(self) -> Iterable:
+        """The training data loader."""
+        return self._trainer.data_loader
+
+    @data_loader.setter
+    def data_loader(self, value: Iterable) -> None:
+        self._trainer.data_loader = value
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The optimizer."""
+        return self._trainer.optimizer
+
+    @optimizer.setter
+    def optimizer(self, value: torch.optim.Optimizer) -> None:
+        self._trainer.optimizer = value
