@@ -36,7 +36,12 @@ BATCH_SIZE = 64
 
 def _mlp() -> nn.Module:
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        nn.Flatten(),
+        nn.Linear(784, 512),
+        nn.ReLU(),
+        nn.Linear(512, 512),
+        nn.ReLU(),
+        nn.Linear(512, 10),
     )
 
 
@@ -97,9 +102,11 @@ def main() -> None:
         ("2 processes, no DDP", 2, _measure(2, False, args)),
         ("2 processes, DDP (gloo)", 2, _measure(2, True, args)),
     ]
-    print(f"MLP 784-512-512-10 ({params / 1e6:.2f} M parameters), batch {BATCH_SIZE} per process, "
-          f"SGD, 1 thread per process, {args.steps} timed steps"
-          + (", fp16 gradient compression" if args.fp16_compression else ""))
+    print(
+        f"MLP 784-512-512-10 ({params / 1e6:.2f} M parameters), batch {BATCH_SIZE} per process, "
+        f"SGD, 1 thread per process, {args.steps} timed steps"
+        + (", fp16 gradient compression" if args.fp16_compression else "")
+    )
     print(f"{'configuration':<26}{'step ms':>10}{'samples/s':>12}")
     for name, procs, step_s in rows:
         print(f"{name:<26}{step_s * 1e3:>10.2f}{procs * BATCH_SIZE / step_s:>12.0f}")
@@ -107,8 +114,10 @@ def main() -> None:
     ratio = (2 * BATCH_SIZE / ddp) / (BATCH_SIZE / base)
     grad_mb = params * (2 if args.fp16_compression else 4) / 2**20
     print(f"throughput ratio, 2 DDP processes vs 1: {ratio:.2f} (2.00 = perfect scaling)")
-    print(f"communication per step (DDP - no DDP, 2 processes): {(ddp - alone) * 1e3:.2f} ms "
-          f"for {grad_mb:.1f} MiB of gradients")
+    print(
+        f"communication per step (DDP - no DDP, 2 processes): {(ddp - alone) * 1e3:.2f} ms "
+        f"for {grad_mb:.1f} MiB of gradients"
+    )
     print(f"slowdown of 2 processes without communication vs 1: {alone / base:.2f}x")
 
 

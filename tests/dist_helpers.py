@@ -60,9 +60,7 @@ def free_port() -> int:
 
 def python_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """The environment for a child Python: no torchrun/Slurm variables, tests/ importable."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in _ENV_DROP and not k.startswith("SLURM_")
-    }
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_DROP and not k.startswith("SLURM_")}
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), str(REPO_DIR), env.get("PYTHONPATH", "")])
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra or {})

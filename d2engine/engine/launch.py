@@ -91,11 +91,6 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
-# ----------------------------------------------------------------------------------------------
-# Environment of an external launcher
-# ----------------------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
 class _ExternalEnv:
     """Where this process sits in a job whose processes were started by torchrun or srun."""
@@ -125,7 +120,9 @@ def _parse_slurm_nodelist(nodelist: str) -> list[str]:
         for part in ranges.split(","):
             lo, _, hi = part.partition("-")
             if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(f"Cannot parse the range {part!r} of Slurm node list {nodelist!r}.")
+                raise ValueError(
+                    f"Cannot parse the range {part!r} of Slurm node list {nodelist!r}."
+                )
             for i in range(int(lo), int(hi or lo) + 1):
                 hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
     if not hosts:
@@ -139,7 +136,9 @@ def _tcp_url(host: str, port: int | str) -> str:
     return f"tcp://{host}:{port}"
 
 
-def _detect_external_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> _ExternalEnv | None:
+def _detect_external_env(
+    environ: dict[str, str] | os._Environ[str] = os.environ,
+) -> _ExternalEnv | None:
     """Describe the torchrun or Slurm job this process belongs to, or ``None`` for neither.
 
     Raises:
@@ -205,11 +204,6 @@ def _detect_external_env(environ: dict[str, str] | os._Environ[str] = os.environ
     return None
 
 
-# ----------------------------------------------------------------------------------------------
-# Process-group set-up shared by spawned workers and externally launched processes
-# ----------------------------------------------------------------------------------------------
-
-
 def _choose_backend(num_gpus_per_machine: int) -> tuple[str, str]:
     """The backend for processes of this machine, and why."""
     if not torch.cuda.is_available():
@@ -263,11 +257,6 @@ def _teardown_process_group(*, wait_for_others: bool) -> None:
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------
-# Spawned workers
-# ----------------------------------------------------------------------------------------------
-
-
 def _exit_when_launcher_dies(parent_alive: Connection) -> None:
     """Block until the launcher's end of ``parent_alive`` closes, then end this process."""
     try:
@@ -300,7 +289,6 @@ def _distributed_worker(
         # Share the CPU cores instead of every worker using all of them (oversubscription).
         torch.set_num_threads(max(1, _available_cpus() // num_gpus_per_machine))
     exit_code = 0
-    initialized = False
     try:
         _setup_process_group(
             backend=backend,
@@ -312,7 +300,6 @@ def _distributed_worker(
             num_per_machine=num_gpus_per_machine,
             timeout=timeout,
         )
-        initialized = True
         main_func(*args)
     except SystemExit as e:  # sys.exit(0) in main_func is a success
         if e.code not in (None, 0):
@@ -322,8 +309,7 @@ def _distributed_worker(
         error_conn.send(traceback.format_exc())
         exit_code = 1
     finally:
-        if initialized:
-            _teardown_process_group(wait_for_others=exit_code == 0)
+        _teardown_process_group(wait_for_others=exit_code == 0)
     error_conn.close()
     sys.exit(exit_code)
 
@@ -401,6 +387,23 @@ def _terminate(processes: Sequence[Any]) -> None:
             proc.join()
 
 
+def _worker_error(
+    machine_rank: int, num_gpus_per_machine: int, local_rank: int, exitcode: int | None, tb: str
+) -> WorkerError:
+    rank = machine_rank * num_gpus_per_machine + local_rank
+    what = "raised an exception" if tb else _describe_exit(exitcode or 0)
+    message = f"Worker {rank} (local rank {local_rank}) of the job {what}."
+    if tb:
+        message += f" Its traceback:\n\n{tb}"
+    elif exitcode is not None and exitcode > 0:
+        message += " Its output above may say why."
+    elif exitcode == -signal.SIGKILL:
+        message += " HINT: the kernel's out-of-memory killer sends SIGKILL."
+    return WorkerError(
+        message, global_rank=rank, local_rank=local_rank, exitcode=exitcode, worker_traceback=tb
+    )
+
+
 def _spawn_and_watch(
     main_func: Callable[..., Any],
     args: tuple[Any, ...],
@@ -453,24 +456,6 @@ def _spawn_and_watch(
             readers[reader] = local_rank
             keep_alive.append(alive_writer)
 
-        def fail(local_rank: int, exitcode: int | None, tb: str) -> WorkerError:
-            rank = machine_rank * num_gpus_per_machine + local_rank
-            what = "raised an exception" if tb else _describe_exit(exitcode or 0)
-            message = f"Worker {rank} (local rank {local_rank}) of the job {what}."
-            if tb:
-                message += f" Its traceback:\n\n{tb}"
-            elif exitcode is not None and exitcode > 0:
-                message += " Its output above may say why."
-            elif exitcode is not None and exitcode == -signal.SIGKILL:
-                message += " HINT: the kernel's out-of-memory killer sends SIGKILL."
-            return WorkerError(
-                message,
-                global_rank=rank,
-                local_rank=local_rank,
-                exitcode=exitcode,
-                worker_traceback=tb,
-            )
-
         running = {proc.sentinel: (i, proc) for i, proc in enumerate(processes)}
         while running and failure is None:
             for ready in wait([*running, *readers]):
@@ -479,8 +464,11 @@ def _spawn_and_watch(
                     try:
                         tb = ready.recv()
                     except EOFError:  # the worker closed its end: it is exiting
+                        ready.close()
                         continue
-                    failure = fail(local_rank, None, tb)
+                    failure = _worker_error(
+                        machine_rank, num_gpus_per_machine, local_rank, None, tb
+                    )
                     break
                 if ready not in running:
                     continue
@@ -492,9 +480,11 @@ def _spawn_and_watch(
                         if i == local_rank and reader.poll():
                             try:
                                 tb = reader.recv()
-                            except EOFError:
+                            except EOFError:  # died without reporting (a signal, os._exit)
                                 pass
-                    failure = fail(local_rank, proc.exitcode, tb)
+                    failure = _worker_error(
+                        machine_rank, num_gpus_per_machine, local_rank, proc.exitcode, tb
+                    )
                     break
     finally:
         _terminate(processes)
@@ -502,11 +492,6 @@ def _spawn_and_watch(
             conn.close()
     if failure is not None:
         raise failure
-
-
-# ----------------------------------------------------------------------------------------------
-# Public entry point
-# ----------------------------------------------------------------------------------------------
 
 
 def _run_external(
@@ -605,7 +590,10 @@ def launch(
             f"timeout must be a datetime.timedelta, got {type(timeout).__name__}. "
             "HINT: timeout=datetime.timedelta(minutes=30)."
         )
-    for name, value in (("num_gpus_per_machine", num_gpus_per_machine), ("num_machines", num_machines)):
+    for name, value in (
+        ("num_gpus_per_machine", num_gpus_per_machine),
+        ("num_machines", num_machines),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}.")
     if not 0 <= machine_rank < num_machines:

@@ -271,7 +271,9 @@ def shared_random_seed() -> int:
     return int(all_gather(ints)[0])
 
 
-def reduce_dict(input_dict: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
+def reduce_dict(
+    input_dict: dict[str, torch.Tensor], average: bool = True
+) -> dict[str, torch.Tensor]:
     """Reduce the values of a dict of scalar tensors onto rank 0.
 
     Every rank must pass the same keys. Keys are sorted so that ranks agree on the order.

@@ -151,7 +151,9 @@ def _check_reports(reports: list[dict], local_size: int, timeout_s: float | None
         assert r["is_main"] == (rank == 0)
         assert r["all_gather"] == [{"rank": i, "sq": i * i} for i in range(world)]
         machine = rank // local_size
-        assert r["all_gather_local"] == list(range(machine * local_size, (machine + 1) * local_size))
+        assert r["all_gather_local"] == list(
+            range(machine * local_size, (machine + 1) * local_size)
+        )
         assert r["gather"] == ([f"r{i}" for i in range(world)] if rank == 0 else [])
         assert r["gather_dst1"] == ([i + 100 for i in range(world)] if rank == 1 else [])
         if timeout_s is not None:
@@ -240,7 +242,15 @@ def test_under_torchrun_main_runs_once_per_process(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     proc = dist_helpers.run_python(
-        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), str(out)]
+        [
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(out),
+        ]
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     started = sorted((out / "started.txt").read_text().split())
@@ -311,14 +321,18 @@ def test_worker_exception_ends_the_job_with_its_traceback(tmp_path: Path) -> Non
     err = info.value
     assert (err.global_rank, err.local_rank, err.exitcode) == (1, 1, None)
     assert "ValueError: boom on rank 1" in str(err)
-    assert 'in record_pid_then\n    raise ValueError(f"boom on rank {rank}")' in err.worker_traceback
+    assert (
+        'in record_pid_then\n    raise ValueError(f"boom on rank {rank}")' in err.worker_traceback
+    )
     # rank 0 waited in a barrier rank 1 never joined: it was terminated, not left behind
     _assert_workers_gone(tmp_path, 2)
 
 
 @pytest.mark.timeout(120)
 def test_worker_killed_by_sigkill_ends_the_job(tmp_path: Path) -> None:
-    with pytest.raises(WorkerError, match=r"Worker 0 .* killed by SIGKILL \(exit code -9\)") as info:
+    with pytest.raises(
+        WorkerError, match=r"Worker 0 .* killed by SIGKILL \(exit code -9\)"
+    ) as info:
         launch(dist_helpers.record_pid_then, 2, args=(str(tmp_path), "sigkill", 0))
     assert info.value.exitcode == -signal.SIGKILL
     assert info.value.worker_traceback == ""
