@@ -97,3 +97,12 @@ def test_build_evaluator_follows_metadata() -> None:
 def test_format_results() -> None:
     lines = format_results({"accuracy": {"top1": 97.5, "top5": 100}, "n": 3})
     assert lines == ["accuracy/top1: 97.5000", "accuracy/top5: 100", "n: 3"]
+
+
+@pytest.mark.slow
+def test_demo_config_reaches_95_percent(tmp_path: Path) -> None:
+    # The full shipped config (what `make demo` runs); its TEST.EXPECTED_RESULTS would already
+    # make the command fail below 95%.
+    proc = _run(["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "demo")], timeout=300)
+    assert _top1(proc.stdout) >= 95.0
+    assert "Results verification passed" in proc.stdout + proc.stderr
