@@ -12,13 +12,13 @@ no hook implements costs nothing per iteration.
 from __future__ import annotations
 
 import logging
+import math
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -249,15 +249,17 @@ class TrainerBase:
             hook.load_state_dict(value)
 
 
-def _to_floats(loss_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
-    """Convert scalar tensors to floats with one host-device transfer per device."""
+def _to_floats(loss_dict: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
+    """Convert scalar tensors to floats: one host-device transfer for accelerator tensors."""
     names = list(loss_dict)
     values = [loss_dict[k] for k in names]
-    devices = {v.device for v in values if isinstance(v, torch.Tensor)}
-    if len(devices) == 1 and all(isinstance(v, torch.Tensor) for v in values):
-        floats = torch.stack([v.detach().reshape(()).double() for v in values]).tolist()
-    else:
-        floats = [float(v) for v in values]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    devices = {v.device for v in tensors}
+    on_accelerator = len(devices) == 1 and next(iter(devices)).type != "cpu"
+    if len(tensors) == len(values) > 1 and on_accelerator:
+        floats = torch.stack([v.detach().reshape(()).double() for v in tensors]).tolist()
+    else:  # CPU tensors: .item() is cheaper than stacking
+        floats = [float(v.item()) if isinstance(v, torch.Tensor) else float(v) for v in values]
     return dict(zip(names, floats))
 
 
@@ -269,14 +271,17 @@ def _write_metrics(
     storage: EventStorage,
     group: Any = None,
 ) -> None:
-    metrics = _to_floats(loss_dict) if loss_dict else {}
+    metrics = _to_floats(loss_dict)
     storage.put_scalar("rank_data_time", data_time, cur_iter=cur_iter)
-    # all_gather (not gather): every rank must see a non-finite loss and raise together.
-    gathered = comm.all_gather({"losses": metrics, "data_time": data_time}, group=group)
-    data_time = max(x["data_time"] for x in gathered)
-    mean = {k: float(np.mean([x["losses"][k] for x in gathered])) for k in metrics}
+    if comm.get_world_size() == 1:
+        mean = metrics
+    else:
+        # all_gather (not gather): every rank must see a non-finite loss and raise together.
+        gathered = comm.all_gather({"losses": metrics, "data_time": data_time}, group=group)
+        data_time = max(x["data_time"] for x in gathered)
+        mean = {k: sum(x["losses"][k] for x in gathered) / len(gathered) for k in metrics}
     total = sum(mean.values())
-    if not np.isfinite(total):
+    if not math.isfinite(total):
         iteration = storage.iter if cur_iter is None else cur_iter
         raise FloatingPointError(
             f"Loss became infinite or NaN at iteration={iteration}!\nloss_dict = {mean}"

@@ -25,6 +25,7 @@ from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any
 
 import torch
@@ -146,8 +147,21 @@ class HistoryBuffer:
                 return list(self._data)
             if window <= 0:
                 return []
-            n = len(self._data)
-            return [self._data[i] for i in range(n - window, n)]
+            return list(islice(reversed(self._data), window))[::-1]
+
+    def count_recent(self, window_size: int) -> int:
+        """The number of points logged within ``window_size`` iterations of the latest one."""
+        with self._lock:
+            self._materialize()
+            if not self._data:
+                return 0
+            first = self._data[-1][1] - window_size
+            n = 0
+            for _, it in reversed(self._data):
+                if it <= first:
+                    break
+                n += 1
+            return n
 
     def latest(self) -> float:
         """The most recent value.
@@ -321,17 +335,7 @@ class EventStorage:
 
         Counted back from the iteration of its latest value.
         """
-        data = self.history(name).values()
-        if not data:
-            return 0
-        last = data[-1][1]
-        n = 0
-        for _, it in reversed(data):
-            if it > last - window_size:
-                n += 1
-            else:
-                break
-        return n
+        return self.history(name).count_recent(window_size)
 
     def smoothing_hints(self) -> dict[str, bool]:
         """name -> the smoothing hint the scalar was logged with."""
@@ -588,7 +592,6 @@ class TensorboardXWriter(EventWriter):
             for params in storage._histograms:
                 writer.add_histogram_raw(**params)
             storage.clear_histograms()
-        writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

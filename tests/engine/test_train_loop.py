@@ -183,7 +183,9 @@ def test_state_dict_round_trip(caplog) -> None:
     assert other.iter == 4 and o1.n == 4
     assert "Cannot find the hook '_StepOnly.1'" in caplog.text
     with pytest.raises(KeyError, match="no 'iteration'"):
-        other.load_state_dict({"hooks": {}})
+        other.load_state_dict({"hooks": {}, "optimizer": state["optimizer"]})
+    with pytest.raises(KeyError, match="no 'optimizer'"):
+        other.load_state_dict({"iteration": 3})
 
 
 def test_data_iterator_survives_train_calls_and_reset() -> None:

@@ -1,0 +1,227 @@
+"""Overhead of d2engine's train loop and basic hooks over a raw PyTorch loop.
+
+The same MLP (784-512-512-10 returning a dict of two losses, batch 64, SGD, data pre-generated in
+memory, one CPU thread) is trained by
+
+  (a) a raw PyTorch loop,
+  (b) SimpleTrainer without hooks,
+  (c) SimpleTrainer with IterationTimer, LRScheduler and
+      PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter) at period 20,
+  (d) as (c) with gather_metric_period=20.
+
+The variants run interleaved, round after round, so that drift of a shared machine hits them all;
+each row shows the median over rounds, its ratio against (a) measured in the same run, and the
+engine's cost in microseconds per iteration ((variant - a) / iterations). A separate, untimed run
+per variant counts the tensor reads that synchronise with the device (item, tolist, float, bool,
+numpy, cpu) per iteration.
+
+Usage::
+
+    python bench/overhead.py            # 300 iterations x 7 rounds (~1-2 min on a free core)
+    python bench/overhead.py --quick    # 100 iterations x 3 rounds (a smoke run, < 30 s)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from d2engine.engine import hooks
+from d2engine.engine.train_loop import SimpleTrainer
+from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
+
+BATCH = 64
+PERIOD = 20
+
+
+class MLP(nn.Module):
+    """784-512-512-10 returning two losses (cross-entropy and a small L2 term on the logits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+        )
+
+    def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, y = batch
+        logits = self.net(x)
+        return {
+            "loss_cls": nn.functional.cross_entropy(logits, y),
+            "loss_reg": 1e-4 * logits.pow(2).mean(),
+        }
+
+
+def make_data(n_batches: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        (
+            torch.randn(BATCH, 784, generator=g).to(device),
+            torch.randint(0, 10, (BATCH,), generator=g).to(device),
+        )
+        for _ in range(n_batches)
+    ]
+
+
+def cycle(data: list[Any]) -> Iterator[Any]:
+    while True:
+        yield from data
+
+
+def build(device: torch.device) -> tuple[MLP, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = MLP().to(device)
+    return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> float:
+    model, opt = build(device)
+    model.train()
+    it = cycle(data)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        batch = next(it)
+        loss_dict = model(batch)
+        losses = sum(loss_dict.values())
+        opt.zero_grad()
+        losses.backward()
+        opt.step()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def _trainer_run(
+    data: list[Any], iters: int, device: torch.device, out: Path, *, with_hooks: bool, period: int
+) -> float:
+    model, opt = build(device)
+    trainer = SimpleTrainer(model, cycle(data), opt, gather_metric_period=period)
+    if with_hooks:
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
+        writers = [
+            JSONWriter(out / "metrics.json"),
+            CommonMetricPrinter(iters),
+            TensorboardXWriter(out / "tb"),
+        ]
+        trainer.register_hooks(
+            [
+                hooks.IterationTimer(),
+                hooks.LRScheduler(opt, sched),
+                hooks.PeriodicWriter(writers, period=PERIOD),
+            ]
+        )
+    sync(device)
+    start = time.perf_counter()
+    trainer.train(0, iters)
+    sync(device)
+    return time.perf_counter() - start
+
+
+VARIANTS: dict[str, Callable[..., float]] = {
+    "(a) raw loop": run_raw,
+    "(b) SimpleTrainer, no hooks": lambda *a: _trainer_run(*a, with_hooks=False, period=1),
+    "(c) + timer, LR, writers @20": lambda *a: _trainer_run(*a, with_hooks=True, period=1),
+    "(d) as (c), gather period 20": lambda *a: _trainer_run(*a, with_hooks=True, period=PERIOD),
+}
+
+_READS = ("item", "tolist", "__float__", "__bool__", "numpy", "cpu")
+
+
+def count_host_reads(fn: Callable[..., float], data: list[Any], iters: int, *args: Any) -> int:
+    """The number of tensor reads to the host during one (untimed) run of ``fn``."""
+    count = 0
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+
+    def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(self: torch.Tensor, *a: Any, **k: Any) -> Any:
+            nonlocal count
+            count += 1
+            return orig(self, *a, **k)
+
+        return wrapper
+
+    try:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, wrap(orig))
+        fn(data, iters, *args)
+    finally:
+        for name, orig in originals.items():
+            setattr(torch.Tensor, name, orig)
+    return count
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--iters", type=int, default=300, help="iterations per run")
+    parser.add_argument("--repeats", type=int, default=7, help="rounds (median reported)")
+    parser.add_argument("--quick", action="store_true", help="100 iterations x 3 rounds")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.iters, args.repeats = 100, 3
+    torch.set_num_threads(1)
+    device = torch.device(args.device)
+    data = make_data(32, device)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # CommonMetricPrinter logs to a file, as in a real job (not to the console here).
+        log = logging.getLogger("d2engine")
+        log.setLevel(logging.INFO)
+        log.propagate = False
+        handler = logging.FileHandler(Path(tmp) / "log.txt")
+        log.addHandler(handler)
+        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        reads: dict[str, int] = {}
+        for i, (name, fn) in enumerate(VARIANTS.items()):  # warm-up and read counts
+            out = Path(tmp) / f"warm{i}"
+            out.mkdir()
+            reads[name] = count_host_reads(fn, data, args.iters, device, out)
+        for r in range(args.repeats):
+            for i, (name, fn) in enumerate(VARIANTS.items()):
+                out = Path(tmp) / f"r{r}v{i}"
+                out.mkdir()
+                times[name].append(fn(data, args.iters, device, out))
+        log.removeHandler(handler)
+        handler.close()
+
+    base = statistics.median(times["(a) raw loop"])
+    print(
+        f"d2engine overhead: MLP 784-512-512-10, batch {BATCH}, SGD, {args.iters} iterations, "
+        f"median of {args.repeats} rounds, device {device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread"
+    )
+    header = (
+        f"{'variant':32s} {'ms/iter':>9s} {'ratio':>7s} {'engine us/iter':>15s} {'reads/iter':>11s}"
+    )
+    print(header)
+    print("-" * len(header))
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"{name:32s} {1e3 * med / args.iters:9.3f} {med / base:7.3f} "
+            f"{1e6 * (med - base) / args.iters:15.1f} {reads[name] / args.iters:11.2f}"
+        )
+    ratio_c = statistics.median(times["(c) + timer, LR, writers @20"]) / base
+    ratio_d = statistics.median(times["(d) as (c), gather period 20"]) / base
+    print(f"target (c)/(a) <= 1.03: {'met' if ratio_c <= 1.03 else 'NOT met'} ({ratio_c:.3f})")
+    print(f"(d)/(a) = {ratio_d:.3f}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
