@@ -371,3 +371,31 @@ def test_torch_memory_stats_logs_max_runs(
     )
     assert caplog.text.count("SUMMARY") == 1
     assert len(resets) == 3
+
+
+def test_trainer_with_all_hooks_is_garbage_collectable(tmp_path: Path) -> None:
+    import gc
+    import weakref
+
+    trainer = _trainer(bn=True)
+    sched = torch.optim.lr_scheduler.StepLR(trainer.optimizer, step_size=2)
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=sched),
+            hooks.EvalHook(2, lambda: {"a": 1.0}),
+            hooks.PreciseBN(2, trainer.model, _batches(), 2),
+            hooks.CallbackHook(after_step=lambda t: None),
+            hooks.TorchMemoryStats(),
+            hooks.AutogradProfiler(lambda t: t.iter == 1, tmp_path),
+            hooks.PeriodicWriter([JSONWriter(tmp_path / "m.json")], period=2),
+        ]
+    )
+    trainer.train(0, 4)
+    ref = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert ref() is None
+    finally:
+        gc.enable()
