@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (imported by torch's first optimizer; sets TORCHINDUCTOR_CACHE_DIR)
 import torch.distributed as dist
 
 

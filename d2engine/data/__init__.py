@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from d2engine.data import datasets  # noqa: F401,E402  (registers digits_train / digits_test)
 from d2engine.data.build import (
     TrainDataLoader,
     build_detection_test_loader,

@@ -1,0 +1,3 @@
+"""Utilities shared by the engine: events, logging, comm, registry, environment info."""
+
+__all__: list[str] = []

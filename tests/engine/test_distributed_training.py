@@ -15,10 +15,6 @@ from typing import Any
 
 import pytest
 import torch
-
-# The first optimizer of a process imports torch._dynamo, whose import sets
-# TORCHINDUCTOR_CACHE_DIR; imported here, at collection, the env-leak fixture blames no test.
-import torch._dynamo  # noqa: F401
 from torch import nn
 
 from d2engine.checkpoint import DetectionCheckpointer, PeriodicCheckpointer

@@ -14,9 +14,6 @@ from d2engine.engine import hooks
 from d2engine.engine.train_loop import HookBase, SimpleTrainer
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
-# torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check runs.
-torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
 
 class _Model(nn.Module):
     def __init__(self, bn: bool = False) -> None:

@@ -16,9 +16,6 @@ from torch import nn
 from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from d2engine.utils.events import EventStorage
 
-# torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check runs.
-torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
 
 class _Model(nn.Module):
     """A linear model returning two losses; loss is NaN at the iterations in ``nan_at``."""

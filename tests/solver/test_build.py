@@ -22,12 +22,6 @@ from d2engine.solver.build import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _create_first_optimizer() -> None:
-    """torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check."""
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
-
 class _Net(nn.Module):
     """Conv + BN + Linear + LayerNorm, a linear layer used twice, a tied weight, a frozen param."""
 

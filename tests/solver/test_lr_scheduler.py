@@ -25,12 +25,6 @@ from d2engine.solver.lr_scheduler import (
 from d2engine.solver.param_scheduler import LinearParamScheduler, MultiStepParamScheduler
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _create_first_optimizer() -> None:
-    """torch's first optimizer sets TORCHINDUCTOR_CACHE_DIR; do it before the env-leak check."""
-    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-
-
 def _optimizer(*lrs: float) -> torch.optim.SGD:
     groups = [{"params": [nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
     return torch.optim.SGD(groups, lr=lrs[0])
