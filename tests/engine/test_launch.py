@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ import dist_helpers  # tests/ is on sys.path (see dist_helpers' docstring)
 import pytest
 import torch.distributed as dist
 
-from d2engine.engine import launch as launch_mod
 from d2engine.engine.launch import DEFAULT_TIMEOUT, WorkerError, launch
 from d2engine.utils import comm
+
+# The module itself: the package attribute d2engine.engine.launch is the function (as in detectron2).
+launch_mod = importlib.import_module("d2engine.engine.launch")
 
 
 def _record_call(out: list[tuple[int, ...]], *args: int) -> None:
