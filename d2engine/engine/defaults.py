@@ -295,8 +295,10 @@ class DefaultTrainer(TrainerBase):
        evaluation and event writing.
 
     Hooks registered on it (including ``after_backward`` hooks) run as on any trainer. Its
-    ``state_dict()`` holds the iteration, the hooks' state and, under ``"_trainer"``, the inner
-    trainer's state (optimizer, grad scaler, and whatever else it checkpoints).
+    ``state_dict()`` holds the iteration, the hooks' state (LR scheduler, ...), the RNG states of
+    every rank (``"rng"``) and, under ``"_trainer"``, the inner trainer's state (optimizer, data
+    position, grad scaler): resuming is exact (see :mod:`d2engine.engine.train_loop`, "Exact
+    resume"), and SIGTERM stops training with a checkpoint ("Preemption" there).
 
     Attributes:
         cfg: the config, scaled by :meth:`auto_scale_workers` to the world size.
@@ -334,6 +336,7 @@ class DefaultTrainer(TrainerBase):
         else:
             self._trainer = SimpleTrainer(model, data_loader, optimizer)
         self._trainer.register_hooks([_InnerHookDispatch(self)])
+        self._trainer.checkpoint_rng = False  # the RNG states are saved once, by this trainer
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # The proxy lets the checkpointer save the trainer's state without a reference cycle.
@@ -365,7 +368,8 @@ class DefaultTrainer(TrainerBase):
         """The default hooks, in this order.
 
         IterationTimer; LRScheduler; PreciseBN (when ``TEST.PRECISE_BN.ENABLED`` and the model has
-        BN layers in training mode); PeriodicCheckpointer (main process); EvalHook (every process:
+        BN layers in training mode); PeriodicCheckpointer (every process: only the main process
+        writes, but all take part in gathering the RNG states); EvalHook (every process:
         evaluation is collective); PeriodicWriter (main process, last so that it writes what the
         other hooks logged).
 
@@ -386,12 +390,9 @@ class DefaultTrainer(TrainerBase):
                     cfg.TEST.PRECISE_BN.NUM_ITER,
                 )
             )
-        if comm.is_main_process():
-            periodic_checkpointer = getattr(hooks, "PeriodicCheckpointer", None)
-            if periodic_checkpointer is None:
-                logger.warning("d2engine.engine.hooks has no PeriodicCheckpointer: no checkpoints")
-            else:
-                ret.append(periodic_checkpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+        # On every rank: only the main process writes (DetectionCheckpointer), but all ranks
+        # gather their RNG states at the save points and take part in preemption saves.
+        ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
 
         # The closure holds the trainer weakly: the hook is owned by the trainer.
         trainer_ref = weakref.ref(self)
@@ -419,15 +420,23 @@ class DefaultTrainer(TrainerBase):
     def train(self) -> OrderedDict | dict | None:
         """Train from ``start_iter`` to ``max_iter``.
 
+        A preemption signal (SIGTERM by default, see ``preemption_signals``) stops training after
+        the current iteration with a checkpoint in ``OUTPUT_DIR``; then ``self.preempted`` is
+        True, None is returned and the script should exit with
+        :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` (``d2engine-train`` does);
+        ``resume_or_load(resume=True)`` continues bit-identically.
+
         Returns:
             The results of the last evaluation (as :meth:`test` returns them) when the config has
-            test datasets; otherwise None.
+            test datasets; otherwise None (also when preempted).
 
         Raises:
             ResultsVerificationError: the results do not match ``TEST.EXPECTED_RESULTS`` (see
                 :func:`d2engine.evaluation.verify_results`).
         """
         super().train(self.start_iter, self.max_iter)
+        if self.preempted:  # a checkpoint was saved; the caller exits with PREEMPTION_EXIT_CODE
+            return None
         results = getattr(self, "_last_eval_results", None) if self.cfg.DATASETS.TEST else None
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
             if results is None:

@@ -1,14 +1,21 @@
 """Hooks for :class:`~d2engine.engine.train_loop.TrainerBase`: timing, writing, LR, eval, ...
 
 Each hook is a small class; its docstring says when it runs and what state it saves. Hooks reach
-the trainer through ``self.trainer`` (a weak proxy set at registration).
+the trainer through ``self.trainer`` (a weak proxy set at registration). The profiling hooks live
+in :mod:`d2engine.engine.profiling` and are re-exported here.
+
+Checkpoints: :class:`PeriodicCheckpointer` writes the trainer's full state (see "Exact resume" in
+:mod:`d2engine.engine.train_loop`) every ``period`` iterations, at the end, and when the trainer is
+preempted; :class:`BestCheckpointer` keeps a side copy of the best model that never moves
+``last_checkpoint``, so a resumed run continues from the latest state.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
-import os
+import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -17,6 +24,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2engine.checkpoint import Checkpointer
+from d2engine.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
+from d2engine.checkpoint import io as checkpoint_io
+from d2engine.checkpoint.state import capture_rng_state, restore_rng_state
+from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, EventWriter
@@ -24,10 +36,12 @@ from d2engine.utils.precise_bn import get_bn_modules, update_bn_stats
 
 __all__ = [
     "AutogradProfiler",
+    "BestCheckpointer",
     "CallbackHook",
     "EvalHook",
     "IterationTimer",
     "LRScheduler",
+    "PeriodicCheckpointer",
     "PeriodicWriter",
     "PreciseBN",
     "TorchMemoryStats",
@@ -328,7 +342,9 @@ class EvalHook(HookBase):
     training reached its last iteration (not after a failure) and ``eval_after_train``. The
     results (a nested dict) are flattened with "/" and put with ``smoothing_hint=False``. Every
     evaluation ends with a barrier across processes, so register it on every rank (give others a
-    no-op function if only some evaluate). Stateless.
+    no-op function if only some evaluate). The random generators (python, numpy, torch) are
+    restored after each evaluation: evaluating does not change the training's random numbers.
+    Stateless.
 
     Args:
         eval_period: evaluate every this many iterations; 0 only after training.
@@ -350,7 +366,13 @@ class EvalHook(HookBase):
         self._eval_after_train = eval_after_train
 
     def _do_eval(self) -> None:
-        results = self._func()
+        rng = capture_rng_state()
+        try:
+            results = self._func()
+        finally:
+            # What the evaluation draws does not shift the training's random streams, so a run
+            # resumed from a checkpoint written before this evaluation continues identically.
+            restore_rng_state(rng)
         if results:
             if not isinstance(results, Mapping):
                 raise TypeError(
@@ -392,7 +414,8 @@ class PreciseBN(HookBase):
     Runs after every ``period``-th iteration and after the last one (see
     :func:`d2engine.utils.precise_bn.update_bn_stats`; momentum restored afterwards). Does
     nothing, at no per-step cost, when the model has no BN layer in training mode. The values
-    the model logs meanwhile go to a throw-away storage. Stateless.
+    the model logs meanwhile go to a throw-away storage. State: the data position of its loader
+    (when the loader has ``state_dict()``), so a resumed run reads the same batches.
 
     Args:
         period: run every this many iterations; 0 only after the last iteration.
@@ -427,6 +450,18 @@ class PreciseBN(HookBase):
         ):
             self.update_stats()
 
+    def state_dict(self) -> dict[str, Any]:
+        """``{"data": loader.state_dict()}`` when its loader has one and has been used."""
+        if self._data_iter is not None and callable(getattr(self._data_loader, "state_dict", None)):
+            return {"data": self._data_loader.state_dict()}  # type: ignore[attr-defined]
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue reading the loader from the saved position."""
+        if "data" in state_dict and callable(getattr(self._data_loader, "load_state_dict", None)):
+            self._data_loader.load_state_dict(state_dict["data"])  # type: ignore[attr-defined]
+            self._data_iter = None
+
     def update_stats(self) -> None:
         """Update the model's BN statistics now (can be called by users)."""
         if self._disabled or not get_bn_modules(self._model):
@@ -438,158 +473,219 @@ class PreciseBN(HookBase):
             update_bn_stats(self._model, self._data_iter, self._num_iter)
 
 
-class TorchProfiler(HookBase):
-    """Profile the iterations selected by a predicate with ``torch.profiler``.
+class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
+    """Save the trainer's checkpoint every ``period`` iterations, after the last one, and on
+    preemption.
 
-    Runs ``before_step`` (calls the predicate; starts the profiler) and ``after_step`` (stops it
-    and writes the trace). With ``save_tensorboard`` the trace goes to
-    ``output_dir/log/profiler-tensorboard-iter{N}/`` (view with TensorBoard's profiler plugin);
-    otherwise a chrome trace ``output_dir/profiler-trace-iter{N}.json``. A profiler left open
-    by a failed iteration is closed in ``after_train``. Stateless.
+    Same as :class:`d2engine.checkpoint.PeriodicCheckpointer`, as a hook: ``before_train`` takes
+    ``max_iter`` from the trainer when it was not given; ``after_step`` calls
+    ``step(trainer.iter)`` (``{file_prefix}_{iter:07d}.pth`` when ``(iter + 1) % period == 0``,
+    ``{file_prefix}_final.pth`` after the last iteration); ``after_train`` waits for pending
+    asynchronous saves. When the trainer is preempted it calls :meth:`save_for_preemption`.
+    The files hold what the checkpointer's checkpointables hold: register the trainer as one
+    (``Checkpointer(model, dir, trainer=trainer)``, as DefaultTrainer does) for exact resume.
+    Register it on every rank of a multi-process job: only the checkpointer's main process
+    writes, but every rank takes part in gathering the RNG states at a save point.
+
+    State: the periodic files kept for ``max_to_keep`` (see the base class).
 
     Args:
-        enable_predicate: ``f(trainer) -> bool``, called every iteration.
-        output_dir: where traces go.
-        activities: as in ``torch.profiler.profile`` (default: CPU, plus CUDA when available).
-        save_tensorboard: write a TensorBoard trace instead of a chrome trace.
+        checkpointer: the checkpointer that writes the files.
+        period: save every this many iterations.
+        max_iter: the last iteration + 1 (None: the trainer's ``max_iter``).
+        max_to_keep: keep at most this many periodic files (None: all).
+        file_prefix: the file name prefix.
     """
 
     def __init__(
         self,
-        enable_predicate: Callable[[Any], bool],
-        output_dir: str | os.PathLike[str],
-        *,
-        activities: Iterable[Any] | None = None,
-        save_tensorboard: bool = True,
+        checkpointer: Checkpointer,
+        period: int,
+        max_iter: int | None = None,
+        max_to_keep: int | None = None,
+        file_prefix: str = "model",
     ) -> None:
-        self._enable_predicate = enable_predicate
-        self._activities = activities
-        self._output_dir = os.fspath(output_dir)
-        self._save_tensorboard = save_tensorboard
-        self._profiler: Any = None
-
-    def _make_profiler(self) -> Any:
-        on_trace_ready = None
-        if self._save_tensorboard:
-            on_trace_ready = torch.profiler.tensorboard_trace_handler(
-                os.path.join(
-                    self._output_dir, "log", f"profiler-tensorboard-iter{self.trainer.iter}"
-                ),
-                f"worker{comm.get_rank()}",
-            )
-        return torch.profiler.profile(
-            activities=self._activities,
-            on_trace_ready=on_trace_ready,
-            record_shapes=True,
-            profile_memory=True,
-            with_stack=True,
-            with_flops=True,
-        )
-
-    def before_step(self) -> None:
-        if self._enable_predicate(self.trainer):
-            self._profiler = self._make_profiler()
-            self._profiler.__enter__()
-        else:
-            self._profiler = None
-
-    def after_step(self) -> None:
-        if self._profiler is None:
-            return
-        profiler, self._profiler = self._profiler, None
-        profiler.__exit__(None, None, None)
-        if not self._save_tensorboard:
-            os.makedirs(self._output_dir, exist_ok=True)
-            out_file = os.path.join(
-                self._output_dir, f"profiler-trace-iter{self.trainer.iter}.json"
-            )
-            profiler.export_chrome_trace(out_file)
-
-    def after_train(self) -> None:
-        if self._profiler is not None:  # an iteration failed while profiling
-            profiler, self._profiler = self._profiler, None
-            profiler.__exit__(None, None, None)
-
-
-class AutogradProfiler(TorchProfiler):
-    """Profile the selected iterations with ``torch.autograd.profiler``; write chrome traces.
-
-    Runs like :class:`TorchProfiler` with ``save_tensorboard=False``: each selected iteration
-    writes ``output_dir/profiler-trace-iter{N}.json`` (open it in chrome://tracing or Perfetto).
-    Works on CPU: ``use_cuda`` is ignored when CUDA is not available. Stateless.
-
-    With NCCL on older GPUs the autograd profiler may deadlock (it allocates memory on every
-    visible device); prefer :class:`TorchProfiler` there.
-
-    Args:
-        enable_predicate: ``f(trainer) -> bool``, called every iteration.
-        output_dir: where traces go.
-        use_cuda: also profile CUDA kernels (when CUDA is available).
-    """
-
-    def __init__(
-        self,
-        enable_predicate: Callable[[Any], bool],
-        output_dir: str | os.PathLike[str],
-        *,
-        use_cuda: bool = True,
-    ) -> None:
-        super().__init__(enable_predicate, output_dir, save_tensorboard=False)
-        self._use_cuda = use_cuda
-
-    def _make_profiler(self) -> Any:
-        use_device = "cuda" if self._use_cuda and torch.cuda.is_available() else None
-        return torch.autograd.profiler.profile(use_device=use_device)
-
-
-_MB = 1024.0 * 1024.0
-
-
-class TorchMemoryStats(HookBase):
-    """Log CUDA memory statistics every ``period`` iterations, at most ``max_runs`` times.
-
-    Runs after every ``period``-th iteration and the last one until it has logged ``max_runs``
-    times; the last run also logs ``torch.cuda.memory_summary()``. The peak statistics are reset
-    after each run. Without CUDA it logs one line at ``before_train`` and does nothing else (no
-    per-step cost). Stateless.
-
-    Args:
-        period: the logging period in iterations.
-        max_runs: the most times it logs.
-    """
-
-    def __init__(self, period: int = 20, max_runs: int = 10) -> None:
-        if period <= 0:
-            raise ValueError(f"TorchMemoryStats needs period > 0, got {period}")
-        self._period = period
-        self._max_runs = max_runs
-        self._runs = 0
-
-    def _implements(self, stage: str) -> bool:
-        if stage == "before_train":
-            return True
-        return stage == "after_step" and torch.cuda.is_available()
+        super().__init__(checkpointer, period, max_iter, max_to_keep, file_prefix)
+        self._max_iter_given = max_iter is not None
+        self._saved_iter: int | None = None
 
     def before_train(self) -> None:
-        if not torch.cuda.is_available():
-            logger.info("TorchMemoryStats: CUDA is not available; no memory statistics logged.")
+        if not self._max_iter_given:
+            self.max_iter = self.trainer.max_iter
+        self._saved_iter = None
+
+    def _prepare(self) -> None:
+        prepare = getattr(self.trainer, "prepare_checkpoint", None)
+        if callable(prepare):
+            prepare()  # a collective in multi-process jobs: every rank is here
 
     def after_step(self) -> None:
-        if self._runs >= self._max_runs:
-            return
         it = self.trainer.iter
-        if (it + 1) % self._period != 0 and it != self.trainer.max_iter - 1:
+        final = self.max_iter is not None and it >= self.max_iter - 1
+        if (it + 1) % self.period == 0 or final:
+            self._prepare()
+            self._saved_iter = it
+        self.step(it)
+
+    def save_for_preemption(self) -> str:
+        """Save ``{file_prefix}_{iter:07d}`` now (unless this iteration was just saved) and wait.
+
+        Called by the trainer on every rank when it stops for a preemption signal. The file
+        counts as a periodic one for ``max_to_keep``.
+
+        Returns:
+            The path of the complete checkpoint, or ``""`` on a process that does not write.
+        """
+        it = self.trainer.iter
+        name = f"{self.file_prefix}_{it:07d}"
+        if self._saved_iter != it:
+            self._prepare()
+            keep = self.max_to_keep if self._writes() else None
+            if keep is not None:
+                self._track(f"{name}.pth", keep)
+            self.checkpointer.save(name, iteration=it)
+            if keep is not None:
+                self._delete_dropped()
+            self._saved_iter = it
+        self.checkpointer.wait()
+        return self.checkpointer.checkpoint_path(name) if self._writes() else ""
+
+    def after_train(self) -> None:
+        self.checkpointer.wait()
+
+
+class BestCheckpointer(HookBase):
+    """Save the model as ``{file_prefix}.pth`` whenever ``val_metric`` reaches a new best.
+
+    Runs on EvalHook's schedule (after every ``eval_period``-th iteration except the last, and in
+    ``after_train`` when training completed): register it after the EvalHook. It reads the latest
+    value of ``val_metric`` from the event storage; a missing metric is a warning, a NaN or
+    infinite value is never the best, and only a strict improvement saves. The file is written with
+    ``save_untagged``, so ``last_checkpoint`` keeps pointing to the latest checkpoint; a small
+    ``{file_prefix}.json`` next to it records the metric, its value and iteration.
+
+    State: the best value and its iteration. A resumed run therefore never replaces a better model
+    by a worse one; when resumed (``start_iter > 0``) it also reads ``{file_prefix}.json``, which
+    covers a best found after the checkpoint it resumed from was written.
+
+    Args:
+        eval_period: the EvalHook's period.
+        checkpointer: the checkpointer that writes the file (its main process writes).
+        val_metric: the name of the metric in the storage, e.g. ``"accuracy/top1"``.
+        mode: ``"max"`` (higher is better) or ``"min"``.
+        file_prefix: the file name without extension.
+
+    Raises:
+        ValueError: if ``mode`` is neither "max" nor "min".
+    """
+
+    def __init__(
+        self,
+        eval_period: int,
+        checkpointer: Checkpointer,
+        val_metric: str,
+        mode: str = "max",
+        file_prefix: str = "model_best",
+    ) -> None:
+        if mode not in ("max", "min"):
+            raise ValueError(f"BestCheckpointer mode must be 'max' or 'min', got {mode!r}.")
+        self._period = eval_period
+        self._val_metric = val_metric
+        self._mode = mode
+        self.checkpointer = checkpointer
+        self._file_prefix = file_prefix
+        self.best_metric: float | None = None
+        self.best_iter: int | None = None
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if self._mode == "max" else value < best
+
+    def _record_path(self) -> str:
+        return checkpoint_io.join(self.checkpointer.save_dir, f"{self._file_prefix}.json")
+
+    def _writes(self) -> bool:
+        return bool(self.checkpointer.save_dir) and self.checkpointer.save_to_disk
+
+    def before_train(self) -> None:
+        if self.trainer.start_iter <= 0 or not self._writes():
             return
+        path = self._record_path()
+        try:
+            record = json.loads(checkpoint_io.read_text(path))
+            value, it = float(record["value"]), int(record["iteration"])
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("Ignoring the unreadable best-model record %s: %s", path, e)
+            return
+        usable = record.get("metric") == self._val_metric and math.isfinite(value)
+        if usable and (self.best_metric is None or self._better(value, self.best_metric)):
+            self.best_metric, self.best_iter = value, it
+
+    def _best_checking(self) -> None:
+        latest = self.trainer.storage.latest().get(self._val_metric)
+        if latest is None:
+            logger.warning(
+                "BestCheckpointer: the metric '%s' is not in the event storage; no best "
+                "checkpoint saved. HINT: register BestCheckpointer after the EvalHook that "
+                "computes it, and check its name.",
+                self._val_metric,
+            )
+            return
+        value, metric_iter = float(latest[0]), int(latest[1])
+        if not math.isfinite(value):
+            logger.warning(
+                "BestCheckpointer: %s = %s is not finite; never the best.", self._val_metric, value
+            )
+            return
+        if self.best_metric is not None and not self._better(value, self.best_metric):
+            logger.info(
+                "Not saving: %s = %.5f is not better than the best %.5f at iteration %d.",
+                self._val_metric,
+                value,
+                self.best_metric,
+                self.best_iter,
+            )
+            return
+        previous = self.best_metric
+        self.best_metric, self.best_iter = value, metric_iter
+        self.checkpointer.save_untagged(self._file_prefix, iteration=metric_iter)
+        if self._writes():
+            self.checkpointer.wait()  # the record names a complete file
+            record = {"metric": self._val_metric, "value": value, "iteration": metric_iter}
+            checkpoint_io.atomic_write_text(self._record_path(), json.dumps(record))
         logger.info(
-            "iter: %d  max_reserved_mem: %.0fMB  reserved_mem: %.0fMB  max_allocated_mem: "
-            "%.0fMB  allocated_mem: %.0fMB",
-            it,
-            torch.cuda.max_memory_reserved() / _MB,
-            torch.cuda.memory_reserved() / _MB,
-            torch.cuda.max_memory_allocated() / _MB,
-            torch.cuda.memory_allocated() / _MB,
+            "Saved the best model: %s = %.5f at iteration %d (previous best: %s).",
+            self._val_metric,
+            value,
+            metric_iter,
+            "none" if previous is None else f"{previous:.5f}",
         )
-        self._runs += 1
-        if self._runs == self._max_runs:
-            logger.info("\n%s", torch.cuda.memory_summary())
-        torch.cuda.reset_peak_memory_stats()
+
+    def after_step(self) -> None:
+        next_iter = self.trainer.iter + 1
+        if (
+            self._period > 0
+            and next_iter % self._period == 0
+            and next_iter != self.trainer.max_iter
+        ):
+            self._best_checking()
+
+    def after_train(self) -> None:
+        if self.trainer.iter + 1 >= self.trainer.max_iter:  # completed, not failed or preempted
+            self._best_checking()
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"best_metric", "best_iter"}`` once a best exists (``{}`` before)."""
+        if self.best_metric is None:
+            return {}
+        return {"best_metric": self.best_metric, "best_iter": self.best_iter}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the best value (a better one already known is kept)."""
+        value = state_dict.get("best_metric")
+        if value is None:
+            return
+        if self.best_metric is None or self._better(float(value), self.best_metric):
+            self.best_metric = float(value)
+            self.best_iter = state_dict.get("best_iter")

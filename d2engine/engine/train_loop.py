@@ -7,12 +7,65 @@ no hook implements costs nothing per iteration.
 
 :class:`SimpleTrainer` implements ``run_step`` for one model, one data source and one optimizer;
 :class:`AMPTrainer` adds ``torch.amp`` mixed precision (fp16 with a GradScaler, or bf16).
+
+Exact resume
+------------
+``trainer.state_dict()`` holds everything a continuation needs, under predictable keys:
+``"iteration"`` (the last finished one), ``"hooks"`` (each stateful hook's state, e.g. the LR
+scheduler under ``"LRScheduler"``), ``"rng"`` (python, numpy, torch CPU and per-device CUDA
+generator states, one entry per rank), and for :class:`SimpleTrainer` ``"optimizer"`` and
+``"data"`` (the data loader's ``state_dict()``, when it has one: the data position of
+:func:`d2engine.data.build_train_loader`, O(1) to restore), for :class:`AMPTrainer`
+``"grad_scaler"``. ``load_state_dict`` restores all of it and sets ``start_iter = iteration + 1``.
+Register the trainer as a checkpointable (``Checkpointer(model, dir, trainer=trainer)``) and a
+run killed at any moment and resumed from its last checkpoint ends with the same weights, bit for
+bit, as an uninterrupted run, given:
+
+* ``num_workers=0``: exact. With ``num_workers > 0`` the batch order and the samples drawn are
+  still exact (the position is counted in batches handed to the trainer and the sampler restarts
+  there), but random augmentations that run *inside worker processes* draw from the workers'
+  generators, which are seeded per worker start and not saved: they are bit-identical only if the
+  mapper seeds its randomness from the sample index (or is deterministic).
+* CUDA: the CUDA generators are saved and restored, but many CUDA kernels (atomics in
+  scatter/index_add, cuDNN algorithm choice) are non-deterministic: bit-identical results need
+  ``torch.use_deterministic_algorithms(True)``, ``torch.backends.cudnn.benchmark = False`` and
+  ``CUBLAS_WORKSPACE_CONFIG=:4096:8``. Without them a resumed run is statistically, not bitwise,
+  equal.
+* The random generators are captured when the checkpoint is written (the PeriodicCheckpointer
+  hook's ``after_step``); hooks running after it in the same iteration must not draw random
+  numbers (EvalHook restores the generators after evaluating, so evaluation does not count).
+* In a multi-process job each rank's generators are gathered at the save point
+  (:meth:`TrainerBase.prepare_checkpoint`, called by the checkpointing hooks on every rank), so
+  register PeriodicCheckpointer on every rank: it writes on the main process only.
+
+Preemption
+----------
+While :meth:`TrainerBase.train` runs (in the main thread) the signals in
+``trainer.preemption_signals`` (default ``(SIGTERM,)``; add e.g. ``signal.SIGUSR1`` for Slurm's
+``--signal``) only set a flag. After the current iteration (all its hooks included) the trainer
+writes a checkpoint through every registered hook with a ``save_for_preemption()`` method (the
+PeriodicCheckpointer hook: ``{prefix}_{iter:07d}.pth``, waited for), logs one line, runs the
+hooks' ``after_train`` and returns with ``trainer.preempted == True`` and
+``trainer.preemption_signal`` set. Scripts should then exit with :data:`PREEMPTION_EXIT_CODE`
+(75, ``EX_TEMPFAIL``: "try again later"), as ``d2engine-train`` does, so that a scheduler can
+requeue the job; resuming continues bit-identically. The previous signal handlers are restored
+when ``train`` returns.
+
+In a multi-process job every rank must stop at the same iteration: the flag is combined over the
+ranks (one ``all_gather`` of a small int over gloo) every ``trainer.preemption_check_period``
+iterations (default 10), not every iteration, to keep collectives out of the hot loop; a signal
+therefore stops the job within at most that many iterations. Lower it when iterations are slow
+compared with the scheduler's grace period. A single process checks its flag every iteration
+(a Python attribute read).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -22,10 +75,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from d2engine.checkpoint.state import capture_rng_state, gather_rng_states, restore_rng_state
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, get_event_storage
 
-__all__ = ["AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase"]
+__all__ = ["PREEMPTION_EXIT_CODE", "AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase"]
+
+PREEMPTION_EXIT_CODE = 75
+"""The exit code of a job stopped by a preemption signal after saving a checkpoint (``EX_TEMPFAIL``
+of sysexits.h: a temporary failure, "try again later"). ``d2engine-train`` exits with it; make the
+scheduler requeue the job on it (e.g. in a Slurm batch script: ``[ $? -eq 75 ] && scontrol
+requeue $SLURM_JOB_ID``)."""
 
 logger = logging.getLogger(__name__)
 
@@ -89,11 +149,24 @@ class TrainerBase:
 
     The only assumption is that training runs in a loop; subclasses implement :meth:`run_step`.
 
+    Its ``state_dict()`` holds the iteration, the hooks' states and the random generators' states
+    (see "Exact resume" in the module docstring); :meth:`train` handles preemption signals (see
+    "Preemption").
+
     Attributes:
         iter: the current iteration.
-        start_iter: the iteration training (re)started from.
+        start_iter: the iteration training (re)started from; ``load_state_dict`` sets it to the
+            saved iteration + 1.
         max_iter: the iteration training ends at (exclusive).
         storage: the :class:`EventStorage` opened by :meth:`train` (kept afterwards).
+        preemption_signals: the signals that stop training with a checkpoint (default
+            ``(signal.SIGTERM,)``; empty: no handler is installed). Same value on every rank.
+        preemption_check_period: in a multi-process job, combine the ranks' preemption flags
+            every this many iterations (default 10).
+        preempted: whether the last :meth:`train` stopped early because of a preemption signal.
+        preemption_signal: the signal number that caused it (None otherwise).
+        checkpoint_rng: whether ``state_dict()`` holds and ``load_state_dict()`` restores the
+            random generators' states (default True).
     """
 
     def __init__(self) -> None:
@@ -103,6 +176,15 @@ class TrainerBase:
         self.start_iter: int = 0
         self.max_iter: int = 0
         self.storage: EventStorage
+        self.preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
+        self.preemption_check_period: int = 10
+        self.preempted: bool = False
+        self.preemption_signal: int | None = None
+        self.checkpoint_rng: bool = True
+        self._signal_received: int | None = None
+        self._gathered_rng: tuple[int, list[Any]] | None = None
+        self._collective_checkpoints: bool = True
+        self._warned_rng = False
 
     def register_hooks(self, hooks: Sequence[HookBase | None]) -> None:
         """Register hooks; they run in the order given, after those registered before.
@@ -137,7 +219,9 @@ class TrainerBase:
         """Run iterations ``start_iter .. max_iter - 1``.
 
         After success ``iter == max_iter``. An exception is logged with the iteration and
-        re-raised; ``after_train`` runs in every case.
+        re-raised; ``after_train`` runs in every case. A preemption signal (see
+        ``preemption_signals``) stops training after the current iteration with a checkpoint:
+        then ``preempted`` is True and ``iter`` is the last finished iteration.
 
         Args:
             start_iter: the first iteration.
@@ -146,20 +230,27 @@ class TrainerBase:
         logger.info("Starting training from iteration %d", start_iter)
         self.iter = self.start_iter = start_iter
         self.max_iter = max_iter
+        self.preempted = False
+        self.preemption_signal = None
+        self._signal_received = None
         self._build_dispatch()  # hooks appended to ``_hooks`` directly are honoured too
-        with EventStorage(start_iter) as self.storage:
+        with EventStorage(start_iter) as self.storage, self._preemption_handlers():
             try:
+                self._check_checkpoint_hooks()
                 self.before_train()
                 for self.iter in range(start_iter, max_iter):
                     self.before_step()
                     self.run_step()
                     self.after_step()
                     self._after_iteration()
+                    if self.preempted:
+                        break
                 # Errors of metrics still being computed in the background belong to this run.
                 self.storage.raise_pending()
-                # ``self.iter == max_iter - 1`` here; the hooks' after_train (and anything that
-                # reads ``iter`` afterwards) sees max_iter.
-                self.iter += 1
+                if not self.preempted:
+                    # The hooks' after_train (and anything that reads ``iter`` afterwards) sees
+                    # max_iter; a preempted run keeps the last finished iteration.
+                    self.iter = max(max_iter, start_iter)
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
                 raise
@@ -167,8 +258,144 @@ class TrainerBase:
                 self.storage.wait_pending()
                 self.after_train()
 
+    # ------------------------------------------------------------------ preemption
+    @contextlib.contextmanager
+    def _preemption_handlers(self) -> Iterator[None]:
+        """Install flag-setting handlers for ``preemption_signals`` (main thread only)."""
+        signals = tuple(self.preemption_signals or ())
+        if not signals:
+            yield
+            return
+        if threading.current_thread() is not threading.main_thread():
+            logger.info(
+                "train() runs outside the main thread: no preemption signal handler installed."
+            )
+            yield
+            return
+
+        def handler(signum: int, frame: Any) -> None:  # only sets a flag: async-signal-safe
+            self._signal_received = signum
+
+        previous: dict[int, Any] = {}
+        try:
+            for sig in signals:
+                previous[sig] = signal.signal(sig, handler)
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+    def _check_checkpoint_hooks(self) -> None:
+        """Multi-process: whether every rank has the same checkpointing hooks (one collective).
+
+        Gathering the ranks' RNG states at a save point is a collective; it is only done when
+        every rank runs the same checkpointing hooks, else it would deadlock.
+        """
+        self._gathered_rng = None
+        self._warned_rng = False
+        if comm.get_world_size() == 1:
+            self._collective_checkpoints = True
+            return
+        keys = [k for k, h in zip(self._hook_keys(), self._hooks) if _saves_checkpoints(h)]
+        all_keys = comm.all_gather(keys)
+        self._collective_checkpoints = all(k == all_keys[0] for k in all_keys)
+        if not self._collective_checkpoints:
+            logger.warning(
+                "The checkpointing hooks differ between ranks (%s): the other ranks' RNG states "
+                "cannot be gathered into the checkpoints, so a resumed run is not exact on them. "
+                "HINT: register PeriodicCheckpointer on every rank (it writes on the main "
+                "process only).",
+                all_keys,
+            )
+
     def _after_iteration(self) -> None:
-        """Per-iteration check after ``after_step`` (no-op); subclasses may stop training here."""
+        """After ``after_step``: stop with a checkpoint when a preemption signal arrived."""
+        if not self.preemption_signals or self.iter >= self.max_iter - 1:
+            return  # the last iteration: training is complete anyway
+        if comm.get_world_size() == 1:
+            signum = self._signal_received
+        else:
+            if (self.iter + 1) % max(1, int(self.preemption_check_period)) != 0:
+                return
+            signum = max(int(x or 0) for x in comm.all_gather(self._signal_received or 0)) or None
+        if signum is not None:
+            self._stop_for_preemption(signum)
+
+    def _stop_for_preemption(self, signum: int) -> None:
+        paths = []
+        for hook in self._hooks:
+            save = getattr(hook, "save_for_preemption", None)
+            if callable(save):
+                paths.append(save())
+        comm.synchronize()  # no rank leaves before the checkpoint is complete
+        self.preempted = True
+        self.preemption_signal = signum
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        written = [p for p in paths if p]
+        where = (
+            f"checkpoint saved to {', '.join(written)}"
+            if written
+            else "no checkpoint written here (no PeriodicCheckpointer hook on this process)"
+        )
+        logger.warning(
+            "Preempted by %s: stopped after iteration %d, %s. Exit with code %d to have the job "
+            "requeued; it resumes at iteration %d.",
+            name,
+            self.iter,
+            where,
+            PREEMPTION_EXIT_CODE,
+            self.iter + 1,
+        )
+
+    def prepare_checkpoint(self) -> None:
+        """Gather every rank's RNG state for a checkpoint of the current iteration.
+
+        A collective in a multi-process job: checkpointing hooks call it on every rank right
+        before saving (only the main process writes). ``state_dict()`` then holds all ranks'
+        generators. No-op in a single process, or when the ranks' checkpointing hooks differ.
+        """
+        if not self.checkpoint_rng or comm.get_world_size() == 1:
+            return
+        if self._collective_checkpoints:
+            self._gathered_rng = (self.iter, gather_rng_states())
+
+    def _rng_states(self) -> list[Any]:
+        world_size = comm.get_world_size()
+        if world_size == 1:
+            return [capture_rng_state()]
+        if self._gathered_rng is not None and self._gathered_rng[0] == self.iter:
+            return list(self._gathered_rng[1])
+        if not self._warned_rng:
+            self._warned_rng = True
+            logger.warning(
+                "Saving a checkpoint at iteration %d without the other ranks' RNG states (they "
+                "were not gathered): a run resumed from it restores rank %d's generators only. "
+                "HINT: call trainer.prepare_checkpoint() on every rank before saving.",
+                self.iter,
+                comm.get_rank(),
+            )
+        states: list[Any] = [None] * world_size
+        states[comm.get_rank()] = capture_rng_state()
+        return states
+
+    def _restore_rng(self, states: Any) -> None:
+        rank, world_size = comm.get_rank(), comm.get_world_size()
+        states = list(states)
+        if len(states) != world_size:
+            logger.warning(
+                "The checkpoint holds the RNG states of %d rank(s); this job has %d. Ranks "
+                "without a saved state keep their current generators.",
+                len(states),
+                world_size,
+            )
+        state = states[rank] if rank < len(states) else None
+        if state is None:
+            logger.warning("The checkpoint has no RNG state for rank %d; not restored.", rank)
+            return
+        restore_rng_state(state)
 
     def before_train(self) -> None:
         """Run the hooks' ``before_train``."""
@@ -213,7 +440,9 @@ class TrainerBase:
         return keys
 
     def state_dict(self) -> dict[str, Any]:
-        """Return ``{"iteration": iter, "hooks": {qualname: state}}`` (empty hook states left out).
+        """Return ``{"iteration", "hooks": {qualname: state}, "rng": [state per rank]}``.
+
+        Empty hook states are left out; ``"rng"`` only with ``checkpoint_rng``.
 
         Returns:
             The trainer's checkpointable state.
@@ -223,10 +452,15 @@ class TrainerBase:
             state = h.state_dict()
             if state:
                 hooks_state[key] = state
-        return {"iteration": self.iter, "hooks": hooks_state}
+        ret: dict[str, Any] = {"iteration": self.iter, "hooks": hooks_state}
+        if self.checkpoint_rng:
+            ret["rng"] = self._rng_states()
+        return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the iteration and the hooks' states (a missing hook is a warning).
+        """Restore the iteration (``start_iter = iteration + 1``), hooks' and RNG states.
+
+        A hook missing from this trainer is a warning.
 
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
@@ -240,6 +474,7 @@ class TrainerBase:
                 "HINT: pass the dict produced by TrainerBase.state_dict()."
             )
         self.iter = int(state_dict["iteration"])
+        self.start_iter = self.iter + 1
         by_key = dict(zip(self._hook_keys(), self._hooks))
         for key, value in state_dict.get("hooks", {}).items():
             hook = by_key.get(key)
@@ -247,6 +482,12 @@ class TrainerBase:
                 logger.warning("Cannot find the hook '%s'; its state_dict is ignored.", key)
                 continue
             hook.load_state_dict(value)
+        if self.checkpoint_rng and state_dict.get("rng") is not None:
+            self._restore_rng(state_dict["rng"])
+
+
+def _saves_checkpoints(hook: HookBase) -> bool:
+    return callable(getattr(hook, "save_for_preemption", None))
 
 
 def _to_floats(loss_dict: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
@@ -470,13 +711,15 @@ class SimpleTrainer(TrainerBase):
         _write_metrics(loss_dict, data_time, cur_iter, prefix, get_event_storage())
 
     def state_dict(self) -> dict[str, Any]:
-        """The base state plus ``"optimizer"``."""
+        """The base state plus ``"optimizer"`` and ``"data"`` (the loader's, when it has one)."""
         ret = super().state_dict()
         ret["optimizer"] = self.optimizer.state_dict()
+        if callable(getattr(self.data_loader, "state_dict", None)):
+            ret["data"] = self.data_loader.state_dict()  # type: ignore[attr-defined]
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the base state and the optimizer.
+        """Restore the base state, the optimizer and the data position.
 
         Raises:
             KeyError: if ``state_dict`` has no "optimizer" (or no "iteration").
@@ -488,6 +731,16 @@ class SimpleTrainer(TrainerBase):
             )
         super().load_state_dict(state_dict)
         self.optimizer.load_state_dict(state_dict["optimizer"])
+        if "data" in state_dict:
+            if callable(getattr(self.data_loader, "load_state_dict", None)):
+                self.data_loader.load_state_dict(state_dict["data"])  # type: ignore[attr-defined]
+                self._data_loader_iter_obj = None  # the next batch comes from the loaded position
+            else:
+                logger.warning(
+                    "The checkpoint has a data position but the data loader (%s) has no "
+                    "load_state_dict(); the data restarts from its beginning.",
+                    type(self.data_loader).__name__,
+                )
 
 
 def _device_type_of(model: nn.Module) -> str:

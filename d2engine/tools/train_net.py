@@ -11,6 +11,11 @@ It uses :func:`~d2engine.engine.launch.launch`, :func:`~d2engine.engine.defaults
 and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chosen from the
 ``evaluator_type`` in each test dataset's metadata. Also runnable as
 ``python -m d2engine.tools.train_net``. Copy it to start a script for your own project.
+
+Preemption: on SIGTERM (e.g. from Slurm or Kubernetes) training stops after the current
+iteration, writes a checkpoint to OUTPUT_DIR and the command exits with code 75
+(:data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE`); requeue the job on that code and run
+it again with ``--resume`` to continue bit-identically.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,7 +32,8 @@ from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.config import CfgNode, get_cfg
 from d2engine.data import MetadataCatalog
 from d2engine.engine.defaults import DefaultTrainer, default_argument_parser, default_setup
-from d2engine.engine.launch import launch
+from d2engine.engine.launch import WorkerError, launch
+from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE
 from d2engine.evaluation import ClassificationEvaluator, DatasetEvaluator, verify_results
 from d2engine.modeling.classifier import add_classifier_config
 from d2engine.utils import comm
@@ -130,6 +137,10 @@ def main(args: argparse.Namespace) -> Any:
 
     Returns:
         The evaluation results (on the main process; ``{}`` elsewhere).
+
+    Raises:
+        SystemExit: with :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` when training
+            was stopped by a preemption signal (after saving a checkpoint).
     """
     cfg = setup(args)
     if args.eval_only:
@@ -144,6 +155,8 @@ def main(args: argparse.Namespace) -> Any:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
+        if trainer.preempted:  # a checkpoint is in OUTPUT_DIR: ask the scheduler to requeue
+            raise SystemExit(PREEMPTION_EXIT_CODE)
     if comm.is_main_process():
         _print_summary(cfg, results, args.eval_only)
     return results
@@ -151,6 +164,9 @@ def main(args: argparse.Namespace) -> Any:
 
 def cli(argv: Sequence[str] | None = None) -> None:
     """The ``d2engine-train`` entry point.
+
+    Exits with :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` (75) when training was
+    preempted after saving a checkpoint, 0 on success.
 
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).
@@ -161,14 +177,20 @@ def cli(argv: Sequence[str] | None = None) -> None:
     # file runs as __main__ (python -m d2engine.tools.train_net).
     from d2engine.tools import train_net
 
-    launch(
-        train_net.main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            train_net.main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except WorkerError as e:
+        if e.exitcode == PREEMPTION_EXIT_CODE:  # the workers were preempted after saving
+            print(f"Preempted: exiting with code {PREEMPTION_EXIT_CODE} (requeue).", flush=True)
+            sys.exit(PREEMPTION_EXIT_CODE)
+        raise
 
 
 if __name__ == "__main__":

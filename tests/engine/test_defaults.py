@@ -21,7 +21,6 @@ from torch import nn
 from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.config import CfgNode, get_cfg
 from d2engine.data import DatasetCatalog, MetadataCatalog
-from d2engine.engine import hooks
 from d2engine.engine.defaults import (
     DefaultTrainer,
     create_ddp_model,
@@ -33,12 +32,6 @@ from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer
 from d2engine.evaluation import ClassificationEvaluator, DatasetEvaluator, ResultsVerificationError
 from d2engine.modeling import META_ARCH_REGISTRY
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
-
-HAS_PERIODIC_CHECKPOINTER = hasattr(hooks, "PeriodicCheckpointer")
-needs_checkpointer_hook = pytest.mark.skipif(
-    not HAS_PERIODIC_CHECKPOINTER,
-    reason="d2engine.engine.hooks.PeriodicCheckpointer is not there yet (checkpoint helper)",
-)
 
 
 # --------------------------------------------------------------------------- toy model and data
@@ -344,7 +337,6 @@ def test_train_writes_metrics_and_events(trained: dict[str, Any]) -> None:
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out))
 
 
-@needs_checkpointer_hook
 def test_train_writes_checkpoints(trained: dict[str, Any]) -> None:
     out = trained["out"]
     names = set(os.listdir(out))
@@ -355,10 +347,8 @@ def test_train_writes_checkpoints(trained: dict[str, Any]) -> None:
 def test_hooks_order_and_after_backward(trained: dict[str, Any]) -> None:
     trainer, recorder = trained["trainer"], trained["recorder"]
     names = [type(h).__name__ for h in trainer._hooks]
-    expected = ["IterationTimer", "LRScheduler"]
-    if HAS_PERIODIC_CHECKPOINTER:
-        expected.append("PeriodicCheckpointer")
-    expected += ["EvalHook", "PeriodicWriter", "Recorder"]
+    expected = ["IterationTimer", "LRScheduler", "PeriodicCheckpointer", "EvalHook", "PeriodicWriter"]
+    expected.append("Recorder")
     assert names == expected  # PeriodicWriter is the last built-in hook
     assert recorder.iters == list(range(20))
     # after_backward of a hook registered on the DefaultTrainer fires once per step.
@@ -387,7 +377,6 @@ def test_property_setters(tmp_path, quiet_d2_logger) -> None:
     assert trainer._trainer.data_loader is new_loader
 
 
-@needs_checkpointer_hook
 def test_resume_continues_at_next_iteration(trained: dict[str, Any], tmp_path, quiet_d2_logger) -> None:
     import shutil
 
@@ -414,7 +403,6 @@ def test_resume_continues_at_next_iteration(trained: dict[str, Any], tmp_path, q
     assert fresh.start_iter == 0
 
 
-@needs_checkpointer_hook
 def test_eval_only_with_model_weights(trained: dict[str, Any], tmp_path, quiet_d2_logger) -> None:
     weights = os.path.join(trained["out"], "model_final.pth")
     cfg = _toy_cfg(str(tmp_path / "eval"), **{"MODEL.WEIGHTS": weights})

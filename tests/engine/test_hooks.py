@@ -342,7 +342,7 @@ def test_torch_memory_stats_cpu_noop(caplog: pytest.LogCaptureFixture) -> None:
     trainer = _trainer()
     trainer.register_hooks([hooks.TorchMemoryStats(period=1)])
     assert trainer._stage_calls["after_step"] == []
-    with caplog.at_level(logging.INFO, logger="d2engine.engine.hooks"):
+    with caplog.at_level(logging.INFO, logger="d2engine.engine.profiling"):
         trainer.train(0, 3)
     assert caplog.text.count("CUDA is not available") == 1
 
@@ -359,7 +359,7 @@ def test_torch_memory_stats_logs_max_runs(
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: resets.append(1))
     trainer = _trainer()
     trainer.register_hooks([hooks.TorchMemoryStats(period=2, max_runs=3)])
-    with caplog.at_level(logging.INFO, logger="d2engine.engine.hooks"):
+    with caplog.at_level(logging.INFO, logger="d2engine.engine.profiling"):
         trainer.train(0, 20)
     lines = [r.getMessage() for r in caplog.records if "max_reserved_mem" in r.getMessage()]
     assert len(lines) == 3  # exactly max_runs (the reference logs one more)
