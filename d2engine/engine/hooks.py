@@ -507,12 +507,12 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
     ) -> None:
         super().__init__(checkpointer, period, max_iter, max_to_keep, file_prefix)
         self._max_iter_given = max_iter is not None
-        self._saved_iter: int | None = None
+        self._saved: tuple[int, str] | None = None  # the last iteration saved, and its file
 
     def before_train(self) -> None:
         if not self._max_iter_given:
             self.max_iter = self.trainer.max_iter
-        self._saved_iter = None
+        self._saved = None
 
     def _prepare(self) -> None:
         prepare = getattr(self.trainer, "prepare_checkpoint", None)
@@ -521,10 +521,12 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
 
     def after_step(self) -> None:
         it = self.trainer.iter
+        periodic = (it + 1) % self.period == 0
         final = self.max_iter is not None and it >= self.max_iter - 1
-        if (it + 1) % self.period == 0 or final:
+        if periodic or final:
             self._prepare()
-            self._saved_iter = it
+            name = f"{self.file_prefix}_final" if final else f"{self.file_prefix}_{it:07d}"
+            self._saved = (it, self.checkpointer.checkpoint_path(name))
         self.step(it)
 
     def save_for_preemption(self) -> str:
@@ -534,21 +536,22 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         counts as a periodic one for ``max_to_keep``.
 
         Returns:
-            The path of the complete checkpoint, or ``""`` on a process that does not write.
+            The path of the complete checkpoint of this iteration, or ``""`` on a process that
+            does not write.
         """
         it = self.trainer.iter
-        name = f"{self.file_prefix}_{it:07d}"
-        if self._saved_iter != it:
+        if self._saved is None or self._saved[0] != it:
             self._prepare()
+            name = f"{self.file_prefix}_{it:07d}"
             keep = self.max_to_keep if self._writes() else None
             if keep is not None:
                 self._track(f"{name}.pth", keep)
             self.checkpointer.save(name, iteration=it)
             if keep is not None:
                 self._delete_dropped()
-            self._saved_iter = it
+            self._saved = (it, self.checkpointer.checkpoint_path(name))
         self.checkpointer.wait()
-        return self.checkpointer.checkpoint_path(name) if self._writes() else ""
+        return self._saved[1] if self._writes() else ""
 
     def after_train(self) -> None:
         self.checkpointer.wait()

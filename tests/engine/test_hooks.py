@@ -396,3 +396,57 @@ def test_trainer_with_all_hooks_is_garbage_collectable(tmp_path: Path) -> None:
         assert ref() is None
     finally:
         gc.enable()
+
+
+def test_eval_hook_does_not_change_the_training_random_numbers() -> None:
+    """Evaluation restores the generators: a resumed run need not replay it to stay exact."""
+    import random
+
+    import numpy as np
+
+    def draws(with_eval: bool) -> list[float]:
+        torch.manual_seed(0)
+        np.random.seed(0)
+        random.seed(0)
+        seen: list[float] = []
+
+        def evaluate() -> dict[str, float]:
+            return {"x": float(torch.rand(1)) + np.random.rand() + random.random()}
+
+        trainer = _trainer()
+        record = hooks.CallbackHook(
+            after_step=lambda t: seen.append(float(torch.rand(1)) + np.random.rand() + random.random())
+        )
+        trainer.register_hooks([hooks.EvalHook(1, evaluate) if with_eval else None, record])
+        trainer.train(0, 3)
+        return seen
+
+    assert draws(with_eval=True) == draws(with_eval=False)
+
+
+def test_precise_bn_saves_its_data_position() -> None:
+    from d2engine.data import TrainingSampler, build_train_loader
+
+    data = [torch.randn(4, 3) * (i + 1) for i in range(8)]
+
+    def make() -> hooks.PreciseBN:
+        torch.manual_seed(0)
+        loader = build_train_loader(dataset=data, total_batch_size=1, num_workers=0,
+                                    sampler=TrainingSampler(8, seed=1), collate_fn=lambda b: b[0])
+        return hooks.PreciseBN(0, _Model(bn=True), loader, num_iter=3)
+
+    def mean(h: hooks.PreciseBN) -> torch.Tensor:
+        return h._model.bn.running_mean.clone()  # type: ignore[union-attr]
+
+    hook = make()
+    assert hook.state_dict() == {}  # not used yet
+    hook.update_stats()
+    state = hook.state_dict()
+    assert state["data"]["num_batches"] == 3
+    hook.update_stats()  # batches 3..5
+    resumed, fresh = make(), make()
+    resumed.load_state_dict(state)
+    resumed.update_stats()
+    fresh.update_stats()
+    assert torch.equal(mean(resumed), mean(hook))  # the same batches as the continued hook
+    assert not torch.equal(mean(fresh), mean(hook))

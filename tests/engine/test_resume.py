@@ -245,3 +245,103 @@ def test_load_without_rng_for_this_rank_warns(caplog: pytest.LogCaptureFixture) 
         trainer.load_state_dict(state)
     assert "RNG states of 2 rank(s); this job has 1" in caplog.text
     assert "no RNG state for rank 0" in caplog.text
+
+
+# ------------------------------------------------------------------ DefaultTrainer
+class _DropoutClassifier(nn.Module):
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    def forward(self, batch: list[dict[str, Any]]) -> Any:
+        logits = self.net(torch.stack([d["x"] for d in batch]))
+        if self.training:
+            labels = torch.tensor([d["label"] for d in batch])
+            return {"loss_cls": nn.functional.cross_entropy(logits, labels)}
+        return [{"scores": s, "pred_class": int(s.argmax())} for s in logits.softmax(1)]
+
+
+def _register_default_trainer_job() -> None:
+    from d2engine.data import DatasetCatalog, MetadataCatalog
+    from d2engine.modeling import META_ARCH_REGISTRY
+
+    if "_ResumeDropoutClassifier" not in META_ARCH_REGISTRY:
+        META_ARCH_REGISTRY.register(_DropoutClassifier, name="_ResumeDropoutClassifier")
+    if "_resume_points" not in DatasetCatalog.list():
+        def points() -> list[dict[str, Any]]:
+            return [{"x": d["x"], "label": d["y"], "image_id": i} for i, d in enumerate(_dataset())]
+
+        DatasetCatalog.register("_resume_points", points)
+        MetadataCatalog.get("_resume_points").set(thing_classes=["neg", "pos"])
+
+
+def _default_trainer(out: str) -> Any:
+    from d2engine.config import get_cfg
+    from d2engine.engine.defaults import DefaultTrainer
+    from d2engine.evaluation import ClassificationEvaluator
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg: Any, dataset_name: str) -> Any:
+            return ClassificationEvaluator(dataset_name)
+
+    _register_default_trainer_job()
+    cfg = get_cfg()
+    cfg.MODEL.META_ARCHITECTURE = "_ResumeDropoutClassifier"
+    cfg.MODEL.DEVICE = "cpu"
+    cfg.DATASETS.TRAIN = ("_resume_points",)
+    cfg.DATASETS.TEST = ("_resume_points",)
+    cfg.DATALOADER.NUM_WORKERS = 0
+    cfg.SOLVER.IMS_PER_BATCH = 4
+    cfg.SOLVER.BASE_LR = 0.2
+    cfg.SOLVER.STEPS = (10,)
+    cfg.SOLVER.WARMUP_ITERS = 3
+    cfg.SOLVER.MAX_ITER = MAX_ITER
+    cfg.SOLVER.CHECKPOINT_PERIOD = PERIOD
+    cfg.TEST.EVAL_PERIOD = 4  # evaluations (which draw random numbers) between checkpoints
+    cfg.OUTPUT_DIR = out
+    cfg.SEED = 3
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    return Trainer(cfg)
+
+
+@pytest.fixture
+def _restore_d2_logger() -> Any:
+    import logging
+
+    log = logging.getLogger("d2engine")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    yield
+    for h in log.handlers:
+        if h not in handlers:
+            h.close()
+    log.handlers[:] = handlers
+    log.setLevel(level)
+    log.propagate = propagate
+
+
+def test_default_trainer_preempted_and_resumed_is_bit_identical(
+    tmp_path: Path, _restore_d2_logger: Any
+) -> None:
+    reference = _default_trainer(str(tmp_path / "reference"))
+    reference.resume_or_load(resume=True)
+    ref_results = reference.train()
+    assert ref_results and not reference.preempted
+
+    out = str(tmp_path / "run")
+    first = _default_trainer(out)
+    first.resume_or_load(resume=True)
+    first.register_hooks([_Kill(12, signal.SIGTERM)])  # SIGTERM in the middle of iteration 12
+    assert first.train() is None and first.preempted and first.iter == 12
+    state = torch.load(os.path.join(out, "model_0000012.pth"), weights_only=True)["trainer"]
+    assert {"iteration", "hooks", "rng", "_trainer"} <= set(state)
+    assert {"optimizer", "data"} <= set(state["_trainer"]) and "rng" not in state["_trainer"]
+    assert {"LRScheduler", "PeriodicCheckpointer"} <= set(state["hooks"])
+
+    resumed = _default_trainer(out)
+    resumed.resume_or_load(resume=True)
+    assert resumed.start_iter == 13
+    assert resumed.train() == ref_results
+    assert_bit_identical(_weights(resumed), _weights(reference))

@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from d2engine.data import DatasetCatalog, MetadataCatalog  # noqa: E402
+from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE  # noqa: E402
 from d2engine.evaluation import ClassificationEvaluator  # noqa: E402
 from d2engine.tools.train_net import Trainer, format_results  # noqa: E402
 
@@ -71,6 +72,39 @@ def test_cli_two_processes_on_cpu(tmp_path: Path) -> None:
     assert "World size: 2" in log
     assert (out / "log.txt.rank1").is_file()
     assert (out / "model_final.pth").is_file()
+
+
+_PREEMPTED_CLI = r"""
+import os, signal, sys
+from d2engine.engine import hooks
+from d2engine.engine.defaults import DefaultTrainer
+from d2engine.tools import train_net
+
+def build_hooks(self):
+    def send(trainer):
+        if trainer.iter == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return DefaultTrainer.build_hooks(self) + [hooks.CallbackHook(after_step=send)]
+
+train_net.Trainer.build_hooks = build_hooks  # SIGTERM to the job after iteration 5
+train_net.cli(sys.argv[1:])
+"""
+
+
+def test_cli_exits_with_preemption_code_after_saving(tmp_path: Path) -> None:
+    out = tmp_path / "preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", _PREEMPTED_CLI, "--config-file", CONFIG, *SHORT,
+         "OUTPUT_DIR", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == PREEMPTION_EXIT_CODE == 75, proc.stdout + proc.stderr
+    log = (out / "log.txt").read_text()
+    assert log.count("Preempted by SIGTERM: stopped after iteration 5") == 1
+    assert (out / "last_checkpoint").read_text() == "model_0000005.pth"
+    assert not (out / "model_final.pth").exists()
+    assert "Final results:" not in proc.stdout
 
 
 def test_build_evaluator_follows_metadata() -> None:

@@ -1,0 +1,205 @@
+"""Preemption: a signal stops training after the current iteration with a checkpoint, the job
+exits with PREEMPTION_EXIT_CODE, and the resumed run is bit-identical to an uninterrupted one."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE, HookBase, SimpleTrainer
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+import test_resume as job  # noqa: E402  (the training job shared with the resume tests)
+
+REPO = HERE.parents[1]
+
+
+class _SumLoss(torch.nn.Module):
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x).sum()
+
+
+class _Signal(HookBase):
+    def __init__(self, at: int, sig: int = signal.SIGTERM) -> None:
+        self.at, self.sig = at, sig
+
+    def after_backward(self) -> None:  # in the middle of the step
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), self.sig)
+
+
+def test_sigterm_exit_code_and_bit_identical_resume(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = job.spawn(out, 8, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTION_EXIT_CODE, output
+    assert output.count("Preempted by SIGTERM") == 1, output
+    assert "stopped after iteration 8" in output and "resumes at iteration 9" in output
+    # The checkpoint of the interrupted iteration is complete and tagged.
+    assert (out / "last_checkpoint").read_text() == "model_0000008.pth"
+    assert torch.load(out / "model_0000008.pth", weights_only=True)["iteration"] == 8
+    assert not (out / "model_final.pth").exists()
+
+    reference = job._weights(job.run(str(tmp_path / "reference"), resume=False))
+    resumed = job.run(str(out), resume=True)
+    assert resumed.start_iter == 9 and resumed.iter == job.MAX_ITER
+    job.assert_bit_identical(job._weights(resumed), reference)
+
+
+def test_in_process_preemption_api(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    trainer, checkpointer = job.build(str(tmp_path))
+    trainer.preemption_signals = (signal.SIGTERM, signal.SIGUSR1)
+    seen: list[str] = []
+
+    class AfterTrain(HookBase):
+        def after_train(self) -> None:
+            seen.append(f"after_train at {self.trainer.iter}")
+
+    trainer.register_hooks([_Signal(6, signal.SIGUSR1), AfterTrain()])
+    def custom(signum: int, frame: object) -> None:
+        raise AssertionError("not called")
+
+    previous = signal.getsignal(signal.SIGUSR1)
+    signal.signal(signal.SIGTERM, custom)
+    try:
+        with caplog.at_level(logging.WARNING, logger="d2engine.engine.train_loop"):
+            trainer.train(0, job.MAX_ITER)
+        # The handlers in place before train() are back.
+        assert signal.getsignal(signal.SIGTERM) is custom
+        assert signal.getsignal(signal.SIGUSR1) is previous
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert trainer.preempted and trainer.preemption_signal == signal.SIGUSR1
+    assert trainer.iter == 6 and seen == ["after_train at 6"]
+    assert caplog.text.count("Preempted by SIGUSR1") == 1
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000006.pth"
+    # A new train() call clears the flag.
+    trainer.train(7, 8)
+    assert not trainer.preempted and trainer.preemption_signal is None
+
+
+def test_signal_in_last_iteration_completes_training(tmp_path: Path) -> None:
+    trainer, _ = job.build(str(tmp_path))
+    trainer.register_hooks([_Signal(job.MAX_ITER - 1)])
+    trainer.train(0, job.MAX_ITER)
+    assert not trainer.preempted and trainer.iter == job.MAX_ITER
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+
+
+def test_no_checkpoint_hook_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Linear(2, 1)
+    trainer = SimpleTrainer(
+        _SumLoss(model), itertools.repeat(torch.ones(1, 2)), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    trainer.register_hooks([_Signal(1)])
+    with caplog.at_level(logging.WARNING, logger="d2engine.engine.train_loop"):
+        trainer.train(0, 5)
+    assert trainer.preempted and trainer.iter == 1
+    assert "no checkpoint written here" in caplog.text
+
+
+def test_handlers_only_in_main_thread_and_when_enabled(tmp_path: Path) -> None:
+    during: list[object] = []
+
+    class Probe(HookBase):
+        def before_train(self) -> None:
+            during.append(signal.getsignal(signal.SIGTERM))
+
+    def train(disable: bool) -> None:
+        trainer, _ = job.build(str(tmp_path / str(disable)))
+        if disable:
+            trainer.preemption_signals = ()
+        trainer.register_hooks([Probe()])
+        trainer.train(0, 2)
+
+    before = signal.getsignal(signal.SIGTERM)
+    thread = threading.Thread(target=train, args=(False,))
+    thread.start()
+    thread.join(60)
+    train(True)
+    train(False)
+    assert during[0] is before and during[1] is before  # a thread, disabled: untouched
+    assert during[2] is not before  # main thread: a flag-setting handler
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+_WORKER = r"""
+import json, os, signal, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import test_resume as job
+from test_preemption import _Signal
+from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+trainer, checkpointer = job.build(sys.argv[2])
+checkpointer.save_to_disk = rank == 0
+torch.manual_seed(100 + rank)  # the ranks' generators differ
+trainer.preemption_check_period = 4
+if rank == 1:
+    trainer.register_hooks([_Signal(5)])  # SIGTERM to rank 1 only, in iteration 5
+trainer.train(0, job.MAX_ITER)
+checkpointer.close()
+with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
+    json.dump({"iter": trainer.iter, "preempted": trainer.preempted}, f)
+dist.destroy_process_group()
+sys.exit(PREEMPTION_EXIT_CODE if trainer.preempted else 0)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_stop_at_the_same_iteration_and_save(tmp_path: Path) -> None:
+    out = tmp_path / "ddp"
+    out.mkdir()
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(HERE), str(out)], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=120)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    assert [p.returncode for p in procs] == [PREEMPTION_EXIT_CODE] * 2, outputs
+    # The flag is combined every 4 iterations: the signal of iteration 5 stops both after 7.
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert results == [{"iter": 7, "preempted": True}] * 2
+    assert (out / "last_checkpoint").read_text() == "model_0000007.pth"
+    state = torch.load(out / "model_0000007.pth", weights_only=True)["trainer"]
+    assert state["iteration"] == 7
+    # Both ranks' generators were gathered into the checkpoint.
+    assert len(state["rng"]) == 2 and all(s is not None for s in state["rng"])
+    assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert "Preempted by SIGTERM" in outputs[0] and "Preempted by SIGTERM" in outputs[1]
