@@ -628,7 +628,9 @@ class BestCheckpointer(HookBase):
     def _best_checking(self) -> None:
         latest = self.trainer.storage.latest().get(self._val_metric)
         if latest is None:
-            logger.warning(
+            # Only the writing process warns: others may not receive the evaluation results.
+            log = logger.warning if self._writes() else logger.debug
+            log(
                 "BestCheckpointer: the metric '%s' is not in the event storage; no best "
                 "checkpoint saved. HINT: register BestCheckpointer after the EvalHook that "
                 "computes it, and check its name.",

@@ -257,6 +257,12 @@ class TrainerBase:
             finally:
                 self.storage.wait_pending()
                 self.after_train()
+        if self._signal_received is not None and not self.preempted:
+            logger.warning(
+                "Received signal %d too late to stop training early (during the last "
+                "iteration or after the last preemption check); training completed.",
+                self._signal_received,
+            )
 
     # ------------------------------------------------------------------ preemption
     @contextlib.contextmanager

@@ -95,11 +95,15 @@ def test_in_process_preemption_api(tmp_path: Path, caplog: pytest.LogCaptureFixt
     assert not trainer.preempted and trainer.preemption_signal is None
 
 
-def test_signal_in_last_iteration_completes_training(tmp_path: Path) -> None:
+def test_signal_in_last_iteration_completes_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trainer, _ = job.build(str(tmp_path))
     trainer.register_hooks([_Signal(job.MAX_ITER - 1)])
-    trainer.train(0, job.MAX_ITER)
+    with caplog.at_level(logging.WARNING, logger="d2engine.engine.train_loop"):
+        trainer.train(0, job.MAX_ITER)
     assert not trainer.preempted and trainer.iter == job.MAX_ITER
+    assert f"Received signal {int(signal.SIGTERM)} too late" in caplog.text
     assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
 
 
@@ -149,18 +153,22 @@ import test_resume as job
 from test_preemption import _Signal
 from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE
 
+out, mode = sys.argv[2], sys.argv[3]
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", rank=rank, world_size=2)
-trainer, checkpointer = job.build(sys.argv[2])
+trainer, checkpointer = job.build(out, ddp=True)
 checkpointer.save_to_disk = rank == 0
-torch.manual_seed(100 + rank)  # the ranks' generators differ
+torch.manual_seed(100 + rank)  # the ranks' generators (dropout masks) differ
 trainer.preemption_check_period = 4
-if rank == 1:
+if mode == "preempt" and rank == 1:
     trainer.register_hooks([_Signal(5)])  # SIGTERM to rank 1 only, in iteration 5
-trainer.train(0, job.MAX_ITER)
+if mode == "resume":
+    checkpointer.resume_or_load("", resume=True)
+trainer.train(trainer.start_iter, job.MAX_ITER)
 checkpointer.close()
-with open(os.path.join(sys.argv[2], f"rank{rank}.json"), "w") as f:
-    json.dump({"iter": trainer.iter, "preempted": trainer.preempted}, f)
+with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
+    json.dump({"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}, f)
+torch.save(trainer.model.module.state_dict(), os.path.join(out, f"{mode}{rank}.weights"))
 dist.destroy_process_group()
 sys.exit(PREEMPTION_EXIT_CODE if trainer.preempted else 0)
 """
@@ -172,18 +180,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_stop_at_the_same_iteration_and_save(tmp_path: Path) -> None:
-    out = tmp_path / "ddp"
-    out.mkdir()
+def _start_job(out: Path, mode: str) -> list[subprocess.Popen]:
     port = str(_free_port())
     procs = []
     for rank in range(2):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
         procs.append(subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(HERE), str(out)], cwd=REPO, env=env,
+            [sys.executable, "-c", _WORKER, str(HERE), str(out), mode], cwd=REPO, env=env,
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
+    return procs
+
+
+def _finish(procs: list[subprocess.Popen]) -> tuple[list[int | None], list[str]]:
     outputs = []
     try:
         for proc in procs:
@@ -192,14 +202,35 @@ def test_two_ranks_stop_at_the_same_iteration_and_save(tmp_path: Path) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    assert [p.returncode for p in procs] == [PREEMPTION_EXIT_CODE] * 2, outputs
+    return [p.returncode for p in procs], outputs
+
+
+def test_two_ranks_stop_at_the_same_iteration_save_and_resume_exactly(tmp_path: Path) -> None:
+    out, ref = tmp_path / "ddp", tmp_path / "reference"
+    out.mkdir()
+    ref.mkdir()
+    preempt_job, reference_job = _start_job(out, "preempt"), _start_job(ref, "reference")
+    codes, outputs = _finish(preempt_job)
+    assert codes == [PREEMPTION_EXIT_CODE] * 2, outputs
     # The flag is combined every 4 iterations: the signal of iteration 5 stops both after 7.
-    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    assert results == [{"iter": 7, "preempted": True}] * 2
+    results = [json.loads((out / f"preempt{r}.json").read_text()) for r in range(2)]
+    assert results == [{"start": 0, "iter": 7, "preempted": True}] * 2
+    assert "Preempted by SIGTERM" in outputs[0] and "Preempted by SIGTERM" in outputs[1]
     assert (out / "last_checkpoint").read_text() == "model_0000007.pth"
     state = torch.load(out / "model_0000007.pth", weights_only=True)["trainer"]
     assert state["iteration"] == 7
     # Both ranks' generators were gathered into the checkpoint.
     assert len(state["rng"]) == 2 and all(s is not None for s in state["rng"])
     assert not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
-    assert "Preempted by SIGTERM" in outputs[0] and "Preempted by SIGTERM" in outputs[1]
+
+    codes, outputs = _finish(_start_job(out, "resume"))
+    assert codes == [0, 0], outputs
+    codes, outputs = _finish(reference_job)
+    assert codes == [0, 0], outputs
+    # DDP averages the ranks' gradients: the weights match only if every rank restored its own
+    # generators and data shard position.
+    for rank in range(2):
+        assert json.loads((out / f"resume{rank}.json").read_text())["start"] == 8
+        resumed = torch.load(out / f"resume{rank}.weights", weights_only=True)
+        reference = torch.load(ref / f"reference{rank}.weights", weights_only=True)
+        job.assert_bit_identical(resumed, reference)

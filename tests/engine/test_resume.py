@@ -68,12 +68,16 @@ class _Kill(HookBase):
             os.kill(os.getpid(), self.sig)
 
 
-def build(out: str, *, async_save: bool = False) -> tuple[SimpleTrainer, Checkpointer]:
+def build(
+    out: str, *, async_save: bool = False, ddp: bool = False
+) -> tuple[SimpleTrainer, Checkpointer]:
     """The training job: everything seeded, a trainer with LR schedule and checkpoint hooks."""
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
-    model = _DropoutNet()
+    model: nn.Module = _DropoutNet()
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     dataset = _dataset()
     loader = build_train_loader(
