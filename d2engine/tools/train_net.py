@@ -15,16 +15,21 @@ and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chose
 Preemption: on SIGTERM (e.g. from Slurm or Kubernetes) training stops after the current
 iteration, writes a checkpoint to OUTPUT_DIR and the command exits with code 75
 (:data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE`); requeue the job on that code and run
-it again with ``--resume`` to continue bit-identically.
+it again with ``--resume`` to continue bit-identically. With ``--num-gpus N > 1`` a SIGTERM sent to
+the launching process is passed on to its workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import multiprocessing
 import os
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import d2engine.data.datasets  # noqa: F401  (registers the built-in datasets)
@@ -121,7 +126,9 @@ def _print_summary(cfg: CfgNode, results: Mapping[str, Any] | None, eval_only: b
         print("No evaluation results (DATASETS.TEST is empty or has no evaluator).")
     print(f"Outputs in {os.path.abspath(out)}:")
     if not eval_only:
-        checkpoints = sorted(n for n in os.listdir(out) if n.endswith(".pth")) if os.path.isdir(out) else []
+        checkpoints = (
+            sorted(n for n in os.listdir(out) if n.endswith(".pth")) if os.path.isdir(out) else []
+        )
         print(f"  checkpoints:  {', '.join(checkpoints) or '(none)'}")
         print(f"  metrics:      {os.path.join(out, 'metrics.json')}")
         print(f"  TensorBoard:  tensorboard --logdir {out}")
@@ -178,19 +185,64 @@ def cli(argv: Sequence[str] | None = None) -> None:
     from d2engine.tools import train_net
 
     try:
-        launch(
-            train_net.main,
-            args.num_gpus,
-            num_machines=args.num_machines,
-            machine_rank=args.machine_rank,
-            dist_url=args.dist_url,
-            args=(args,),
-        )
+        with _forward_sigterm_to_workers():
+            launch(
+                train_net.main,
+                args.num_gpus,
+                num_machines=args.num_machines,
+                machine_rank=args.machine_rank,
+                dist_url=args.dist_url,
+                args=(args,),
+            )
     except WorkerError as e:
-        if e.exitcode == PREEMPTION_EXIT_CODE:  # the workers were preempted after saving
+        if _is_preemption(e):  # the workers were preempted after saving a checkpoint
             print(f"Preempted: exiting with code {PREEMPTION_EXIT_CODE} (requeue).", flush=True)
             sys.exit(PREEMPTION_EXIT_CODE)
         raise
+
+
+def _is_preemption(error: WorkerError) -> bool:
+    """Whether a worker left with ``SystemExit(PREEMPTION_EXIT_CODE)``.
+
+    ``launch`` reports a worker's ``SystemExit`` with a non-zero code as an exception (with its
+    traceback and no exit code) when the traceback arrives before the process has exited, and as
+    the exit code otherwise: both forms are recognised.
+    """
+    if error.exitcode == PREEMPTION_EXIT_CODE:
+        return True
+    tb = (getattr(error, "worker_traceback", "") or "").rstrip()
+    return error.exitcode is None and tb.endswith(f"SystemExit: {PREEMPTION_EXIT_CODE}")
+
+
+@contextlib.contextmanager
+def _forward_sigterm_to_workers() -> Iterator[None]:
+    """While ``launch`` runs: pass SIGTERM on to the worker processes it started.
+
+    A container runtime (Kubernetes) or ``kill`` signals only the launcher; its workers must get
+    the signal to stop with a checkpoint, while the launcher waits for them. Without workers (one
+    process, or an external launcher) the signal keeps its previous meaning.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def forward(signum: int, frame: Any) -> None:
+        workers = multiprocessing.active_children()
+        if not workers:  # nobody to forward to: behave as before
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        for worker in workers:
+            if worker.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(worker.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

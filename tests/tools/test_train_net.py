@@ -107,6 +107,37 @@ def test_cli_exits_with_preemption_code_after_saving(tmp_path: Path) -> None:
     assert "Final results:" not in proc.stdout
 
 
+def test_cli_two_processes_sigterm_to_the_launcher(tmp_path: Path) -> None:
+    """SIGTERM to the launching process reaches the workers, which stop together and save."""
+    import signal
+    import time
+
+    out = tmp_path / "ddp-preempted"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "d2engine.tools.train_net", "--config-file", CONFIG,
+         "--num-gpus", "2", *SHORT, "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(out)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "metrics.json").exists():  # written after 20 iterations: training runs
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == PREEMPTION_EXIT_CODE, output
+    name = (out / "last_checkpoint").read_text()
+    iteration = int(name[len("model_"):-len(".pth")])
+    assert f"Preempted by SIGTERM: stopped after iteration {iteration}" in (out / "log.txt").read_text()
+    # Both ranks stopped at that iteration (the flag is combined every 10 iterations).
+    assert (iteration + 1) % 10 == 0
+    assert f"stopped after iteration {iteration}" in (out / "log.txt.rank1").read_text()
+
+
 def test_build_evaluator_follows_metadata() -> None:
     import d2engine.data.datasets  # noqa: F401
 
