@@ -10,14 +10,15 @@ memory, one CPU thread) is trained by
   (d) as (c) with gather_metric_period=20.
 
 The variants run interleaved, round after round, so that drift of a shared machine hits them all;
-each row shows the median over rounds, its ratio against (a) measured in the same run, and the
+each table shows the fastest round (the least disturbed by other work) and the median, with
+ratios against (a) measured in the same run, and the
 engine's cost in microseconds per iteration ((variant - a) / iterations). A separate, untimed run
 per variant counts the tensor reads that synchronise with the device (item, tolist, float, bool,
 numpy, cpu) per iteration.
 
 Usage::
 
-    python bench/overhead.py            # 300 iterations x 7 rounds (~1-2 min on a free core)
+    python bench/overhead.py            # 300 iterations x 15 rounds (~2 min on a free core)
     python bench/overhead.py --quick    # 100 iterations x 3 rounds (a smoke run, < 30 s)
 """
 
@@ -168,7 +169,7 @@ def count_host_reads(fn: Callable[..., float], data: list[Any], iters: int, *arg
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=300, help="iterations per run")
-    parser.add_argument("--repeats", type=int, default=7, help="rounds (median reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (min and median reported)")
     parser.add_argument("--quick", action="store_true", help="100 iterations x 3 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
@@ -191,35 +192,50 @@ def main(argv: list[str] | None = None) -> None:
             out = Path(tmp) / f"warm{i}"
             out.mkdir()
             reads[name] = count_host_reads(fn, data, args.iters, device, out)
+        items = list(VARIANTS.items())
         for r in range(args.repeats):
-            for i, (name, fn) in enumerate(VARIANTS.items()):
+            # Rotate the order each round: no variant always runs first (or after the slowest).
+            for i in range(len(items)):
+                name, fn = items[(i + r) % len(items)]
                 out = Path(tmp) / f"r{r}v{i}"
                 out.mkdir()
                 times[name].append(fn(data, args.iters, device, out))
         log.removeHandler(handler)
         handler.close()
 
-    base = statistics.median(times["(a) raw loop"])
     print(
         f"d2engine overhead: MLP 784-512-512-10, batch {BATCH}, SGD, {args.iters} iterations, "
-        f"median of {args.repeats} rounds, device {device}, torch {torch.__version__}, "
+        f"{args.repeats} rounds, device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread"
     )
-    header = (
-        f"{'variant':32s} {'ms/iter':>9s} {'ratio':>7s} {'engine us/iter':>15s} {'reads/iter':>11s}"
-    )
-    print(header)
-    print("-" * len(header))
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        print(
-            f"{name:32s} {1e3 * med / args.iters:9.3f} {med / base:7.3f} "
-            f"{1e6 * (med - base) / args.iters:15.1f} {reads[name] / args.iters:11.2f}"
+    # Noise on a shared machine only ever adds time, so the fastest round of each variant is the
+    # least disturbed estimate of its cost; the median is printed beside it.
+    ratios = {}
+    for stat_name, stat in (("min", min), ("median", statistics.median)):
+        base = stat(times["(a) raw loop"])
+        print(f"\n{stat_name} over rounds:")
+        header = (
+            f"{'variant':32s} {'ms/iter':>9s} {'ratio':>7s} {'engine us/iter':>15s} "
+            f"{'reads/iter':>11s}"
         )
-    ratio_c = statistics.median(times["(c) + timer, LR, writers @20"]) / base
-    ratio_d = statistics.median(times["(d) as (c), gather period 20"]) / base
-    print(f"target (c)/(a) <= 1.03: {'met' if ratio_c <= 1.03 else 'NOT met'} ({ratio_c:.3f})")
-    print(f"(d)/(a) = {ratio_d:.3f}")
+        print(header)
+        print("-" * len(header))
+        for name, ts in times.items():
+            value = stat(ts)
+            ratios[stat_name, name] = value / base
+            print(
+                f"{name:32s} {1e3 * value / args.iters:9.3f} {value / base:7.3f} "
+                f"{1e6 * (value - base) / args.iters:15.1f} {reads[name] / args.iters:11.2f}"
+            )
+    print()
+    for stat_name in ("min", "median"):
+        ratio_c = ratios[stat_name, "(c) + timer, LR, writers @20"]
+        ratio_d = ratios[stat_name, "(d) as (c), gather period 20"]
+        verdict = "met" if ratio_c <= 1.03 else "NOT met"
+        print(
+            f"{stat_name:6s}: target (c)/(a) <= 1.03 {verdict} ({ratio_c:.3f}); "
+            f"(d)/(a) = {ratio_d:.3f}"
+        )
     sys.stdout.flush()
 
 
