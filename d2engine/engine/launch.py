@@ -69,8 +69,9 @@ class WorkerError(RuntimeError):
     Attributes:
         global_rank: the global rank of the failed worker.
         local_rank: its rank on this machine.
-        exitcode: its exit code (negative: the number of the signal that killed it), or ``None``
-            when it reported an exception before exiting.
+        exitcode: its exit code (negative: the number of the signal that killed it; ``n`` for
+            a worker that ended with ``SystemExit(n)``, also when its traceback arrived before it
+            exited), or ``None`` when it reported an exception before exiting.
         worker_traceback: the formatted traceback of the worker's exception ("" if it died without
             one).
     """
@@ -303,10 +304,11 @@ def _distributed_worker(
         main_func(*args)
     except SystemExit as e:  # sys.exit(0) in main_func is a success
         if e.code not in (None, 0):
-            error_conn.send(traceback.format_exc())
             exit_code = e.code if isinstance(e.code, int) else 1
+            # The code travels with the traceback: the launcher may read it before this exits.
+            error_conn.send((traceback.format_exc(), exit_code))
     except BaseException:
-        error_conn.send(traceback.format_exc())
+        error_conn.send((traceback.format_exc(), None))
         exit_code = 1
     finally:
         _teardown_process_group(wait_for_others=exit_code == 0)
@@ -462,12 +464,12 @@ def _spawn_and_watch(
                 if isinstance(ready, Connection):
                     local_rank = readers.pop(ready)
                     try:
-                        tb = ready.recv()
+                        tb, code = ready.recv()
                     except EOFError:  # the worker closed its end: it is exiting
                         ready.close()
                         continue
                     failure = _worker_error(
-                        machine_rank, num_gpus_per_machine, local_rank, None, tb
+                        machine_rank, num_gpus_per_machine, local_rank, code, tb
                     )
                     break
                 if ready not in running:
@@ -479,7 +481,7 @@ def _spawn_and_watch(
                     for reader, i in list(readers.items()):
                         if i == local_rank and reader.poll():
                             try:
-                                tb = reader.recv()
+                                tb, _ = reader.recv()
                             except EOFError:  # died without reporting (a signal, os._exit)
                                 pass
                     failure = _worker_error(

@@ -195,23 +195,11 @@ def cli(argv: Sequence[str] | None = None) -> None:
                 args=(args,),
             )
     except WorkerError as e:
-        if _is_preemption(e):  # the workers were preempted after saving a checkpoint
+        # A worker that left with SystemExit(n) is reported with exitcode n.
+        if e.exitcode == PREEMPTION_EXIT_CODE:  # preempted after saving a checkpoint
             print(f"Preempted: exiting with code {PREEMPTION_EXIT_CODE} (requeue).", flush=True)
             sys.exit(PREEMPTION_EXIT_CODE)
         raise
-
-
-def _is_preemption(error: WorkerError) -> bool:
-    """Whether a worker left with ``SystemExit(PREEMPTION_EXIT_CODE)``.
-
-    ``launch`` reports a worker's ``SystemExit`` with a non-zero code as an exception (with its
-    traceback and no exit code) when the traceback arrives before the process has exited, and as
-    the exit code otherwise: both forms are recognised.
-    """
-    if error.exitcode == PREEMPTION_EXIT_CODE:
-        return True
-    tb = (getattr(error, "worker_traceback", "") or "").rstrip()
-    return error.exitcode is None and tb.endswith(f"SystemExit: {PREEMPTION_EXIT_CODE}")
 
 
 @contextlib.contextmanager

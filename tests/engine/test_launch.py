@@ -344,9 +344,12 @@ def test_worker_killed_by_sigkill_ends_the_job(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(120)
 def test_worker_sys_exit_code_is_reported(tmp_path: Path) -> None:
+    # The traceback is sent before the worker exits, so the launcher usually reads it first: the
+    # exit code must be reported in that case too, not only once the process has ended.
     with pytest.raises(WorkerError, match=r"(?s)Worker 1 .*SystemExit: 3") as info:
         launch(dist_helpers.record_pid_then, 2, args=(str(tmp_path), "exit", 1))
-    assert info.value.global_rank == 1
+    assert (info.value.global_rank, info.value.exitcode) == (1, 3)
+    assert info.value.worker_traceback.rstrip().endswith("SystemExit: 3")
     _assert_workers_gone(tmp_path, 2)
 
 
