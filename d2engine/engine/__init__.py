@@ -11,6 +11,7 @@ from d2engine.engine.defaults import (
 )
 from d2engine.engine.hooks import *  # noqa: F403  (every hook, as detectron2.engine does)
 from d2engine.engine.launch import DEFAULT_TIMEOUT, WorkerError, launch
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE
 from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "DefaultPredictor",
     "DefaultTrainer",
     "HookBase",
+    "PREEMPTION_EXIT_CODE",
     "SimpleTrainer",
     "TrainerBase",
     "WorkerError",

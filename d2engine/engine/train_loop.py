@@ -40,32 +40,18 @@ bit, as an uninterrupted run, given:
 
 Preemption
 ----------
-While :meth:`TrainerBase.train` runs (in the main thread) the signals in
-``trainer.preemption_signals`` (default ``(SIGTERM,)``; add e.g. ``signal.SIGUSR1`` for Slurm's
-``--signal``) only set a flag. After the current iteration (all its hooks included) the trainer
-writes a checkpoint through every registered hook with a ``save_for_preemption()`` method (the
-PeriodicCheckpointer hook: ``{prefix}_{iter:07d}.pth``, waited for), logs one line, runs the
-hooks' ``after_train`` and returns with ``trainer.preempted == True`` and
-``trainer.preemption_signal`` set. Scripts should then exit with :data:`PREEMPTION_EXIT_CODE`
-(75, ``EX_TEMPFAIL``: "try again later"), as ``d2engine-train`` does, so that a scheduler can
-requeue the job; resuming continues bit-identically. The previous signal handlers are restored
-when ``train`` returns.
-
-In a multi-process job every rank must stop at the same iteration: the flag is combined over the
-ranks (one ``all_gather`` of a small int over gloo) every ``trainer.preemption_check_period``
-iterations (default 10), not every iteration, to keep collectives out of the hot loop; a signal
-therefore stops the job within at most that many iterations. Lower it when iterations are slow
-compared with the scheduler's grace period. A single process checks its flag every iteration
-(a Python attribute read).
+While :meth:`TrainerBase.train` runs, the signals in ``trainer.preemption_signals`` (default
+``(SIGTERM,)``) stop training after the current iteration with a checkpoint; ``train`` then
+returns with ``trainer.preempted == True`` and scripts exit with :data:`PREEMPTION_EXIT_CODE`
+(75) so that the scheduler requeues the job. In a multi-process job the ranks agree on stopping
+every ``trainer.preemption_check_period`` iterations. Details: :mod:`d2engine.engine.preemption`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import signal
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -76,16 +62,17 @@ import torch
 from torch import nn
 
 from d2engine.checkpoint.state import capture_rng_state, gather_rng_states, restore_rng_state
+from d2engine.engine.preemption import (
+    PREEMPTION_EXIT_CODE,
+    preemption_handlers,
+    preemption_signal_to_stop_on,
+    saves_for_preemption,
+    signal_name,
+)
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, get_event_storage
 
 __all__ = ["PREEMPTION_EXIT_CODE", "AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase"]
-
-PREEMPTION_EXIT_CODE = 75
-"""The exit code of a job stopped by a preemption signal after saving a checkpoint (``EX_TEMPFAIL``
-of sysexits.h: a temporary failure, "try again later"). ``d2engine-train`` exits with it; make the
-scheduler requeue the job on it (e.g. in a Slurm batch script: ``[ $? -eq 75 ] && scontrol
-requeue $SLURM_JOB_ID``)."""
 
 logger = logging.getLogger(__name__)
 
@@ -234,7 +221,10 @@ class TrainerBase:
         self.preemption_signal = None
         self._signal_received = None
         self._build_dispatch()  # hooks appended to ``_hooks`` directly are honoured too
-        with EventStorage(start_iter) as self.storage, self._preemption_handlers():
+        with (
+            EventStorage(start_iter) as self.storage,
+            preemption_handlers(self.preemption_signals, self._on_preemption_signal),
+        ):
             try:
                 self._check_checkpoint_hooks()
                 self.before_train()
@@ -265,31 +255,9 @@ class TrainerBase:
             )
 
     # ------------------------------------------------------------------ preemption
-    @contextlib.contextmanager
-    def _preemption_handlers(self) -> Iterator[None]:
-        """Install flag-setting handlers for ``preemption_signals`` (main thread only)."""
-        signals = tuple(self.preemption_signals or ())
-        if not signals:
-            yield
-            return
-        if threading.current_thread() is not threading.main_thread():
-            logger.info(
-                "train() runs outside the main thread: no preemption signal handler installed."
-            )
-            yield
-            return
-
-        def handler(signum: int, frame: Any) -> None:  # only sets a flag: async-signal-safe
-            self._signal_received = signum
-
-        previous: dict[int, Any] = {}
-        try:
-            for sig in signals:
-                previous[sig] = signal.signal(sig, handler)
-            yield
-        finally:
-            for sig, old in previous.items():
-                signal.signal(sig, old if old is not None else signal.SIG_DFL)
+    def _on_preemption_signal(self, signum: int) -> None:
+        """The signal handler (see :mod:`d2engine.engine.preemption`): only sets a flag."""
+        self._signal_received = signum
 
     def _check_checkpoint_hooks(self) -> None:
         """Multi-process: whether every rank has the same checkpointing hooks (one collective).
@@ -302,7 +270,7 @@ class TrainerBase:
         if comm.get_world_size() == 1:
             self._collective_checkpoints = True
             return
-        keys = [k for k, h in zip(self._hook_keys(), self._hooks) if _saves_checkpoints(h)]
+        keys = [k for k, h in zip(self._hook_keys(), self._hooks) if saves_for_preemption(h)]
         all_keys = comm.all_gather(keys)
         self._collective_checkpoints = all(k == all_keys[0] for k in all_keys)
         if not self._collective_checkpoints:
@@ -318,12 +286,9 @@ class TrainerBase:
         """After ``after_step``: stop with a checkpoint when a preemption signal arrived."""
         if not self.preemption_signals or self.iter >= self.max_iter - 1:
             return  # the last iteration: training is complete anyway
-        if comm.get_world_size() == 1:
-            signum = self._signal_received
-        else:
-            if (self.iter + 1) % max(1, int(self.preemption_check_period)) != 0:
-                return
-            signum = max(int(x or 0) for x in comm.all_gather(self._signal_received or 0)) or None
+        signum = preemption_signal_to_stop_on(
+            self._signal_received, self.iter, self.preemption_check_period
+        )
         if signum is not None:
             self._stop_for_preemption(signum)
 
@@ -336,10 +301,7 @@ class TrainerBase:
         comm.synchronize()  # no rank leaves before the checkpoint is complete
         self.preempted = True
         self.preemption_signal = signum
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = f"signal {signum}"
+        name = signal_name(signum)
         written = [p for p in paths if p]
         where = (
             f"checkpoint saved to {', '.join(written)}"
@@ -490,10 +452,6 @@ class TrainerBase:
             hook.load_state_dict(value)
         if self.checkpoint_rng and state_dict.get("rng") is not None:
             self._restore_rng(state_dict["rng"])
-
-
-def _saves_checkpoints(hook: HookBase) -> bool:
-    return callable(getattr(hook, "save_for_preemption", None))
 
 
 def _to_floats(loss_dict: Mapping[str, torch.Tensor | float]) -> dict[str, float]:

@@ -234,3 +234,24 @@ def test_two_ranks_stop_at_the_same_iteration_save_and_resume_exactly(tmp_path: 
         resumed = torch.load(out / f"resume{rank}.weights", weights_only=True)
         reference = torch.load(ref / f"reference{rank}.weights", weights_only=True)
         job.assert_bit_identical(resumed, reference)
+
+
+def test_preemption_module_api() -> None:
+    import d2engine.engine
+    from d2engine.engine import preemption
+
+    assert d2engine.engine.PREEMPTION_EXIT_CODE == preemption.PREEMPTION_EXIT_CODE == 75
+    assert PREEMPTION_EXIT_CODE is preemption.PREEMPTION_EXIT_CODE  # re-exported by train_loop
+    assert preemption.signal_name(int(signal.SIGTERM)) == "SIGTERM"
+    assert preemption.signal_name(1000) == "signal 1000"
+    # a single process stops on its own flag after any iteration
+    assert preemption.preemption_signal_to_stop_on(None, 3, 10) is None
+    assert preemption.preemption_signal_to_stop_on(int(signal.SIGUSR1), 3, 10) == signal.SIGUSR1
+    assert preemption.saves_for_preemption(HookBase()) is False
+
+    received: list[int] = []
+    before = signal.getsignal(signal.SIGUSR1)
+    with preemption.preemption_handlers([signal.SIGUSR1], received.append):
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert received == [signal.SIGUSR1]
+    assert signal.getsignal(signal.SIGUSR1) is before
