@@ -20,6 +20,7 @@ Usage::
 
     python bench/overhead.py            # 300 iterations x 15 rounds (~2 min on a free core)
     python bench/overhead.py --quick    # 100 iterations x 3 rounds (a smoke run, < 30 s)
+    python bench/overhead.py --tiny     # hidden width 1: the engine's own cost in us/iter
 """
 
 from __future__ import annotations
@@ -45,13 +46,20 @@ BATCH = 64
 PERIOD = 20
 
 
+HIDDEN = 512  # --tiny sets 1: the step then costs almost nothing but the engine's own work
+
+
 class MLP(nn.Module):
     """784-512-512-10 returning two losses (cross-entropy and a small L2 term on the logits)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
+            nn.Linear(784, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, HIDDEN),
+            nn.ReLU(),
+            nn.Linear(HIDDEN, 10),
         )
 
     def forward(self, batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -172,7 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=15, help="rounds (min and median reported)")
     parser.add_argument("--quick", action="store_true", help="100 iterations x 3 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="hidden width 1: the model costs little, so 'engine us/iter' is measured with less noise",
+    )
     args = parser.parse_args(argv)
+    if args.tiny:
+        global HIDDEN
+        HIDDEN = 1
     if args.quick:
         args.iters, args.repeats = 100, 3
     torch.set_num_threads(1)
@@ -204,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         handler.close()
 
     print(
-        f"d2engine overhead: MLP 784-512-512-10, batch {BATCH}, SGD, {args.iters} iterations, "
+        f"d2engine overhead: MLP 784-{HIDDEN}-{HIDDEN}-10, batch {BATCH}, SGD, {args.iters} iterations, "
         f"{args.repeats} rounds, device {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread"
     )
