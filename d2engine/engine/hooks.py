@@ -51,6 +51,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+def _is_periodic_eval_step(period: int, trainer: Any) -> bool:
+    """Whether a periodic evaluation runs after this step (the last one runs in after_train).
+
+    Shared by EvalHook and BestCheckpointer, which must agree on the schedule.
+    """
+    next_iter = trainer.iter + 1
+    return period > 0 and next_iter % period == 0 and next_iter != trainer.max_iter
+
+
 class CallbackHook(HookBase):
     """A hook made of functions, each called with the trainer.
 
@@ -394,12 +403,7 @@ class EvalHook(HookBase):
         comm.synchronize()
 
     def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        if (
-            self._period > 0
-            and next_iter % self._period == 0
-            and next_iter != self.trainer.max_iter
-        ):
+        if _is_periodic_eval_step(self._period, self.trainer):
             self._do_eval()
 
     def after_train(self) -> None:
@@ -668,12 +672,7 @@ class BestCheckpointer(HookBase):
         )
 
     def after_step(self) -> None:
-        next_iter = self.trainer.iter + 1
-        if (
-            self._period > 0
-            and next_iter % self._period == 0
-            and next_iter != self.trainer.max_iter
-        ):
+        if _is_periodic_eval_step(self._period, self.trainer):  # EvalHook's schedule
             self._best_checking()
 
     def after_train(self) -> None:
