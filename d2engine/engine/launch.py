@@ -30,6 +30,7 @@ workers are started here as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import os
@@ -267,17 +268,23 @@ def _exit_when_launcher_dies(parent_alive: Connection) -> None:
     os._exit(1)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """What every worker of a job started by :func:`launch` needs to join it."""
+
+    backend: str
+    init_method: str
+    world_size: int
+    num_gpus_per_machine: int
+    machine_rank: int
+    timeout: datetime.timedelta
+
+
 def _distributed_worker(
     local_rank: int,
     main_func: Callable[..., Any],
     args: tuple[Any, ...],
-    *,
-    backend: str,
-    init_method: str,
-    world_size: int,
-    num_gpus_per_machine: int,
-    machine_rank: int,
-    timeout: datetime.timedelta,
+    job: _Job,
     error_conn: Connection,
     parent_alive: Connection,
 ) -> None:
@@ -285,21 +292,21 @@ def _distributed_worker(
     threading.Thread(
         target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
     ).start()
-    global_rank = machine_rank * num_gpus_per_machine + local_rank
+    global_rank = job.machine_rank * job.num_gpus_per_machine + local_rank
     if not os.environ.get("OMP_NUM_THREADS"):
         # Share the CPU cores instead of every worker using all of them (oversubscription).
-        torch.set_num_threads(max(1, _available_cpus() // num_gpus_per_machine))
+        torch.set_num_threads(max(1, _available_cpus() // job.num_gpus_per_machine))
     exit_code = 0
     try:
         _setup_process_group(
-            backend=backend,
-            init_method=init_method,
+            backend=job.backend,
+            init_method=job.init_method,
             rank=global_rank,
-            world_size=world_size,
+            world_size=job.world_size,
             local_rank=local_rank,
             machine_id=None,
-            num_per_machine=num_gpus_per_machine,
-            timeout=timeout,
+            num_per_machine=job.num_gpus_per_machine,
+            timeout=job.timeout,
         )
         main_func(*args)
     except SystemExit as e:  # sys.exit(0) in main_func is a success
@@ -406,17 +413,7 @@ def _worker_error(
     )
 
 
-def _spawn_and_watch(
-    main_func: Callable[..., Any],
-    args: tuple[Any, ...],
-    *,
-    backend: str,
-    init_method: str,
-    world_size: int,
-    num_gpus_per_machine: int,
-    machine_rank: int,
-    timeout: datetime.timedelta,
-) -> None:
+def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: _Job) -> None:
     """Start the workers of this machine and wait for all of them; fail fast on the first error."""
     ctx = mp.get_context("spawn")
     processes: list[Any] = []
@@ -424,22 +421,12 @@ def _spawn_and_watch(
     keep_alive: list[Connection] = []
     failure: WorkerError | None = None
     try:
-        for local_rank in range(num_gpus_per_machine):
+        for local_rank in range(job.num_gpus_per_machine):
             reader, writer = ctx.Pipe(duplex=False)
             alive_reader, alive_writer = ctx.Pipe(duplex=False)
             proc = ctx.Process(
                 target=_distributed_worker,
-                args=(local_rank, main_func, args),
-                kwargs={
-                    "backend": backend,
-                    "init_method": init_method,
-                    "world_size": world_size,
-                    "num_gpus_per_machine": num_gpus_per_machine,
-                    "machine_rank": machine_rank,
-                    "timeout": timeout,
-                    "error_conn": writer,
-                    "parent_alive": alive_reader,
-                },
+                args=(local_rank, main_func, args, job, writer, alive_reader),
                 daemon=False,
                 name=f"d2engine-worker-{local_rank}",
             )
@@ -469,7 +456,7 @@ def _spawn_and_watch(
                         ready.close()
                         continue
                     failure = _worker_error(
-                        machine_rank, num_gpus_per_machine, local_rank, code, tb
+                        job.machine_rank, job.num_gpus_per_machine, local_rank, code, tb
                     )
                     break
                 if ready not in running:
@@ -485,7 +472,7 @@ def _spawn_and_watch(
                             except EOFError:  # died without reporting (a signal, os._exit)
                                 pass
                     failure = _worker_error(
-                        machine_rank, num_gpus_per_machine, local_rank, proc.exitcode, tb
+                        job.machine_rank, job.num_gpus_per_machine, local_rank, proc.exitcode, tb
                     )
                     break
     finally:
@@ -627,13 +614,5 @@ def launch(
         why,
         init_method,
     )
-    _spawn_and_watch(
-        main_func,
-        args,
-        backend=backend,
-        init_method=init_method,
-        world_size=world_size,
-        num_gpus_per_machine=num_gpus_per_machine,
-        machine_rank=machine_rank,
-        timeout=timeout,
-    )
+    job = _Job(backend, init_method, world_size, num_gpus_per_machine, machine_rank, timeout)
+    _spawn_and_watch(main_func, args, job)
