@@ -97,7 +97,9 @@ def main() -> None:
     print(f"torch.save + fsync        : {fsync_med * 1e3:8.1f} ms")
     print(f"Checkpointer.save (sync)  : {atomic_med * 1e3:8.1f} ms")
     print(f"save ratio                : {atomic_med / plain_med:8.2f}x  (atomic+fsync / plain)")
-    print(f"save ratio vs durable     : {atomic_med / fsync_med:8.2f}x  (atomic+fsync / save+fsync)")
+    print(
+        f"save ratio vs durable     : {atomic_med / fsync_med:8.2f}x  (atomic+fsync / save+fsync)"
+    )
     print(f"async save() stall        : {stall_med * 1e3:8.1f} ms")
     ratio = stall_med / atomic_med
     verdict = "OK" if ratio <= 0.10 else "ABOVE TARGET"

@@ -24,7 +24,9 @@ def _no_leaks() -> Iterator[None]:
         del os.environ[key]
     os.environ.update(env_before)
     assert not leaked_group, "the test left a torch.distributed process group initialised"
-    changed = {k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)}
+    changed = {
+        k for k in env_before.keys() | env_after.keys() if env_before.get(k) != env_after.get(k)
+    }
     assert not changed, f"the test changed environment variables: {sorted(changed)}"
 
 

@@ -24,6 +24,7 @@ from d2engine.checkpoint.async_saver import AsyncSaver
 from d2engine.checkpoint.io import CheckpointError, UnsafeCheckpointError
 from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
 from d2engine.checkpoint.state import Stateful, snapshot_to_cpu
+from d2engine.utils.validation import check_positive_int
 
 __all__ = ["Checkpointer", "DetectionCheckpointer", "PeriodicCheckpointer"]
 
@@ -495,23 +496,18 @@ class PeriodicCheckpointer:
         max_to_keep: int | None = None,
         file_prefix: str = "model",
     ) -> None:
-        if not isinstance(period, int) or period < 1:
-            raise ValueError(f"PeriodicCheckpointer period must be an int >= 1; got {period!r}.")
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(
-                f"PeriodicCheckpointer max_to_keep must be None or an int >= 1; got {max_to_keep!r}."
-            )
+        period = check_positive_int(period, "period", "PeriodicCheckpointer")
+        if max_to_keep is not None:
+            max_to_keep = check_positive_int(max_to_keep, "max_to_keep", "PeriodicCheckpointer")
         self.checkpointer = checkpointer
         self.period = period
         self.max_iter = max_iter
         self.max_to_keep = max_to_keep
         self.file_prefix = file_prefix
-        self.recent_checkpoints: list[
-            str
-        ] = []  # base names of the periodic files kept, oldest first
-        self._to_delete: list[
-            str
-        ] = []  # base names dropped from recent_checkpoints, not yet deleted
+        # base names of the periodic files kept, oldest first
+        self.recent_checkpoints: list[str] = []
+        # base names dropped from recent_checkpoints, not yet deleted
+        self._to_delete: list[str] = []
         self._periodic_name = re.compile(re.escape(file_prefix) + r"_\d{7,}\.pth")
 
     def step(self, iteration: int, **kwargs: Any) -> None:

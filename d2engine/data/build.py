@@ -38,6 +38,7 @@ from d2engine.data.common import (
 )
 from d2engine.data.samplers import InferenceSampler, TrainingSampler
 from d2engine.utils import comm
+from d2engine.utils.validation import check_non_negative_int, check_positive_int
 
 __all__ = [
     "TrainDataLoader",
@@ -165,14 +166,8 @@ class TrainDataLoader:
         Raises:
             ValueError: if ``batch_size`` or ``num_workers`` is out of range.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-            raise ValueError(
-                f"TrainDataLoader: batch_size must be a positive int, got {batch_size!r}."
-            )
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(
-                f"TrainDataLoader: num_workers must be an int >= 0, got {num_workers!r}."
-            )
+        batch_size = check_positive_int(batch_size, "batch_size", "TrainDataLoader")
+        num_workers = check_non_negative_int(num_workers, "num_workers", "TrainDataLoader")
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
@@ -397,10 +392,7 @@ def build_test_loader(
             )
         dataset = get_detection_dataset_dicts(dataset_name)
     dataset = _as_map_dataset(dataset, mapper, "build_test_loader")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(
-            f"build_test_loader: batch_size must be a positive int, got {batch_size!r}."
-        )
+    batch_size = check_positive_int(batch_size, "batch_size", "build_test_loader")
     if num_workers is None:
         num_workers = cfg.DATALOADER.NUM_WORKERS if cfg is not None else 0
     if sampler is None:

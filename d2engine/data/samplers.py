@@ -17,6 +17,7 @@ import torch
 from torch.utils.data.sampler import Sampler
 
 from d2engine.utils import comm
+from d2engine.utils.validation import check_positive_int
 
 __all__ = ["InferenceSampler", "TrainingSampler"]
 
@@ -35,8 +36,7 @@ def _check_size(size: Any, owner: str) -> int:
 def _rank_and_world(rank: int | None, world_size: int | None, owner: str) -> tuple[int, int]:
     world_size = comm.get_world_size() if world_size is None else world_size
     rank = comm.get_rank() if rank is None else rank
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"{owner}: world_size must be a positive int, got {world_size!r}.")
+    world_size = check_positive_int(world_size, "world_size", owner)
     if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
         raise ValueError(
             f"{owner}: rank must be an int in [0, world_size={world_size}), got {rank!r}."

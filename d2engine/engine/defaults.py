@@ -54,6 +54,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 # --------------------------------------------------------------------------- command line
 def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParser:
     """Create the argument parser of a d2engine training script.
@@ -72,7 +73,9 @@ def default_argument_parser(epilog: str | None = None) -> argparse.ArgumentParse
         The parser.
     """
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train_net.py"
-    epilog = epilog or f"""
+    epilog = (
+        epilog
+        or f"""
 Examples:
 
 Run on a single machine:
@@ -85,6 +88,7 @@ Run on multiple machines:
     (machine0)$ {prog} --machine-rank 0 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
     (machine1)$ {prog} --machine-rank 1 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
 """
+    )
     parser = argparse.ArgumentParser(
         epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -97,7 +101,9 @@ Run on multiple machines:
     )
     parser.add_argument("--eval-only", action="store_true", help="perform evaluation only")
     parser.add_argument(
-        "--num-gpus", type=int, default=1,
+        "--num-gpus",
+        type=int,
+        default=1,
         help="number of processes per machine (one per GPU; CPU processes on gloo without CUDA)",
     )
     parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
@@ -254,8 +260,12 @@ def _has_training_bn(model: nn.Module) -> bool:
 
 def _amp_dtype(name: str | None) -> torch.dtype:
     """The autocast dtype named by ``SOLVER.AMP.PRECISION`` (default float16)."""
-    dtypes = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
-              "bf16": torch.bfloat16}
+    dtypes = {
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     key = str(name or "float16").lower()
     if key not in dtypes:
         raise ValueError(

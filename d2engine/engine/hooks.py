@@ -33,6 +33,7 @@ from d2engine.engine.train_loop import HookBase
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, EventWriter
 from d2engine.utils.precise_bn import get_bn_modules, update_bn_stats
+from d2engine.utils.validation import check_positive_int
 
 __all__ = [
     "AutogradProfiler",
@@ -202,10 +203,8 @@ class PeriodicWriter(HookBase):
                     f"PeriodicWriter takes EventWriter objects, got {type(w).__name__}. HINT: "
                     "subclass d2engine.utils.events.EventWriter."
                 )
-        if period <= 0:
-            raise ValueError(f"PeriodicWriter needs period > 0, got {period}")
         self._writers = list(writers)
-        self._period = period
+        self._period = check_positive_int(period, "period", "PeriodicWriter")
 
     def after_step(self) -> None:
         it = self.trainer.iter

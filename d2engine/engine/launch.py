@@ -52,6 +52,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from d2engine.utils import comm
+from d2engine.utils.validation import check_positive_int
 
 __all__ = ["DEFAULT_TIMEOUT", "WorkerError", "launch"]
 
@@ -579,12 +580,10 @@ def launch(
             f"timeout must be a datetime.timedelta, got {type(timeout).__name__}. "
             "HINT: timeout=datetime.timedelta(minutes=30)."
         )
-    for name, value in (
-        ("num_gpus_per_machine", num_gpus_per_machine),
-        ("num_machines", num_machines),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    num_gpus_per_machine = check_positive_int(
+        num_gpus_per_machine, "num_gpus_per_machine", "launch"
+    )
+    num_machines = check_positive_int(num_machines, "num_machines", "launch")
     if not 0 <= machine_rank < num_machines:
         raise ValueError(
             f"machine_rank must be in [0, num_machines={num_machines}), got {machine_rank}."

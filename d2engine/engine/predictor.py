@@ -85,8 +85,10 @@ class DefaultPredictor:
         if self.cfg.MODEL.WEIGHTS:
             DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
         else:
-            logger.warning("DefaultPredictor: MODEL.WEIGHTS is empty; the model keeps its "
-                           "initial (untrained) weights.")
+            logger.warning(
+                "DefaultPredictor: MODEL.WEIGHTS is empty; the model keeps its "
+                "initial (untrained) weights."
+            )
         self.min_size = int(self.cfg.INPUT.MIN_SIZE_TEST)
         self.max_size = int(self.cfg.INPUT.MAX_SIZE_TEST)
 
@@ -132,7 +134,10 @@ class DefaultPredictor:
             new_h, new_w = _resized_shape(height, width, self.min_size, self.max_size)
             if (new_h, new_w) != (height, width):
                 tensor = torch.nn.functional.interpolate(
-                    tensor[None], size=(new_h, new_w), mode="bilinear", align_corners=False,
+                    tensor[None],
+                    size=(new_h, new_w),
+                    mode="bilinear",
+                    align_corners=False,
                     antialias=True,
                 )[0]
         return {"image": tensor.to(self.cfg.MODEL.DEVICE), "height": height, "width": width}

@@ -15,6 +15,7 @@ import torch
 
 from d2engine.engine.train_loop import HookBase
 from d2engine.utils import comm
+from d2engine.utils.validation import check_positive_int
 
 __all__ = ["AutogradProfiler", "TorchMemoryStats", "TorchProfiler"]
 
@@ -142,10 +143,8 @@ class TorchMemoryStats(HookBase):
     """
 
     def __init__(self, period: int = 20, max_runs: int = 10) -> None:
-        if period <= 0:
-            raise ValueError(f"TorchMemoryStats needs period > 0, got {period}")
-        self._period = period
-        self._max_runs = max_runs
+        self._period = check_positive_int(period, "period", "TorchMemoryStats")
+        self._max_runs = check_positive_int(max_runs, "max_runs", "TorchMemoryStats")
         self._runs = 0
 
     def _implements(self, stage: str) -> bool:

@@ -71,6 +71,7 @@ from d2engine.engine.preemption import (
 )
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, get_event_storage
+from d2engine.utils.validation import check_positive_int
 
 __all__ = ["PREEMPTION_EXIT_CODE", "AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase"]
 
@@ -536,20 +537,14 @@ class SimpleTrainer(TrainerBase):
         async_write_metrics: bool = False,
     ) -> None:
         super().__init__()
-        if (
-            isinstance(gather_metric_period, bool)
-            or int(gather_metric_period) != gather_metric_period
-            or gather_metric_period < 1
-        ):
-            raise ValueError(
-                f"gather_metric_period must be a positive integer, got {gather_metric_period!r}"
-            )
         model.train()
         self.model = model
         self.data_loader = data_loader
         self._data_loader_iter_obj: Iterator[Any] | None = None
         self.optimizer = optimizer
-        self.gather_metric_period = int(gather_metric_period)
+        self.gather_metric_period = check_positive_int(
+            gather_metric_period, "gather_metric_period", type(self).__name__
+        )
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
         self._metrics_executor: ThreadPoolExecutor | None = None

@@ -88,7 +88,10 @@ class ImageClassifier(nn.Module):
         opts = {**_DEFAULTS, **dict(cfg.MODEL.get("CLASSIFIER", None) or {})}
         self.num_classes = _num_classes(cfg)
         self.input_size = (int(opts["INPUT_SIZE"][0]), int(opts["INPUT_SIZE"][1]))
-        mean, std = [float(v) for v in cfg.MODEL.PIXEL_MEAN], [float(v) for v in cfg.MODEL.PIXEL_STD]
+        mean, std = (
+            [float(v) for v in cfg.MODEL.PIXEL_MEAN],
+            [float(v) for v in cfg.MODEL.PIXEL_STD],
+        )
         if len(mean) != len(std) or not mean:
             raise ValueError(
                 f"MODEL.PIXEL_MEAN and MODEL.PIXEL_STD need one value per input channel, got "
@@ -97,7 +100,9 @@ class ImageClassifier(nn.Module):
         self.in_channels = len(mean)
         widths = [int(w) for w in opts["CHANNELS"]]
         if not widths:
-            raise ValueError("MODEL.CLASSIFIER.CHANNELS must list at least one stage width, got [].")
+            raise ValueError(
+                "MODEL.CLASSIFIER.CHANNELS must list at least one stage width, got []."
+            )
         layers: list[nn.Module] = []
         prev = self.in_channels
         for i, width in enumerate(widths):
@@ -146,7 +151,10 @@ class ImageClassifier(nn.Module):
             image = image.to(self.device, non_blocking=True).float()
             if tuple(image.shape[-2:]) != self.input_size:
                 image = F.interpolate(
-                    image[None], size=self.input_size, mode="bilinear", align_corners=False,
+                    image[None],
+                    size=self.input_size,
+                    mode="bilinear",
+                    align_corners=False,
                     antialias=True,
                 )[0]
             images.append(image)
@@ -162,7 +170,9 @@ class ImageClassifier(nn.Module):
         Returns:
             Training: ``{"loss_cls": tensor}``. Eval: a list of ``{"scores", "pred_class"}`` dicts.
         """
-        logits = self.head(self.dropout(self.features(self.preprocess_image(batched_inputs)).mean((2, 3))))
+        logits = self.head(
+            self.dropout(self.features(self.preprocess_image(batched_inputs)).mean((2, 3)))
+        )
         if self.training:
             labels = torch.as_tensor([int(x["label"]) for x in batched_inputs], device=self.device)
             return {"loss_cls": F.cross_entropy(logits, labels)}

@@ -33,6 +33,7 @@ from d2engine.solver.param_scheduler import (
     StepWithFixedGammaParamScheduler,
     WarmupParamScheduler,
 )
+from d2engine.utils.validation import check_positive_int
 
 # WarmupParamScheduler is re-exported here because detectron2 users import it from this module.
 __all__ = [
@@ -89,8 +90,7 @@ class LRMultiplier(LRScheduler):
                 f"LRMultiplier needs a ParamScheduler (a callable where -> multiplier) as "
                 f"multiplier, got {type(multiplier).__name__}"
             )
-        if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter <= 0:
-            raise ValueError(f"LRMultiplier needs a positive integer max_iter, got {max_iter!r}")
+        max_iter = check_positive_int(max_iter, "max_iter", "LRMultiplier")
         if int(last_iter) != last_iter or last_iter < -1:
             raise ValueError(
                 f"LRMultiplier needs last_iter >= -1 (-1 for a fresh start), got {last_iter!r}"
@@ -201,12 +201,6 @@ def _warmup(
     )
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or int(value) != value or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
 class WarmupMultiStepLR(LRMultiplier):
     """Warm-up, then the lr is multiplied by ``gamma`` at each milestone iteration.
 
@@ -249,7 +243,7 @@ class WarmupMultiStepLR(LRMultiplier):
         if max_iter is None:
             max_iter = max([m + 1 for m in milestones] + [warmup_iters, 1])
         else:
-            max_iter = _positive_int("max_iter", max_iter)
+            max_iter = check_positive_int(max_iter, "max_iter", type(self).__name__)
             dropped = [m for m in milestones if m >= max_iter]
             if dropped:
                 logger.warning(
@@ -301,7 +295,7 @@ class WarmupCosineLR(LRMultiplier):
         end_factor: float = 0.0,
         rescale_interval: bool = False,
     ) -> None:
-        max_iters = _positive_int("max_iters", max_iters)
+        max_iters = check_positive_int(max_iters, "max_iters", type(self).__name__)
         if not (math.isfinite(end_factor) and 0.0 <= end_factor <= 1.0):
             raise ValueError(
                 f"WarmupCosineLR needs end_factor in [0, 1], got {end_factor}. Hint: "
@@ -347,7 +341,7 @@ class WarmupStepWithFixedGammaLR(LRMultiplier):
         *,
         rescale_interval: bool = False,
     ) -> None:
-        max_iter = _positive_int("max_iter", max_iter)
+        max_iter = check_positive_int(max_iter, "max_iter", type(self).__name__)
         sched = StepWithFixedGammaParamScheduler(
             base_value=1.0, num_decays=num_decays, gamma=gamma, num_updates=max_iter
         )

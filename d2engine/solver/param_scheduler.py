@@ -21,6 +21,8 @@ import bisect
 import math
 from collections.abc import Sequence
 
+from d2engine.utils.validation import check_positive_int
+
 __all__ = [
     "CompositeParamScheduler",
     "ConstantParamScheduler",
@@ -234,10 +236,7 @@ class MultiStepParamScheduler(ParamScheduler):
                 )
             if num_updates is None:
                 num_updates, milestones = milestones[-1], milestones[:-1]
-        if int(num_updates) != num_updates or num_updates <= 0:
-            raise ValueError(
-                f"MultiStepParamScheduler needs a positive integer num_updates, got {num_updates!r}"
-            )
+        num_updates = check_positive_int(num_updates, "num_updates", "MultiStepParamScheduler")
         previous = 0
         for m in milestones:
             if int(m) != m or not previous < m < num_updates:

@@ -52,13 +52,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--input", required=True, nargs="+", metavar="IMAGE", help="one or more image files"
     )
     parser.add_argument(
-        "--invert", action="store_true",
+        "--invert",
+        action="store_true",
         help="invert the images first (for dark digits on a light background)",
     )
     parser.add_argument("--top-k", type=int, default=3, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON object per image")
     parser.add_argument(
-        "opts", nargs=argparse.REMAINDER, default=None,
+        "opts",
+        nargs=argparse.REMAINDER,
+        default=None,
         help='config overrides as "KEY VALUE" pairs, e.g. MODEL.WEIGHTS output/demo/model_final.pth',
     )
     return parser
@@ -186,7 +189,9 @@ def cli(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(info))
         elif "pred_name" in info:
             others = ", ".join(f"{n} {s:.1%}" for n, s in info["top_k"])
-            print(f"{path}: {info['pred_name']} ({info['score']:.1%})  [top-{args.top_k}: {others}]")
+            print(
+                f"{path}: {info['pred_name']} ({info['score']:.1%})  [top-{args.top_k}: {others}]"
+            )
         else:
             print(f"{path}: {info['output']}")
     return status

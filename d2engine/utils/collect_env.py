@@ -74,16 +74,23 @@ def collect_env_info() -> str:
         ("Platform", platform.platform()),
         ("Python", sys.version.replace("\n", " ")),
         ("numpy", np.__version__),
-        ("d2engine", f"{getattr(d2engine, '__version__', _package_version('d2engine'))} @"
-                     f"{os.path.dirname(d2engine.__file__)}"),
+        (
+            "d2engine",
+            f"{getattr(d2engine, '__version__', _package_version('d2engine'))} @"
+            f"{os.path.dirname(d2engine.__file__)}",
+        ),
         ("PyTorch", f"{torch.__version__} @{os.path.dirname(torch.__file__)}"),
         ("PyTorch debug build", str(torch.version.debug)),
     ]
     rows += _cuda_rows()
-    rows.append(("torch.distributed (gloo/nccl)",
-                 f"{torch.distributed.is_available()} "
-                 f"({torch.distributed.is_available() and torch.distributed.is_gloo_available()}/"
-                 f"{torch.distributed.is_available() and torch.distributed.is_nccl_available()})"))
+    rows.append(
+        (
+            "torch.distributed (gloo/nccl)",
+            f"{torch.distributed.is_available()} "
+            f"({torch.distributed.is_available() and torch.distributed.is_gloo_available()}/"
+            f"{torch.distributed.is_available() and torch.distributed.is_nccl_available()})",
+        )
+    )
     rows.append(("CPU count", str(os.cpu_count())))
     rows.append(("torch threads", str(torch.get_num_threads())))
     rows += [(name, _package_version(name)) for name in _PACKAGES[1:]]

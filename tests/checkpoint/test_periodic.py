@@ -127,7 +127,7 @@ def test_non_writing_rank_tracks_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"period": 0}, "period must be an int >= 1"),
+        ({"period": 0}, "PeriodicCheckpointer: period must be a positive integer"),
         ({"period": 1, "max_to_keep": 0}, "max_to_keep"),
     ],
 )

@@ -126,13 +126,13 @@ def test_bad_inputs(datasets: None) -> None:
         build_train_loader(_cfg(), dataset=3)
     with pytest.raises(ValueError, match="without a cfg, pass both dataset= and total_batch_size="):
         build_train_loader(dataset=[{"id": 0}])
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         TrainDataLoader([1], TrainingSampler(1, seed=0), 0)
-    with pytest.raises(ValueError, match="num_workers must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0, got -1"):
         TrainDataLoader([1], TrainingSampler(1, seed=0), 1, num_workers=-1)
     with pytest.raises(ValueError, match="pass dataset_name"):
         build_test_loader(_cfg())
-    with pytest.raises(ValueError, match="batch_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         build_test_loader(dataset=[{"id": 0}], batch_size=0)
 
 

@@ -98,7 +98,7 @@ def test_bad_inputs() -> None:
         TrainingSampler(3, seed="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"rank must be an int in \[0, world_size=2\), got 2"):
         TrainingSampler(3, seed=0, rank=2, world_size=2)
-    with pytest.raises(ValueError, match="world_size must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="world_size must be a positive integer, got 0"):
         InferenceSampler(3, rank=0, world_size=0)
     with pytest.raises(ValueError, match=r"InferenceSampler\(size=-1\)"):
         InferenceSampler(-1)

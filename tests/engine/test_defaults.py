@@ -69,7 +69,11 @@ def _points(n: int, seed: int) -> list[dict[str, Any]]:
     return [{"x": x[i], "label": labels[i], "image_id": i} for i in range(n)]
 
 
-_DATASETS = {"_test_points_train": (64, 0), "_test_points_test": (32, 1), "_test_points_val": (16, 2)}
+_DATASETS = {
+    "_test_points_train": (64, 0),
+    "_test_points_test": (32, 1),
+    "_test_points_val": (16, 2),
+}
 for _ds, (_n, _seed) in _DATASETS.items():
     if _ds not in DatasetCatalog.list():
         DatasetCatalog.register(_ds, lambda n=_n, s=_seed: _points(n, s))
@@ -157,9 +161,24 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_argument_parser_flags_and_opts() -> None:
     parser = default_argument_parser()
     args = parser.parse_args(
-        ["--config-file", "a.yaml", "--resume", "--eval-only", "--num-gpus", "2",
-         "--num-machines", "3", "--machine-rank", "1", "--dist-url", "tcp://10.0.0.1:2345",
-         "SOLVER.BASE_LR", "0.1", "OUTPUT_DIR", "out"]
+        [
+            "--config-file",
+            "a.yaml",
+            "--resume",
+            "--eval-only",
+            "--num-gpus",
+            "2",
+            "--num-machines",
+            "3",
+            "--machine-rank",
+            "1",
+            "--dist-url",
+            "tcp://10.0.0.1:2345",
+            "SOLVER.BASE_LR",
+            "0.1",
+            "OUTPUT_DIR",
+            "out",
+        ]
     )
     assert args.config_file == "a.yaml" and args.resume and args.eval_only
     assert (args.num_gpus, args.num_machines, args.machine_rank) == (2, 3, 1)
@@ -202,8 +221,14 @@ def test_default_setup_cfgnode(tmp_path, quiet_d2_logger, keep_cudnn_benchmark) 
     reloaded.merge_from_file(str(out / "config.yaml"))
     assert reloaded == cfg
     log = (out / "log.txt").read_text()
-    for text in ("Rank of current process: 0. World size: 1", "Environment info", "PyTorch",
-                 "Command line arguments", "BASE_LR: 0.25", "Full config saved to"):
+    for text in (
+        "Rank of current process: 0. World size: 1",
+        "Environment info",
+        "PyTorch",
+        "Command line arguments",
+        "BASE_LR: 0.25",
+        "Full config saved to",
+    ):
         assert text in log, text
     # Seeded with SEED + rank.
     got = (random.random(), np.random.rand(), torch.rand(2))
@@ -239,8 +264,10 @@ def test_default_setup_lazy_config(tmp_path, quiet_d2_logger, keep_cudnn_benchma
 
     out = tmp_path / "lazy_out"
     cfg = OmegaConf.create(
-        {"train": {"output_dir": str(out), "seed": 11, "cudnn_benchmark": True},
-         "model": {"depth": 3}}
+        {
+            "train": {"output_dir": str(out), "seed": 11, "cudnn_benchmark": True},
+            "model": {"depth": 3},
+        }
     )
     default_setup(cfg, default_argument_parser().parse_args([]))
     assert (out / "log.txt").is_file()
@@ -347,7 +374,13 @@ def test_train_writes_checkpoints(trained: dict[str, Any]) -> None:
 def test_hooks_order_and_after_backward(trained: dict[str, Any]) -> None:
     trainer, recorder = trained["trainer"], trained["recorder"]
     names = [type(h).__name__ for h in trainer._hooks]
-    expected = ["IterationTimer", "LRScheduler", "PeriodicCheckpointer", "EvalHook", "PeriodicWriter"]
+    expected = [
+        "IterationTimer",
+        "LRScheduler",
+        "PeriodicCheckpointer",
+        "EvalHook",
+        "PeriodicWriter",
+    ]
     expected.append("Recorder")
     assert names == expected  # PeriodicWriter is the last built-in hook
     assert recorder.iters == list(range(20))
@@ -360,7 +393,9 @@ def test_state_dict_and_properties(trained: dict[str, Any]) -> None:
     state = trainer.state_dict()
     assert state["iteration"] == trainer.iter == 20
     assert "_trainer" in state and "optimizer" in state["_trainer"]
-    assert isinstance(trainer._trainer, SimpleTrainer) and not isinstance(trainer._trainer, AMPTrainer)
+    assert isinstance(trainer._trainer, SimpleTrainer) and not isinstance(
+        trainer._trainer, AMPTrainer
+    )
     assert trainer.model is trainer._trainer.model
     assert trainer.optimizer is trainer._trainer.optimizer
     assert trainer.data_loader is trainer._trainer.data_loader
@@ -377,7 +412,9 @@ def test_property_setters(tmp_path, quiet_d2_logger) -> None:
     assert trainer._trainer.data_loader is new_loader
 
 
-def test_resume_continues_at_next_iteration(trained: dict[str, Any], tmp_path, quiet_d2_logger) -> None:
+def test_resume_continues_at_next_iteration(
+    trained: dict[str, Any], tmp_path, quiet_d2_logger
+) -> None:
     import shutil
 
     out = tmp_path / "resume"
@@ -392,7 +429,10 @@ def test_resume_continues_at_next_iteration(trained: dict[str, Any], tmp_path, q
     final = trained["trainer"]
     for a, b in zip(trainer.model.parameters(), final.model.parameters()):
         assert torch.equal(a, b)
-    assert trainer.optimizer.state_dict()["state"].keys() == final.optimizer.state_dict()["state"].keys()
+    assert (
+        trainer.optimizer.state_dict()["state"].keys()
+        == final.optimizer.state_dict()["state"].keys()
+    )
     trainer.train()
     assert recorder.iters == [20, 21, 22, 23, 24]
     assert trainer.iter == 25
@@ -408,7 +448,9 @@ def test_eval_only_with_model_weights(trained: dict[str, Any], tmp_path, quiet_d
     cfg = _toy_cfg(str(tmp_path / "eval"), **{"MODEL.WEIGHTS": weights})
     # What tools/train_net.py does with --eval-only.
     model = ToyTrainer.build_model(cfg)
-    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=False)
+    DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        cfg.MODEL.WEIGHTS, resume=False
+    )
     assert ToyTrainer.test(cfg, model) == trained["results"]
     # A trainer given MODEL.WEIGHTS loads only the weights and starts at iteration 0.
     trainer = ToyTrainer(cfg)
@@ -444,12 +486,22 @@ def test_build_evaluator_not_implemented(trained: dict[str, Any]) -> None:
 
 def test_expected_results_checked(tmp_path, quiet_d2_logger) -> None:
     base = {"SOLVER.MAX_ITER": 4, "TEST.EVAL_PERIOD": 0, "SOLVER.CHECKPOINT_PERIOD": 100}
-    bad = ToyTrainer(_toy_cfg(str(tmp_path / "a"), **base, **{
-        "TEST.EXPECTED_RESULTS": [["accuracy", "top1", -50.0, 1.0]]}))
+    bad = ToyTrainer(
+        _toy_cfg(
+            str(tmp_path / "a"),
+            **base,
+            **{"TEST.EXPECTED_RESULTS": [["accuracy", "top1", -50.0, 1.0]]},
+        )
+    )
     with pytest.raises(ResultsVerificationError, match="accuracy/top1"):
         bad.train()
-    good = ToyTrainer(_toy_cfg(str(tmp_path / "b"), **base, **{
-        "TEST.EXPECTED_RESULTS": [["accuracy", "top1", 50.0, 50.0]]}))
+    good = ToyTrainer(
+        _toy_cfg(
+            str(tmp_path / "b"),
+            **base,
+            **{"TEST.EXPECTED_RESULTS": [["accuracy", "top1", 50.0, 50.0]]},
+        )
+    )
     assert "accuracy" in good.train()
     # No test datasets: nothing to return.
     none = ToyTrainer(_toy_cfg(str(tmp_path / "c"), **base, **{"DATASETS.TEST": ()}))
@@ -457,8 +509,9 @@ def test_expected_results_checked(tmp_path, quiet_d2_logger) -> None:
 
 
 def test_amp_selects_amp_trainer(tmp_path, quiet_d2_logger) -> None:
-    cfg = _toy_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0,
-                                      "DATASETS.TEST": ()})
+    cfg = _toy_cfg(
+        str(tmp_path), **{"SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0, "DATASETS.TEST": ()}
+    )
     cfg.SOLVER.AMP.ENABLED = True
     cfg.SOLVER.AMP.PRECISION = "bfloat16"
     trainer = ToyTrainer(cfg)
@@ -469,13 +522,17 @@ def test_amp_selects_amp_trainer(tmp_path, quiet_d2_logger) -> None:
 
 def test_precise_bn_hook_only_with_bn(tmp_path, quiet_d2_logger) -> None:
     overrides = {"TEST.PRECISE_BN.ENABLED": True, "TEST.PRECISE_BN.NUM_ITER": 2}
-    with_bn = ToyTrainer(_toy_cfg(str(tmp_path / "a"), **overrides,
-                                  **{"MODEL.META_ARCHITECTURE": "_TestToyBNClassifier"}))
+    with_bn = ToyTrainer(
+        _toy_cfg(
+            str(tmp_path / "a"), **overrides, **{"MODEL.META_ARCHITECTURE": "_TestToyBNClassifier"}
+        )
+    )
     assert any(type(h).__name__ == "PreciseBN" for h in with_bn._hooks)
     without_bn = ToyTrainer(_toy_cfg(str(tmp_path / "b"), **overrides))
     assert not any(type(h).__name__ == "PreciseBN" for h in without_bn._hooks)
-    disabled = ToyTrainer(_toy_cfg(str(tmp_path / "c"),
-                                   **{"MODEL.META_ARCHITECTURE": "_TestToyBNClassifier"}))
+    disabled = ToyTrainer(
+        _toy_cfg(str(tmp_path / "c"), **{"MODEL.META_ARCHITECTURE": "_TestToyBNClassifier"})
+    )
     assert not any(type(h).__name__ == "PreciseBN" for h in disabled._hooks)
 
 

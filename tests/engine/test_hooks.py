@@ -415,7 +415,9 @@ def test_eval_hook_does_not_change_the_training_random_numbers() -> None:
 
         trainer = _trainer()
         record = hooks.CallbackHook(
-            after_step=lambda t: seen.append(float(torch.rand(1)) + np.random.rand() + random.random())
+            after_step=lambda t: seen.append(
+                float(torch.rand(1)) + np.random.rand() + random.random()
+            )
         )
         trainer.register_hooks([hooks.EvalHook(1, evaluate) if with_eval else None, record])
         trainer.train(0, 3)
@@ -431,8 +433,13 @@ def test_precise_bn_saves_its_data_position() -> None:
 
     def make() -> hooks.PreciseBN:
         torch.manual_seed(0)
-        loader = build_train_loader(dataset=data, total_batch_size=1, num_workers=0,
-                                    sampler=TrainingSampler(8, seed=1), collate_fn=lambda b: b[0])
+        loader = build_train_loader(
+            dataset=data,
+            total_batch_size=1,
+            num_workers=0,
+            sampler=TrainingSampler(8, seed=1),
+            collate_fn=lambda b: b[0],
+        )
         return hooks.PreciseBN(0, _Model(bn=True), loader, num_iter=3)
 
     def mean(h: hooks.PreciseBN) -> torch.Tensor:

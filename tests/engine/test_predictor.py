@@ -71,7 +71,9 @@ def test_predictor_format_conversion() -> None:
     assert (out_l["height"], out_l["width"]) == (6, 10)
     # Grayscale input (H x W) is accepted.
     gray = pil_l.copy()
-    assert torch.equal(DefaultPredictor(_predictor_cfg("L"))(gray)["image"][0], torch.from_numpy(gray).float())
+    assert torch.equal(
+        DefaultPredictor(_predictor_cfg("L"))(gray)["image"][0], torch.from_numpy(gray).float()
+    )
     assert DefaultPredictor(_predictor_cfg("RGB"))(gray)["image"].shape == (3, 6, 10)
 
 

@@ -73,6 +73,7 @@ def test_in_process_preemption_api(tmp_path: Path, caplog: pytest.LogCaptureFixt
             seen.append(f"after_train at {self.trainer.iter}")
 
     trainer.register_hooks([_Signal(6, signal.SIGUSR1), AfterTrain()])
+
     def custom(signum: int, frame: object) -> None:
         raise AssertionError("not called")
 
@@ -110,7 +111,9 @@ def test_signal_in_last_iteration_completes_training(
 def test_no_checkpoint_hook_is_reported(caplog: pytest.LogCaptureFixture) -> None:
     model = torch.nn.Linear(2, 1)
     trainer = SimpleTrainer(
-        _SumLoss(model), itertools.repeat(torch.ones(1, 2)), torch.optim.SGD(model.parameters(), lr=0.1)
+        _SumLoss(model),
+        itertools.repeat(torch.ones(1, 2)),
+        torch.optim.SGD(model.parameters(), lr=0.1),
     )
     trainer.register_hooks([_Signal(1)])
     with caplog.at_level(logging.WARNING, logger="d2engine.engine.train_loop"):
@@ -184,12 +187,24 @@ def _start_job(out: Path, mode: str) -> list[subprocess.Popen]:
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "RANK": str(rank), "WORLD_SIZE": "2"}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", _WORKER, str(HERE), str(out), mode], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", _WORKER, str(HERE), str(out), mode],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     return procs
 
 

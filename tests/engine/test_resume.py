@@ -96,8 +96,14 @@ def build(
     return trainer, checkpointer
 
 
-def run(out: str, *, resume: bool, kill_at: int | None = None, sig: int = signal.SIGKILL,
-        async_save: bool = False) -> SimpleTrainer:
+def run(
+    out: str,
+    *,
+    resume: bool,
+    kill_at: int | None = None,
+    sig: int = signal.SIGKILL,
+    async_save: bool = False,
+) -> SimpleTrainer:
     """Train to MAX_ITER (resuming from ``out`` when asked); used in-process and by subprocesses."""
     trainer, checkpointer = build(out, async_save=async_save)
     if kill_at is not None:
@@ -120,8 +126,12 @@ def spawn(out: Path, kill_at: int, sig: int, async_save: bool = False) -> subpro
     args = [str(HERE), str(out), str(kill_at), str(int(sig)), "1" if async_save else "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -163,7 +173,9 @@ def test_reference_is_sensitive(reference: dict[str, torch.Tensor], tmp_path: Pa
         ), f"resuming without '{drop}' should change the result"
 
 
-def test_sigkill_and_resume_bit_identical(reference: dict[str, torch.Tensor], tmp_path: Path) -> None:
+def test_sigkill_and_resume_bit_identical(
+    reference: dict[str, torch.Tensor], tmp_path: Path
+) -> None:
     # Kill just after a checkpoint (iteration 4 saved, killed in 5), between checkpoints (12),
     # in the last iteration (19), and with an asynchronous save in flight (5, async).
     cases = [(5, False), (12, False), (19, False), (6, True)]
@@ -209,8 +221,13 @@ def test_resume_cost_does_not_grow_with_iterations() -> None:
         return sample
 
     dataset = _dataset()
-    loader = build_train_loader(dataset=dataset, mapper=counting, total_batch_size=4,
-                                sampler=TrainingSampler(len(dataset), seed=7), num_workers=0)
+    loader = build_train_loader(
+        dataset=dataset,
+        mapper=counting,
+        total_batch_size=4,
+        sampler=TrainingSampler(len(dataset), seed=7),
+        num_workers=0,
+    )
     model = _DropoutNet()
     trainer = SimpleTrainer(model, loader, torch.optim.SGD(model.parameters(), lr=0.1))
     state = trainer.state_dict()
@@ -229,7 +246,10 @@ def test_amp_trainer_saves_grad_scaler() -> None:
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trainer = AMPTrainer(
-        model, [torch.zeros(1)], opt, grad_scaler=torch.amp.GradScaler("cpu", init_scale=8.0),
+        model,
+        [torch.zeros(1)],
+        opt,
+        grad_scaler=torch.amp.GradScaler("cpu", init_scale=8.0),
         precision=torch.bfloat16,
     )
     state = trainer.state_dict()
@@ -272,6 +292,7 @@ def _register_default_trainer_job() -> None:
     if "_ResumeDropoutClassifier" not in META_ARCH_REGISTRY:
         META_ARCH_REGISTRY.register(_DropoutClassifier, name="_ResumeDropoutClassifier")
     if "_resume_points" not in DatasetCatalog.list():
+
         def points() -> list[dict[str, Any]]:
             return [{"x": d["x"], "label": d["y"], "image_id": i} for i, d in enumerate(_dataset())]
 

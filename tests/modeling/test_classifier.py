@@ -28,8 +28,10 @@ def _cfg(**overrides: object):
 def _batch(n: int, size: int = 8, channels: int = 1) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     return [
-        {"image": torch.randint(0, 256, (channels, size, size), generator=g, dtype=torch.uint8),
-         "label": i % 4}
+        {
+            "image": torch.randint(0, 256, (channels, size, size), generator=g, dtype=torch.uint8),
+            "label": i % 4,
+        }
         for i in range(n)
     ]
 
@@ -78,7 +80,9 @@ def test_eval_returns_scores_and_pred_class() -> None:
         assert set(out) == {"scores", "pred_class"}
         assert out["scores"].shape == (4,)
         assert torch.isclose(out["scores"].sum(), torch.tensor(1.0))
-        assert isinstance(out["pred_class"], int) and out["pred_class"] == int(out["scores"].argmax())
+        assert isinstance(out["pred_class"], int) and out["pred_class"] == int(
+            out["scores"].argmax()
+        )
 
 
 def test_other_sizes_are_resized_and_floats_accepted() -> None:

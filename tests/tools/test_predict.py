@@ -41,7 +41,7 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, torch.nn.Mod
     data = DatasetCatalog.get("digits_train")
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for step in range(30):
-        loss = model(data[step * 32:(step + 1) * 32])["loss_cls"]
+        loss = model(data[step * 32 : (step + 1) * 32])["loss_cls"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -73,7 +73,9 @@ def test_predict_png_matches_the_model(weights, tmp_path: Path, capsys) -> None:
         expected = model([item])[0]
     assert info["pred_class"] == expected["pred_class"]
     assert info["pred_name"] == str(expected["pred_class"])  # the class name from the metadata
-    assert info["score"] == pytest.approx(float(expected["scores"][expected["pred_class"]]), abs=1e-5)
+    assert info["score"] == pytest.approx(
+        float(expected["scores"][expected["pred_class"]]), abs=1e-5
+    )
     assert len(info["top_k"]) == 3
 
 
@@ -100,8 +102,19 @@ def test_predict_uses_last_checkpoint_or_explains(weights, tmp_path: Path, capsy
     assert cli(["--config-file", CONFIG, "--input", str(png), "OUTPUT_DIR", str(out)]) == 0
     assert capsys.readouterr().out.startswith(f"{png}: ")
     # An unreadable input is reported and gives exit status 1.
-    assert cli(["--config-file", CONFIG, "--input", str(tmp_path / "missing.png"),
-                "MODEL.WEIGHTS", path]) == 1
+    assert (
+        cli(
+            [
+                "--config-file",
+                CONFIG,
+                "--input",
+                str(tmp_path / "missing.png"),
+                "MODEL.WEIGHTS",
+                path,
+            ]
+        )
+        == 1
+    )
 
 
 def test_invert(tmp_path: Path) -> None:
@@ -115,9 +128,21 @@ def test_predict_entry_point_subprocess(weights, tmp_path: Path) -> None:
     png = tmp_path / "digit.png"
     _write_png(png, DatasetCatalog.get("digits_test")[1])
     proc = subprocess.run(
-        [sys.executable, "-m", "d2engine.tools.predict", "--config-file", CONFIG, "--input",
-         str(png), "MODEL.WEIGHTS", path],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "d2engine.tools.predict",
+            "--config-file",
+            CONFIG,
+            "--input",
+            str(png),
+            "MODEL.WEIGHTS",
+            path,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"{png}: ")
@@ -126,8 +151,19 @@ def test_predict_entry_point_subprocess(weights, tmp_path: Path) -> None:
 def test_parse_args_splits_inputs_and_overrides(tmp_path: Path, monkeypatch) -> None:
     from d2engine.tools.predict import parse_args
 
-    args = parse_args(["--config-file", "c.yaml", "--input", "a.png", "b.png", "MODEL.WEIGHTS",
-                       "w.pth", "OUTPUT_DIR", "x"])
+    args = parse_args(
+        [
+            "--config-file",
+            "c.yaml",
+            "--input",
+            "a.png",
+            "b.png",
+            "MODEL.WEIGHTS",
+            "w.pth",
+            "OUTPUT_DIR",
+            "x",
+        ]
+    )
     assert args.input == ["a.png", "b.png"]
     assert args.opts == ["MODEL.WEIGHTS", "w.pth", "OUTPUT_DIR", "x"]
     args = parse_args(["--config-file", "c.yaml", "--input", "Model.v2.png"])

@@ -22,19 +22,33 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs" / "digits" / "convnet.yaml")
 # A few iterations only; the demo's accuracy target is checked by TEST.EXPECTED_RESULTS in the
 # config itself, which these short runs clear.
-SHORT = ["SOLVER.MAX_ITER", "12", "SOLVER.WARMUP_ITERS", "2", "SOLVER.CHECKPOINT_PERIOD", "100",
-         "TEST.EVAL_PERIOD", "0", "TEST.EXPECTED_RESULTS", "[]"]
-
-
+SHORT = [
+    "SOLVER.MAX_ITER",
+    "12",
+    "SOLVER.WARMUP_ITERS",
+    "2",
+    "SOLVER.CHECKPOINT_PERIOD",
+    "100",
+    "TEST.EVAL_PERIOD",
+    "0",
+    "TEST.EXPECTED_RESULTS",
+    "[]",
+]
 
 
 def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "d2engine.tools.train_net", *args],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    )
     return proc
 
 
@@ -57,16 +71,38 @@ def test_cli_train_then_eval_only(tmp_path: Path) -> None:
     assert metrics[-1] == {"iteration": 12, "accuracy/top1": pytest.approx(top1, abs=1e-3)}
     assert "MAX_ITER: 12" in (out / "config.yaml").read_text()
 
-    evaluated = _run(["--config-file", CONFIG, "--eval-only", "MODEL.WEIGHTS",
-                      str(out / "model_final.pth"), "TEST.EXPECTED_RESULTS", "[]",
-                      "OUTPUT_DIR", str(tmp_path / "eval")])
+    evaluated = _run(
+        [
+            "--config-file",
+            CONFIG,
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            str(out / "model_final.pth"),
+            "TEST.EXPECTED_RESULTS",
+            "[]",
+            "OUTPUT_DIR",
+            str(tmp_path / "eval"),
+        ]
+    )
     assert _top1(evaluated.stdout) == pytest.approx(top1, abs=1e-3)
 
 
 def test_cli_two_processes_on_cpu(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
-    proc = _run(["--config-file", CONFIG, "--num-gpus", "2", *SHORT, "SOLVER.MAX_ITER", "4",
-                 "OUTPUT_DIR", str(out)], timeout=240)
+    proc = _run(
+        [
+            "--config-file",
+            CONFIG,
+            "--num-gpus",
+            "2",
+            *SHORT,
+            "SOLVER.MAX_ITER",
+            "4",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        timeout=240,
+    )
     assert "Final results:" in proc.stdout
     log = (out / "log.txt").read_text()
     assert "World size: 2" in log
@@ -95,9 +131,21 @@ def test_cli_exits_with_preemption_code_after_saving(tmp_path: Path) -> None:
     out = tmp_path / "preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-c", _PREEMPTED_CLI, "--config-file", CONFIG, *SHORT,
-         "OUTPUT_DIR", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=180,
+        [
+            sys.executable,
+            "-c",
+            _PREEMPTED_CLI,
+            "--config-file",
+            CONFIG,
+            *SHORT,
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == PREEMPTION_EXIT_CODE == 75, proc.stdout + proc.stderr
     log = (out / "log.txt").read_text()
@@ -115,9 +163,25 @@ def test_cli_two_processes_sigterm_to_the_launcher(tmp_path: Path) -> None:
     out = tmp_path / "ddp-preempted"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "d2engine.tools.train_net", "--config-file", CONFIG,
-         "--num-gpus", "2", *SHORT, "SOLVER.MAX_ITER", "100000", "OUTPUT_DIR", str(out)],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "d2engine.tools.train_net",
+            "--config-file",
+            CONFIG,
+            "--num-gpus",
+            "2",
+            *SHORT,
+            "SOLVER.MAX_ITER",
+            "100000",
+            "OUTPUT_DIR",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 120
@@ -131,8 +195,11 @@ def test_cli_two_processes_sigterm_to_the_launcher(tmp_path: Path) -> None:
             proc.kill()
     assert proc.returncode == PREEMPTION_EXIT_CODE, output
     name = (out / "last_checkpoint").read_text()
-    iteration = int(name[len("model_"):-len(".pth")])
-    assert f"Preempted by SIGTERM: stopped after iteration {iteration}" in (out / "log.txt").read_text()
+    iteration = int(name[len("model_") : -len(".pth")])
+    assert (
+        f"Preempted by SIGTERM: stopped after iteration {iteration}"
+        in (out / "log.txt").read_text()
+    )
     # Both ranks stopped at that iteration (the flag is combined every 10 iterations).
     assert (iteration + 1) % 10 == 0
     assert f"stopped after iteration {iteration}" in (out / "log.txt.rank1").read_text()
