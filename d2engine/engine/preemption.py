@@ -32,6 +32,8 @@ from d2engine.utils import comm
 
 __all__ = [
     "PREEMPTION_EXIT_CODE",
+    "preempted_signal",
+    "record_preemption",
     "preemption_handlers",
     "preemption_signal_to_stop_on",
     "saves_for_preemption",
@@ -45,6 +47,26 @@ scheduler requeue the job on it (e.g. in a Slurm batch script: ``[ $? -eq 75 ] &
 requeue $SLURM_JOB_ID``)."""
 
 logger = logging.getLogger(__name__)
+
+_preempted_by: int | None = None
+
+
+def record_preemption(signum: int | None) -> None:
+    """Record, for this process, that training stopped for preemption (None clears the record).
+
+    Trainers call it when they stop for a signal, so that code which did not see the trainer
+    (``launch``'s worker wrapper) can turn a preempted run into :data:`PREEMPTION_EXIT_CODE`.
+
+    Args:
+        signum: the signal that stopped training, or None to clear.
+    """
+    global _preempted_by
+    _preempted_by = signum
+
+
+def preempted_signal() -> int | None:
+    """The signal that stopped a training run of this process for preemption, or None."""
+    return _preempted_by
 
 
 @contextlib.contextmanager

@@ -66,6 +66,7 @@ from d2engine.engine.preemption import (
     PREEMPTION_EXIT_CODE,
     preemption_handlers,
     preemption_signal_to_stop_on,
+    record_preemption,
     saves_for_preemption,
     signal_name,
 )
@@ -302,6 +303,7 @@ class TrainerBase:
         comm.synchronize()  # no rank leaves before the checkpoint is complete
         self.preempted = True
         self.preemption_signal = signum
+        record_preemption(signum)
         name = signal_name(signum)
         written = [p for p in paths if p]
         where = (
