@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 from omegaconf import DictConfig
 
+from .cfg_node import CfgNode
+
 __all__ = ["configurable"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -92,8 +94,6 @@ def configurable(init_func: Callable | None = None, *, from_config: Callable | N
 
 
 def _called_with_cfg(*args: Any, **kwargs: Any) -> bool:
-    from .config import CfgNode  # imported here: config.py re-exports this module
-
     if args and isinstance(args[0], (CfgNode, DictConfig)):
         return True
     return isinstance(kwargs.get("cfg"), (CfgNode, DictConfig))

@@ -12,7 +12,7 @@ differ between training and testing.
 
 from __future__ import annotations
 
-from .config import CfgNode as CN
+from .cfg_node import CfgNode as CN
 
 __all__: list[str] = []  # the defaults are reached through get_cfg(), not imported by name
 

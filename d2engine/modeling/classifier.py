@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from d2engine.data.catalog import MetadataCatalog
 from d2engine.modeling.build import META_ARCH_REGISTRY
 
 __all__ = ["ImageClassifier", "add_classifier_config"]
@@ -61,8 +62,6 @@ def _num_classes(cfg: Any) -> int:
     train_sets = list(cfg.DATASETS.TRAIN) if "DATASETS" in cfg else []
     classes = None
     if train_sets:
-        from d2engine.data.catalog import MetadataCatalog
-
         classes = MetadataCatalog.get(train_sets[0]).get("thing_classes", None)
     if not classes:
         raise ValueError(

@@ -14,6 +14,8 @@ import sys
 import numpy as np
 import torch
 
+import d2engine
+
 __all__ = ["collect_env_info"]
 
 _PACKAGES = (
@@ -67,8 +69,6 @@ def collect_env_info() -> str:
     Returns:
         A two-column text table, one fact per line.
     """
-    import d2engine
-
     rows: list[tuple[str, str]] = [
         ("sys.platform", sys.platform),
         ("Platform", platform.platform()),

@@ -45,7 +45,7 @@ _TEST_EVERY = 5
 
 @functools.lru_cache(maxsize=1)
 def _load_arrays() -> tuple[np.ndarray, np.ndarray]:
-    try:
+    try:  # imported here: scikit-learn is an optional dependency (the "digits" extra)
         from sklearn.datasets import load_digits
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ImportError(
