@@ -28,4 +28,4 @@ bench: $(STAMP)
 	$(PY) bench/ddp.py
 
 clean:
-	rm -rf $(VENV) output build *.egg-info
+	rm -rf $(VENV) output build dist *.egg-info

@@ -17,7 +17,7 @@ import d2engine
 PACKAGE = Path(d2engine.__file__).parent
 # The packages this rule has been applied to so far. utils/comm.py and utils/events.py, and the
 # engine, checkpoint and tools packages, are still to be brought under it.
-CHECKED = ("config", "solver", "data", "evaluation", "modeling", "utils")
+CHECKED = ("config", "solver", "data", "evaluation", "modeling", "model_zoo", "utils")
 NOT_YET = {"utils/comm.py", "utils/events.py"}
 FILES = sorted(
     path.relative_to(PACKAGE).as_posix()

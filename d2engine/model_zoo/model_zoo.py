@@ -1,0 +1,47 @@
+"""Find a config that ships inside the installed package, by its path under ``configs/``.
+
+The YAML files live in ``d2engine/model_zoo/configs/`` (the repository's ``configs/`` is a link
+to that folder), so an installed wheel carries them and a script can reach them from any
+directory::
+
+    from d2engine.model_zoo import get_config_file
+
+    cfg.merge_from_file(get_config_file("digits/convnet.yaml"))
+
+From a shell, ``python -m d2engine.model_zoo PATH`` prints the file path::
+
+    d2engine-train --config-file "$(python -m d2engine.model_zoo digits/convnet.yaml)"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["get_config_file"]
+
+_CONFIG_ROOT = Path(__file__).resolve().parent / "configs"
+
+
+def get_config_file(config_path: str) -> str:
+    """Return the file path of a config shipped with d2engine.
+
+    Args:
+        config_path: the config's path relative to ``configs/``, e.g. ``"digits/convnet.yaml"``
+            (a leading ``"configs/"`` is accepted too, so repository paths work unchanged).
+
+    Returns:
+        The absolute path of the file; its ``_BASE_`` files sit next to it.
+
+    Raises:
+        FileNotFoundError: if no shipped config has that path.
+    """
+    relative = config_path.removeprefix("configs/")
+    path = (_CONFIG_ROOT / relative).resolve()
+    if path.is_file() and path.is_relative_to(_CONFIG_ROOT):
+        return str(path)
+    shipped = sorted(p.relative_to(_CONFIG_ROOT).as_posix() for p in _CONFIG_ROOT.rglob("*.yaml"))
+    raise FileNotFoundError(
+        f"No config {config_path!r} ships with d2engine (looked in {_CONFIG_ROOT}); the shipped "
+        f"configs are: {', '.join(shipped) or 'none'}. HINT: pass one of these paths, or give "
+        "your own file's path to merge_from_file / --config-file directly."
+    )
