@@ -63,7 +63,7 @@ class FrozenConfigError(AttributeError):
     """An attempt to change a frozen :class:`CfgNode`."""
 
 
-def _rebuild_node(cls: type, items: dict, frozen: bool, new_allowed: bool) -> CfgNode:
+def _rebuild_node(cls: type[CfgNode], items: dict, frozen: bool, new_allowed: bool) -> CfgNode:
     """Unpickle a :class:`CfgNode` (items first, then the flags, so frozen nodes load)."""
     node = cls.__new__(cls)
     object.__setattr__(node, "_frozen", False)
