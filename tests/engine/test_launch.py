@@ -45,7 +45,11 @@ def test_single_process_calls_main_in_place() -> None:
     [
         ({"main_func": 3}, TypeError, r"pass the function itself, launch\(main"),
         ({"timeout": 30}, TypeError, "timeout must be a datetime.timedelta"),
-        ({"num_gpus_per_machine": 0}, ValueError, "num_gpus_per_machine must be a positive integer"),
+        (
+            {"num_gpus_per_machine": 0},
+            ValueError,
+            "num_gpus_per_machine must be a positive integer",
+        ),
         ({"num_machines": 0}, ValueError, "num_machines must be a positive integer"),
         ({"num_machines": 2, "machine_rank": 2}, ValueError, r"machine_rank must be in \[0, num"),
         ({"num_machines": 2, "dist_url": "auto"}, ValueError, "cannot know.*tcp://"),

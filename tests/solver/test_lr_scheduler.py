@@ -139,7 +139,9 @@ def test_constructor_errors() -> None:
         LRMultiplier([], LinearParamScheduler(1.0, 0.0), max_iter=10)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="got float"):
         LRMultiplier(opt, 0.5, max_iter=10)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="LRMultiplier: max_iter must be a positive integer, got 0"):
+    with pytest.raises(
+        ValueError, match="LRMultiplier: max_iter must be a positive integer, got 0"
+    ):
         LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=0)
     with pytest.raises(ValueError, match="last_iter >= -1"):
         LRMultiplier(opt, LinearParamScheduler(1.0, 0.0), max_iter=5, last_iter=-3)
