@@ -13,7 +13,7 @@ from d2engine.checkpoint.checkpointer import (
     DetectionCheckpointer,
     PeriodicCheckpointer,
 )
-from d2engine.checkpoint.io import CheckpointError, UnsafeCheckpointError
+from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
 from d2engine.checkpoint.model_loading import LoadReport, ShapeMismatch
 from d2engine.checkpoint.state import (
     RNGState,

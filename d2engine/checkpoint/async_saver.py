@@ -17,7 +17,7 @@ import threading
 import weakref
 from collections.abc import Callable
 
-from d2engine.checkpoint.io import CheckpointError
+from d2engine.checkpoint.file_io import CheckpointError
 
 __all__ = ["AsyncSaveError", "AsyncSaver"]
 

@@ -3,7 +3,7 @@
 A checkpoint is one file ``{save_dir}/{name}.pth`` holding ``{"model": model.state_dict(),
 <name>: checkpointable.state_dict() for each checkpointable, **extra}``; the text file
 ``{save_dir}/last_checkpoint`` holds the base name of the newest complete checkpoint. Both are
-written atomically (see :mod:`d2engine.checkpoint.io`), the checkpoint first, so a job killed at
+written atomically (see :mod:`d2engine.checkpoint.file_io`), the checkpoint first, so a job killed at
 any moment leaves ``last_checkpoint`` pointing to a file that loads. Files are read with
 ``torch.load(weights_only=True)`` unless the checkpointer is built with ``weights_only=False``.
 """
@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2engine.checkpoint import io
+from d2engine.checkpoint import file_io
 from d2engine.checkpoint.async_saver import AsyncSaver
-from d2engine.checkpoint.io import CheckpointError, UnsafeCheckpointError
+from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
 from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
 from d2engine.checkpoint.state import Stateful, snapshot_to_cpu
 from d2engine.utils.validation import check_positive_int
@@ -117,7 +117,7 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------
     def checkpoint_path(self, name: str) -> str:
         """The path :meth:`save` writes for ``name``: ``{save_dir}/{name}.pth``."""
-        return io.join(self.save_dir, f"{name}.pth")
+        return file_io.join(self.save_dir, f"{name}.pth")
 
     def save(self, name: str, **extra: Any) -> None:
         """Write a checkpoint ``{save_dir}/{name}.pth``, then point ``last_checkpoint`` to it.
@@ -175,18 +175,18 @@ class Checkpointer:
         self._prepare_dir()
         self.logger.info("Saving checkpoint to %s", path)
         if self._saver is None:
-            io.atomic_save(data, path)
+            file_io.atomic_save(data, path)
             if tag:
-                io.atomic_write_text(last, basename)
+                file_io.atomic_write_text(last, basename)
             return
         # The previous write is complete (waited for above), so its CPU buffers can be reused.
         snapshot = snapshot_to_cpu(data, buffers=self._snapshot_buffers)
         del data
 
         def write() -> None:
-            io.atomic_save(snapshot, path)
+            file_io.atomic_save(snapshot, path)
             if tag:
-                io.atomic_write_text(last, basename)
+                file_io.atomic_write_text(last, basename)
             self.logger.info("Finished writing checkpoint %s", path)
 
         self._saver.submit(write, f"write checkpoint {path}")
@@ -194,8 +194,8 @@ class Checkpointer:
     def _prepare_dir(self) -> None:
         if self._prepared_dir:
             return
-        io.makedirs(self.save_dir)
-        for stale in io.remove_stale_temp_files(self.save_dir):
+        file_io.makedirs(self.save_dir)
+        for stale in file_io.remove_stale_temp_files(self.save_dir):
             self.logger.info("Removed a temporary file left by an interrupted save: %s", stale)
         self._prepared_dir = True
 
@@ -210,10 +210,10 @@ class Checkpointer:
         path = self._last_checkpoint_path()
         if self._saver is not None and self._saver.pending:
             self._saver.submit(
-                lambda: io.atomic_write_text(path, last_filename_basename), f"update {path}"
+                lambda: file_io.atomic_write_text(path, last_filename_basename), f"update {path}"
             )
         else:
-            io.atomic_write_text(path, last_filename_basename)
+            file_io.atomic_write_text(path, last_filename_basename)
 
     def remove_checkpoint(self, path: str) -> None:
         """Delete a checkpoint file once the pending saves are complete.
@@ -229,7 +229,7 @@ class Checkpointer:
             if path == self.get_checkpoint_file():
                 self.logger.warning("Not deleting %s: last_checkpoint points to it.", path)
                 return
-            io.remove(path)
+            file_io.remove(path)
 
         if self._saver is not None and self._saver.pending:
             self._saver.submit(remove, f"delete {path}")
@@ -265,27 +265,27 @@ class Checkpointer:
     # finding checkpoints
     # ----------------------------------------------------------------------------------------
     def _last_checkpoint_path(self) -> str:
-        return io.join(self.save_dir, LAST_CHECKPOINT)
+        return file_io.join(self.save_dir, LAST_CHECKPOINT)
 
     def has_checkpoint(self) -> bool:
         """Whether ``save_dir`` has a ``last_checkpoint`` file."""
-        return bool(self.save_dir) and io.exists(self._last_checkpoint_path())
+        return bool(self.save_dir) and file_io.exists(self._last_checkpoint_path())
 
     def get_checkpoint_file(self) -> str:
         """The path of the newest complete checkpoint in ``save_dir``, or ``""`` if none."""
         if not self.save_dir:
             return ""
         try:
-            name = io.read_text(self._last_checkpoint_path()).strip()
+            name = file_io.read_text(self._last_checkpoint_path()).strip()
         except (FileNotFoundError, OSError):
             return ""
-        return io.join(self.save_dir, name) if name else ""
+        return file_io.join(self.save_dir, name) if name else ""
 
     def get_all_checkpoint_files(self) -> list[str]:
         """All checkpoint files in ``save_dir`` (``.pth``, ``.pt``, ``.safetensors``), by name."""
         if not self.save_dir:
             return []
-        return io.list_checkpoint_files(self.save_dir)
+        return file_io.list_checkpoint_files(self.save_dir)
 
     # ----------------------------------------------------------------------------------------
     # loading
@@ -397,7 +397,9 @@ class Checkpointer:
 
         A bare state dict (no "model" key, only tensors) is accepted as model weights.
         """
-        return self._as_checkpoint(path, io.load_checkpoint_file(path, weights_only=weights_only))
+        return self._as_checkpoint(
+            path, file_io.load_checkpoint_file(path, weights_only=weights_only)
+        )
 
     def _as_checkpoint(self, path: str, loaded: Any) -> dict[str, Any]:
         if not isinstance(loaded, dict):
@@ -427,7 +429,7 @@ def _recency(path: str) -> tuple[float, float]:
     else:
         match = _TRAILING_NUMBER.search(stem)
         number = float(match.group(1)) if match else -1.0
-    return number, io.modified_time(path)
+    return number, file_io.modified_time(path)
 
 
 class DetectionCheckpointer(Checkpointer):
@@ -552,7 +554,7 @@ class PeriodicCheckpointer:
     def _delete_dropped(self) -> None:
         for old in self._to_delete:
             if self._periodic_name.fullmatch(old) and old not in self.recent_checkpoints:
-                self.checkpointer.remove_checkpoint(io.join(self.checkpointer.save_dir, old))
+                self.checkpointer.remove_checkpoint(file_io.join(self.checkpointer.save_dir, old))
         self._to_delete = []
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,9 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2engine.checkpoint import Checkpointer
+from d2engine.checkpoint import Checkpointer, file_io
 from d2engine.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
-from d2engine.checkpoint import io as checkpoint_io
 from d2engine.checkpoint.state import capture_rng_state, restore_rng_state
 from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
@@ -607,7 +606,7 @@ class BestCheckpointer(HookBase):
         return value > best if self._mode == "max" else value < best
 
     def _record_path(self) -> str:
-        return checkpoint_io.join(self.checkpointer.save_dir, f"{self._file_prefix}.json")
+        return file_io.join(self.checkpointer.save_dir, f"{self._file_prefix}.json")
 
     def _writes(self) -> bool:
         return bool(self.checkpointer.save_dir) and self.checkpointer.save_to_disk
@@ -617,7 +616,7 @@ class BestCheckpointer(HookBase):
             return
         path = self._record_path()
         try:
-            record = json.loads(checkpoint_io.read_text(path))
+            record = json.loads(file_io.read_text(path))
             value, it = float(record["value"]), int(record["iteration"])
         except FileNotFoundError:
             return
@@ -661,7 +660,7 @@ class BestCheckpointer(HookBase):
         if self._writes():
             self.checkpointer.wait()  # the record names a complete file
             record = {"metric": self._val_metric, "value": value, "iteration": metric_iter}
-            checkpoint_io.atomic_write_text(self._record_path(), json.dumps(record))
+            file_io.atomic_write_text(self._record_path(), json.dumps(record))
         logger.info(
             "Saved the best model: %s = %.5f at iteration %d (previous best: %s).",
             self._val_metric,

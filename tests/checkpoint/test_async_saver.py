@@ -14,8 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from d2engine.checkpoint import AsyncSaveError, AsyncSaver, Checkpointer, PeriodicCheckpointer
-from d2engine.checkpoint import io as ckpt_io
+from d2engine.checkpoint import (
+    AsyncSaveError,
+    AsyncSaver,
+    Checkpointer,
+    PeriodicCheckpointer,
+    file_io,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,13 +29,13 @@ REPO = Path(__file__).resolve().parents[2]
 def gate(monkeypatch: pytest.MonkeyPatch) -> threading.Event:
     """Make background checkpoint writes wait until the returned event is set."""
     release = threading.Event()
-    real_save = ckpt_io.atomic_save
+    real_save = file_io.atomic_save
 
     def gated(obj: object, path: str) -> None:
         assert release.wait(60), "the test never released the gated write"
         real_save(obj, path)
 
-    monkeypatch.setattr(ckpt_io, "atomic_save", gated)
+    monkeypatch.setattr(file_io, "atomic_save", gated)
     return release
 
 
@@ -97,7 +102,7 @@ def test_load_waits_for_pending_saves(tmp_path: Path, gate: threading.Event) -> 
 def test_background_error_is_raised_by_wait_and_next_save(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_save = ckpt_io.atomic_save
+    real_save = file_io.atomic_save
     failures = {"left": 2}
 
     def flaky(obj: object, path: str) -> None:
@@ -106,7 +111,7 @@ def test_background_error_is_raised_by_wait_and_next_save(
             raise OSError("No space left on device")
         real_save(obj, path)
 
-    monkeypatch.setattr(ckpt_io, "atomic_save", flaky)
+    monkeypatch.setattr(file_io, "atomic_save", flaky)
     ckpt = Checkpointer(_model(), str(tmp_path), async_save=True)
     ckpt.save("a")
     with pytest.raises(AsyncSaveError, match=r"a\.pth.*No space left on device") as info:
@@ -134,7 +139,7 @@ def test_failed_write_does_not_delete_the_previous_checkpoint(
     def broken(obj: object, path: str) -> None:
         raise OSError("quota exceeded")
 
-    monkeypatch.setattr(ckpt_io, "atomic_save", broken)
+    monkeypatch.setattr(file_io, "atomic_save", broken)
     periodic.step(1)  # the write fails, so the queued deletion of model_0000000 is dropped
     with pytest.raises(AsyncSaveError, match="quota exceeded"):
         ckpt.wait()

@@ -27,6 +27,7 @@ from typing import IO, Any
 
 import fsspec
 import numpy as np
+import safetensors.torch
 import torch
 
 __all__ = [
@@ -286,13 +287,11 @@ def _torch_load(path: str, weights_only: bool) -> Any:
 
 
 def _safetensors_load(path: str) -> dict[str, Any]:
-    from safetensors.torch import load, load_file
-
     if is_local(path):
-        return {"model": load_file(_local(path), device="cpu")}
+        return {"model": safetensors.torch.load_file(_local(path), device="cpu")}
     fs, fs_path = _fs(path)
     with fs.open(fs_path, "rb") as f:
-        return {"model": load(f.read())}
+        return {"model": safetensors.torch.load(f.read())}
 
 
 def _pickle_load(path: str) -> Any:
