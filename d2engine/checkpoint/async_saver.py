@@ -24,7 +24,6 @@ __all__ = ["AsyncSaveError", "AsyncSaver"]
 logger = logging.getLogger(__name__)
 
 _LIVE_SAVERS: weakref.WeakSet[AsyncSaver] = weakref.WeakSet()
-_STOP = object()
 
 
 class AsyncSaveError(CheckpointError):
@@ -40,7 +39,7 @@ class AsyncSaver:
 
     def __init__(self, name: str = "d2engine-async-checkpoint") -> None:
         self._name = name
-        self._queue: queue.Queue[object] = queue.Queue()
+        self._queue: queue.Queue[tuple[Callable[[], None] | None, str]] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._error: tuple[str, BaseException] | None = None
@@ -102,18 +101,18 @@ class AsyncSaver:
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive():
-            self._queue.put((_STOP, ""))
+            self._queue.put((None, ""))  # stops the worker
             thread.join()
         self.raise_if_failed()
 
     def _run(self) -> None:
         while True:
-            task, description = self._queue.get()  # type: ignore[misc]
+            task, description = self._queue.get()
             try:
-                if task is _STOP:
+                if task is None:
                     return
                 if self._error is None:
-                    task()  # type: ignore[operator]
+                    task()
             except BaseException as exc:  # noqa: BLE001 - reported by raise_if_failed
                 logger.error("Asynchronous checkpoint task failed: %s: %r", description, exc)
                 with self._lock:

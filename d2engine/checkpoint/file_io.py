@@ -265,7 +265,10 @@ def atomic_write_text(path: str, text: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic_write(path, write_local, lambda f: f.write(data))
+    def write_stream(f: IO[Any]) -> None:
+        f.write(data)
+
+    _atomic_write(path, write_local, write_stream)
 
 
 # --------------------------------------------------------------------------------------------
