@@ -23,7 +23,8 @@ from d2engine.checkpoint import file_io
 from d2engine.checkpoint.async_saver import AsyncSaver
 from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
 from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
-from d2engine.checkpoint.state import Stateful, snapshot_to_cpu
+from d2engine.checkpoint.state import CollectiveStateful, Stateful, snapshot_to_cpu
+from d2engine.utils import comm
 from d2engine.utils.validation import check_positive_int
 
 __all__ = ["Checkpointer", "DetectionCheckpointer", "PeriodicCheckpointer"]
@@ -115,6 +116,23 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------
     # saving
     # ----------------------------------------------------------------------------------------
+    @property
+    def writes(self) -> bool:
+        """Whether :meth:`save` writes files in this process (a ``save_dir`` and ``save_to_disk``)."""
+        return bool(self.save_dir) and self.save_to_disk
+
+    def gather_states(self) -> None:
+        """Collect the cross-rank state of the checkpointables before a save (a collective).
+
+        Calls ``gather_state()`` of every :class:`~d2engine.checkpoint.state.CollectiveStateful`
+        checkpointable (a trainer: every rank's RNG state). Call it on every rank at the same point,
+        right before :meth:`save` (which writes on the main process only with
+        :class:`DetectionCheckpointer`); the ``PeriodicCheckpointer`` hook does.
+        """
+        for obj in self.checkpointables.values():
+            if isinstance(obj, CollectiveStateful):
+                obj.gather_state()
+
     def checkpoint_path(self, name: str) -> str:
         """The path :meth:`save` writes for ``name``: ``{save_dir}/{name}.pth``."""
         return file_io.join(self.save_dir, f"{name}.pth")
@@ -155,7 +173,7 @@ class Checkpointer:
         self._save(name, extra, tag=False)
 
     def _save(self, name: str, extra: dict[str, Any], *, tag: bool) -> None:
-        if not self.save_dir or not self.save_to_disk:
+        if not self.writes:
             return
         clashes = sorted(set(extra) & {"model", *self.checkpointables})
         if clashes:
@@ -451,13 +469,10 @@ class DetectionCheckpointer(Checkpointer):
         save_to_disk: bool | None = None,
         **checkpointables: Any,
     ) -> None:
-        from d2engine.utils import comm
-
-        is_main = comm.is_main_process()
         super().__init__(
             model,
             save_dir,
-            save_to_disk=is_main if save_to_disk is None else save_to_disk,
+            save_to_disk=comm.is_main_process() if save_to_disk is None else save_to_disk,
             **checkpointables,
         )
 
@@ -520,20 +535,15 @@ class PeriodicCheckpointer:
             kwargs: more entries for the checkpoint.
         """
         iteration = int(iteration)
-        state = {"iteration": iteration, **kwargs}
         if (iteration + 1) % self.period == 0:
-            name = f"{self.file_prefix}_{iteration:07d}"
-            keep = self.max_to_keep if self._writes() else None
-            if keep is not None:
-                self._track(f"{name}.pth", keep)  # before saving: the saved state names the file
-            self.checkpointer.save(name, **state)
-            if keep is not None:
-                self._delete_dropped()
+            self._save_periodic(iteration, **kwargs)
         if self.max_iter is not None and iteration >= self.max_iter - 1:
-            self.checkpointer.save(f"{self.file_prefix}_final", **state)
+            self.save(f"{self.file_prefix}_final", **{"iteration": iteration, **kwargs})
 
     def save(self, name: str, **kwargs: Any) -> None:
         """Save a checkpoint named ``name`` now (not counted in ``max_to_keep``).
+
+        Every save of this object goes through this method.
 
         Args:
             name: the file name without ``.pth``.
@@ -541,8 +551,15 @@ class PeriodicCheckpointer:
         """
         self.checkpointer.save(name, **kwargs)
 
-    def _writes(self) -> bool:
-        return bool(self.checkpointer.save_dir) and self.checkpointer.save_to_disk
+    def _save_periodic(self, iteration: int, **kwargs: Any) -> None:
+        """Save ``{file_prefix}_{iteration:07d}``, counted in ``max_to_keep``."""
+        name = f"{self.file_prefix}_{iteration:07d}"
+        keep = self.max_to_keep if self.checkpointer.writes else None
+        if keep is not None:
+            self._track(f"{name}.pth", keep)  # before saving: the saved state names the file
+        self.save(name, **{"iteration": iteration, **kwargs})
+        if keep is not None:
+            self._delete_dropped()
 
     def _track(self, basename: str, max_to_keep: int) -> None:
         if basename in self.recent_checkpoints:

@@ -1,4 +1,5 @@
-"""Building blocks for checkpointable state: the ``Stateful`` protocol, RNG states, CPU snapshots.
+"""Building blocks for checkpointable state: the ``Stateful`` and ``CollectiveStateful``
+protocols, RNG states, CPU snapshots.
 
 Everything produced here is made of tensors, numbers, strings, ``None``, lists, tuples and dicts,
 so a checkpoint holding it loads with ``torch.load(..., weights_only=True)``.
@@ -6,9 +7,10 @@ so a checkpoint holding it loads with ``torch.load(..., weights_only=True)``.
 Exact resume needs the random generators the training step draws from: python's ``random``,
 numpy's global generator, torch's CPU generator and one CUDA generator per visible device.
 :func:`capture_rng_state` returns them as one dict and :func:`restore_rng_state` sets them back.
-In a multi-process job every rank has its own generators: call :func:`gather_rng_states` on every
-rank (a collective) and restore ``states[get_rank()]`` after loading. numpy ``Generator`` objects
-created by user code (``np.random.default_rng``) are not global state and are not captured.
+In a multi-process job every rank has its own generators: :class:`RankRNGStates` gathers them at a
+save point (a collective) into one list with an entry per rank, and restores each rank's own entry.
+numpy ``Generator`` objects created by user code (``np.random.default_rng``) are not global state
+and are not captured.
 """
 
 from __future__ import annotations
@@ -17,14 +19,18 @@ import copy
 import logging
 import random
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from d2engine.utils import comm
+
 __all__ = [
+    "CollectiveStateful",
     "RNGState",
+    "RankRNGStates",
     "Stateful",
     "capture_rng_state",
     "gather_rng_states",
@@ -50,6 +56,22 @@ class Stateful(Protocol):
         ...
 
 
+@runtime_checkable
+class CollectiveStateful(Stateful, Protocol):
+    """A checkpointable whose state spans the ranks of a job (e.g. every rank's RNG state).
+
+    Only the writing process calls ``state_dict()`` when a checkpoint is saved, so the other ranks'
+    parts must be collected first: :meth:`gather_state` is a collective that every rank calls at
+    the save point, right before the save. :meth:`d2engine.checkpoint.Checkpointer.gather_states`
+    calls it on each such checkpointable; the ``PeriodicCheckpointer`` hook does so on every rank
+    before each of its saves. Without a gather, ``state_dict()`` holds what this process has.
+    """
+
+    def gather_state(self) -> None:
+        """Collect the state of every rank for the next ``state_dict()`` (a collective)."""
+        ...
+
+
 # --------------------------------------------------------------------------------------------
 # RNG states
 # --------------------------------------------------------------------------------------------
@@ -62,7 +84,7 @@ def _numpy_state() -> dict[str, Any]:
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
     return {
         "bit_generator": str(name),
-        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "keys": torch.from_numpy(np.asarray(keys).astype(np.int64)),
         "pos": int(pos),
         "has_gauss": int(has_gauss),
         "cached_gaussian": float(cached_gaussian),
@@ -155,8 +177,6 @@ def gather_rng_states(*, cuda: bool | None = None) -> list[dict[str, Any]]:
     Returns:
         One state per rank on every rank; ``[capture_rng_state()]`` without a process group.
     """
-    from d2engine.utils import comm
-
     return list(comm.all_gather(capture_rng_state(cuda=cuda)))
 
 
@@ -181,6 +201,88 @@ class RNGState:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Set the generators to ``state_dict``."""
         restore_rng_state(state_dict)
+
+
+class RankRNGStates:
+    """The random generators of every rank, as a trainer checkpoint holds them (one entry per rank).
+
+    A single process captures its own generators in :meth:`states`. In a multi-process job the
+    writing process has only its own: at a save point every rank calls :meth:`gather` (a
+    collective) with a label of that point (the iteration), then :meth:`states` with the same label
+    returns every rank's state. Without a matching gather it returns this rank's state and ``None``
+    for the others, with a warning (once). :meth:`restore` sets this rank's generators from its
+    entry.
+
+    Args:
+        cuda: see :func:`capture_rng_state`.
+    """
+
+    def __init__(self, *, cuda: bool | None = None) -> None:
+        self.cuda = cuda
+        self._gathered: tuple[Hashable, list[Any]] | None = None
+        self._warned = False
+
+    def gather(self, point: Hashable) -> None:
+        """Gather every rank's generators at save point ``point`` (a collective in a multi-process
+        job; nothing to do in a single process).
+
+        Args:
+            point: a label of the save point (e.g. ``"iteration 99"``), given to :meth:`states`
+                too.
+        """
+        if comm.get_world_size() > 1:
+            self._gathered = (point, gather_rng_states(cuda=self.cuda))
+
+    def states(self, point: Hashable) -> list[Any]:
+        """The states of every rank at ``point``, in rank order (see the class docstring).
+
+        Args:
+            point: the label given to :meth:`gather`.
+
+        Returns:
+            One :func:`capture_rng_state` dict per rank (``None`` for ranks not gathered).
+        """
+        world_size = comm.get_world_size()
+        if world_size == 1:
+            return [capture_rng_state(cuda=self.cuda)]
+        if self._gathered is not None and self._gathered[0] == point:
+            return list(self._gathered[1])
+        if not self._warned:
+            self._warned = True
+            logger.warning(
+                "Saving a checkpoint at %s without the other ranks' RNG states (they were not "
+                "gathered): a run resumed from it restores rank %d's generators only. HINT: "
+                "register the PeriodicCheckpointer hook on every rank (it writes on the main "
+                "process only).",
+                point,
+                comm.get_rank(),
+            )
+        states: list[Any] = [None] * world_size
+        states[comm.get_rank()] = capture_rng_state(cuda=self.cuda)
+        return states
+
+    def restore(self, states: Sequence[Any]) -> None:
+        """Set this rank's generators from its entry of ``states``.
+
+        A different number of entries than ranks, or no entry for this rank, is a warning.
+
+        Args:
+            states: the list returned by :meth:`states` (possibly after a save and load).
+        """
+        rank, world_size = comm.get_rank(), comm.get_world_size()
+        states = list(states)
+        if len(states) != world_size:
+            logger.warning(
+                "The checkpoint holds the RNG states of %d rank(s); this job has %d. Ranks "
+                "without a saved state keep their current generators.",
+                len(states),
+                world_size,
+            )
+        state = states[rank] if rank < len(states) else None
+        if state is None:
+            logger.warning("The checkpoint has no RNG state for rank %d; not restored.", rank)
+            return
+        restore_rng_state(state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,15 +341,14 @@ def _copy_tensor(
     from_cuda = tensor.device.type == "cuda"
     if tensor.layout != torch.strided or tensor.device.type not in ("cpu", "cuda"):
         return tensor.to("cpu", copy=True)
-    reusable = (
+    if (
         buffer is not None
         and buffer.shape == tensor.shape
         and buffer.dtype == tensor.dtype
         and buffer.is_contiguous()
         and (not from_cuda or buffer.is_pinned())
-    )
-    if reusable:
-        out = buffer
+    ):
+        out = buffer  # reused
     else:
         out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=from_cuda)
     if from_cuda:

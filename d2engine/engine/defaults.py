@@ -20,10 +20,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from d2engine.checkpoint import DetectionCheckpointer
-from d2engine.config import CfgNode
+from d2engine.config import CfgNode, LazyConfig
 from d2engine.data import build_detection_test_loader, build_detection_train_loader
 from d2engine.engine import hooks
 from d2engine.engine.ddp import create_ddp_model
@@ -130,18 +131,12 @@ Modify config options at the end of the command. For YAML configs, use space-sep
 
 # --------------------------------------------------------------------------- job set-up
 def _is_lazy_config(cfg: Any) -> bool:
-    try:
-        from omegaconf import DictConfig
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return False
     return isinstance(cfg, DictConfig)
 
 
 def _try_get_key(cfg: Any, *keys: str, default: Any = None) -> Any:
     """Return the value of the first dotted key that ``cfg`` (CfgNode or DictConfig) has."""
     if _is_lazy_config(cfg):
-        from omegaconf import OmegaConf
-
         missing = object()
         for key in keys:
             value = OmegaConf.select(cfg, key, default=missing)
@@ -204,16 +199,12 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
             logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
 
     if _is_lazy_config(cfg):
-        from omegaconf import OmegaConf
-
         logger.info(f"Running with full config:\n{OmegaConf.to_yaml(cfg)}")
     else:
         logger.info(f"Running with full config:\n{cfg.dump()}")
     if comm.is_main_process() and output_dir:
         path = os.path.join(output_dir, "config.yaml")
         if _is_lazy_config(cfg):
-            from d2engine.config import LazyConfig
-
             LazyConfig.save(cfg, path)
         else:
             with open(path, "w", encoding="utf-8") as f:
@@ -307,8 +298,8 @@ class DefaultTrainer(TrainerBase):
     Hooks registered on it (including ``after_backward`` hooks) run as on any trainer. Its
     ``state_dict()`` holds the iteration, the hooks' state (LR scheduler, ...), the RNG states of
     every rank (``"rng"``) and, under ``"_trainer"``, the inner trainer's state (optimizer, data
-    position, grad scaler): resuming is exact (see :mod:`d2engine.engine.train_loop`, "Exact
-    resume"), and SIGTERM stops training with a checkpoint ("Preemption" there).
+    position, grad scaler): resuming is exact, and SIGTERM stops training with a checkpoint (see
+    ``docs/resume.md``).
 
     Attributes:
         cfg: the config, scaled by :meth:`auto_scale_workers` to the world size.
@@ -339,6 +330,7 @@ class DefaultTrainer(TrainerBase):
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
+        self._trainer: SimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer = AMPTrainer(
                 model, data_loader, optimizer, precision=_amp_dtype(cfg.SOLVER.AMP.get("PRECISION"))
@@ -356,6 +348,7 @@ class DefaultTrainer(TrainerBase):
         self.start_iter = 0
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.cfg = cfg
+        self._last_eval_results: OrderedDict | dict | None = None  # set by the EvalHook
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True) -> None:
@@ -427,14 +420,15 @@ class DefaultTrainer(TrainerBase):
         """
         return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
 
-    def train(self) -> OrderedDict | dict | None:
+    def train(self) -> OrderedDict | dict | None:  # type: ignore[override]  # detectron2's API
         """Train from ``start_iter`` to ``max_iter``.
 
-        A preemption signal (SIGTERM by default, see ``preemption_signals``) stops training after
-        the current iteration with a checkpoint in ``OUTPUT_DIR``; then ``self.preempted`` is
-        True, None is returned and the script should exit with
-        :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` (``d2engine-train`` does);
-        ``resume_or_load(resume=True)`` continues bit-identically.
+        A preemption signal (SIGTERM by default, see ``preemption``) stops training after the
+        current iteration with a checkpoint in ``OUTPUT_DIR``; then ``self.preempted`` is True,
+        None is returned and the script should exit with
+        :data:`~d2engine.engine.preemption.PREEMPTION_EXIT_CODE` (``d2engine-train`` does);
+        ``resume_or_load(resume=True)`` continues bit-identically. The inner trainer's
+        background metrics thread is stopped at the end.
 
         Returns:
             The results of the last evaluation (as :meth:`test` returns them) when the config has
@@ -444,10 +438,13 @@ class DefaultTrainer(TrainerBase):
             ResultsVerificationError: the results do not match ``TEST.EXPECTED_RESULTS`` (see
                 :func:`d2engine.evaluation.verify_results`).
         """
-        super().train(self.start_iter, self.max_iter)
+        try:
+            super().train(self.start_iter, self.max_iter)
+        finally:
+            self._trainer.close()
         if self.preempted:  # a checkpoint was saved; the caller exits with PREEMPTION_EXIT_CODE
             return None
-        results = getattr(self, "_last_eval_results", None) if self.cfg.DATASETS.TEST else None
+        results = self._last_eval_results if self.cfg.DATASETS.TEST else None
         if len(self.cfg.TEST.EXPECTED_RESULTS) and comm.is_main_process():
             if results is None:
                 raise ResultsVerificationError(
@@ -456,6 +453,16 @@ class DefaultTrainer(TrainerBase):
                 )
             verify_results(self.cfg, results)
         return results
+
+    def close(self) -> None:
+        """Release the background threads: the inner trainer's metrics thread and the
+        checkpointer's writer (both restart when needed). Pending saves are completed first.
+
+        Raises:
+            AsyncSaveError: a pending asynchronous save failed.
+        """
+        self._trainer.close()
+        self.checkpointer.close()
 
     def run_step(self) -> None:
         """Run one step of the inner trainer at the current iteration."""

@@ -1,21 +1,16 @@
 """Hooks for :class:`~d2engine.engine.train_loop.TrainerBase`: timing, writing, LR, eval, ...
 
 Each hook is a small class; its docstring says when it runs and what state it saves. Hooks reach
-the trainer through ``self.trainer`` (a weak proxy set at registration). The profiling hooks live
-in :mod:`d2engine.engine.profiling` and are re-exported here.
-
-Checkpoints: :class:`PeriodicCheckpointer` writes the trainer's full state (see "Exact resume" in
-:mod:`d2engine.engine.train_loop`) every ``period`` iterations, at the end, and when the trainer is
-preempted; :class:`BestCheckpointer` keeps a side copy of the best model that never moves
-``last_checkpoint``, so a resumed run continues from the latest state.
+the trainer through ``self.trainer`` (a weak proxy set at registration). The checkpointing hooks
+(:class:`PeriodicCheckpointer`, :class:`BestCheckpointer`) live in
+:mod:`d2engine.engine.checkpoint_hooks` and the profiling hooks in :mod:`d2engine.engine.profiling`;
+both are re-exported here.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import logging
-import math
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -24,11 +19,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2engine.checkpoint import Checkpointer, file_io
-from d2engine.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from d2engine.checkpoint.state import capture_rng_state, restore_rng_state
+from d2engine.engine.checkpoint_hooks import (
+    BestCheckpointer,
+    PeriodicCheckpointer,
+    _is_periodic_eval_step,
+)
 from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
+from d2engine.solver.lr_scheduler import LRMultiplier
+from d2engine.solver.param_scheduler import ParamScheduler
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage, EventWriter
 from d2engine.utils.precise_bn import get_bn_modules, update_bn_stats
@@ -51,20 +51,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-def _is_periodic_eval_step(period: int, trainer: Any) -> bool:
-    """Whether a periodic evaluation runs after this step (the last one runs in after_train).
-
-    Shared by EvalHook and BestCheckpointer, which must agree on the schedule.
-    """
-    next_iter = trainer.iter + 1
-    return period > 0 and next_iter % period == 0 and next_iter != trainer.max_iter
-
-
 class CallbackHook(HookBase):
     """A hook made of functions, each called with the trainer.
 
-    Runs the given functions at their stages; stages without a function are not dispatched.
-    Stateless. The functions receive the trainer as their argument: they should not capture it
+    Runs the given functions at their stages; stages without a function are not dispatched (it
+    overrides :meth:`~d2engine.engine.train_loop.HookBase.implements`). Stateless. The functions receive the trainer as their argument: they should not capture it
     (that would keep it alive through the hook).
 
     Args:
@@ -95,7 +86,8 @@ class CallbackHook(HookBase):
             if fn is not None and not callable(fn):
                 raise TypeError(f"CallbackHook({stage}=...) must be callable, got {fn!r}")
 
-    def _implements(self, stage: str) -> bool:
+    def implements(self, stage: str) -> bool:
+        """The stages given a function."""
         return self._callbacks.get(stage) is not None
 
     def _call(self, stage: str) -> None:
@@ -240,15 +232,11 @@ class LRScheduler(HookBase):
         self._best_param_group_id = 0
 
     def before_train(self) -> None:
-        from d2engine.solver.param_scheduler import ParamScheduler
-
         if self._optimizer is None:
             self._optimizer = self._from_trainer("optimizer")
         if self._scheduler is None:
             self._scheduler = self._from_trainer("scheduler")
         if isinstance(self._scheduler, ParamScheduler):
-            from d2engine.solver.lr_scheduler import LRMultiplier
-
             self._scheduler = LRMultiplier(
                 self._optimizer,
                 multiplier=self._scheduler,
@@ -305,12 +293,10 @@ class LRScheduler(HookBase):
     @property
     def scheduler(self) -> Any:
         """The scheduler being stepped (the LRMultiplier once a ParamScheduler is wrapped)."""
-        return self._scheduler if self._scheduler is not None else self.trainer.scheduler
+        return self._scheduler if self._scheduler is not None else self._from_trainer("scheduler")
 
     def _loaded_scheduler(self) -> Any:
         """The torch-style scheduler in use, or None before a ParamScheduler is wrapped."""
-        from d2engine.solver.param_scheduler import ParamScheduler
-
         sched = self._scheduler
         if sched is None or isinstance(sched, ParamScheduler):
             return None
@@ -346,7 +332,8 @@ class EvalHook(HookBase):
     """Run an evaluation function periodically and after training.
 
     Runs after every ``eval_period``-th iteration except the last, and in ``after_train`` when
-    training reached its last iteration (not after a failure) and ``eval_after_train``. The
+    training completed (``trainer.completed``: not after a failure or an early stop) and
+    ``eval_after_train``. The
     results (a nested dict) are flattened with "/" and put with ``smoothing_hint=False``. Every
     evaluation ends with a barrier across processes, so register it on every rank (give others a
     no-op function if only some evaluate). The random generators (python, numpy, torch) are
@@ -405,8 +392,7 @@ class EvalHook(HookBase):
             self._do_eval()
 
     def after_train(self) -> None:
-        # iter + 1 >= max_iter: training finished (not a failure in the middle)
-        if self._eval_after_train and self.trainer.iter + 1 >= self.trainer.max_iter:
+        if self._eval_after_train and self.trainer.completed:  # not after a failure or a stop
             self._do_eval()
 
 
@@ -442,7 +428,8 @@ class PreciseBN(HookBase):
                 "PreciseBN is disabled because the model has no BatchNorm layer in training mode."
             )
 
-    def _implements(self, stage: str) -> bool:
+    def implements(self, stage: str) -> bool:
+        """``after_step``, unless the model has no BN layer in training mode."""
         return stage == "after_step" and not self._disabled
 
     def after_step(self) -> None:
@@ -473,221 +460,3 @@ class PreciseBN(HookBase):
         logger.info("Running precise-BN for %d iterations...", self._num_iter)
         with EventStorage():  # what the model logs during these forwards is discarded
             update_bn_stats(self._model, self._data_iter, self._num_iter)
-
-
-class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
-    """Save the trainer's checkpoint every ``period`` iterations, after the last one, and on
-    preemption.
-
-    Same as :class:`d2engine.checkpoint.PeriodicCheckpointer`, as a hook: ``before_train`` takes
-    ``max_iter`` from the trainer when it was not given; ``after_step`` calls
-    ``step(trainer.iter)`` (``{file_prefix}_{iter:07d}.pth`` when ``(iter + 1) % period == 0``,
-    ``{file_prefix}_final.pth`` after the last iteration); ``after_train`` waits for pending
-    asynchronous saves. When the trainer is preempted it calls :meth:`save_for_preemption`.
-    The files hold what the checkpointer's checkpointables hold: register the trainer as one
-    (``Checkpointer(model, dir, trainer=trainer)``, as DefaultTrainer does) for exact resume.
-    Register it on every rank of a multi-process job: only the checkpointer's main process
-    writes, but every rank takes part in gathering the RNG states at a save point.
-
-    State: the periodic files kept for ``max_to_keep`` (see the base class).
-
-    Args:
-        checkpointer: the checkpointer that writes the files.
-        period: save every this many iterations.
-        max_iter: the last iteration + 1 (None: the trainer's ``max_iter``).
-        max_to_keep: keep at most this many periodic files (None: all).
-        file_prefix: the file name prefix.
-    """
-
-    def __init__(
-        self,
-        checkpointer: Checkpointer,
-        period: int,
-        max_iter: int | None = None,
-        max_to_keep: int | None = None,
-        file_prefix: str = "model",
-    ) -> None:
-        super().__init__(checkpointer, period, max_iter, max_to_keep, file_prefix)
-        self._max_iter_given = max_iter is not None
-        self._saved: tuple[int, str] | None = None  # the last iteration saved, and its file
-
-    def before_train(self) -> None:
-        if not self._max_iter_given:
-            self.max_iter = self.trainer.max_iter
-        self._saved = None
-
-    def _prepare(self) -> None:
-        prepare = getattr(self.trainer, "prepare_checkpoint", None)
-        if callable(prepare):
-            prepare()  # a collective in multi-process jobs: every rank is here
-
-    def after_step(self) -> None:
-        it = self.trainer.iter
-        periodic = (it + 1) % self.period == 0
-        final = self.max_iter is not None and it >= self.max_iter - 1
-        if periodic or final:
-            self._prepare()
-            name = f"{self.file_prefix}_final" if final else f"{self.file_prefix}_{it:07d}"
-            self._saved = (it, self.checkpointer.checkpoint_path(name))
-        self.step(it)
-
-    def save_for_preemption(self) -> str:
-        """Save ``{file_prefix}_{iter:07d}`` now (unless this iteration was just saved) and wait.
-
-        Called by the trainer on every rank when it stops for a preemption signal. The file
-        counts as a periodic one for ``max_to_keep``.
-
-        Returns:
-            The path of the complete checkpoint of this iteration, or ``""`` on a process that
-            does not write.
-        """
-        it = self.trainer.iter
-        if self._saved is None or self._saved[0] != it:
-            self._prepare()
-            name = f"{self.file_prefix}_{it:07d}"
-            keep = self.max_to_keep if self._writes() else None
-            if keep is not None:
-                self._track(f"{name}.pth", keep)
-            self.checkpointer.save(name, iteration=it)
-            if keep is not None:
-                self._delete_dropped()
-            self._saved = (it, self.checkpointer.checkpoint_path(name))
-        self.checkpointer.wait()
-        return self._saved[1] if self._writes() else ""
-
-    def after_train(self) -> None:
-        self.checkpointer.wait()
-
-
-class BestCheckpointer(HookBase):
-    """Save the model as ``{file_prefix}.pth`` whenever ``val_metric`` reaches a new best.
-
-    Runs on EvalHook's schedule (after every ``eval_period``-th iteration except the last, and in
-    ``after_train`` when training completed): register it after the EvalHook. It reads the latest
-    value of ``val_metric`` from the event storage; a missing metric is a warning, a NaN or
-    infinite value is never the best, and only a strict improvement saves. The file is written with
-    ``save_untagged``, so ``last_checkpoint`` keeps pointing to the latest checkpoint; a small
-    ``{file_prefix}.json`` next to it records the metric, its value and iteration.
-
-    State: the best value and its iteration. A resumed run therefore never replaces a better model
-    by a worse one; when resumed (``start_iter > 0``) it also reads ``{file_prefix}.json``, which
-    covers a best found after the checkpoint it resumed from was written.
-
-    Args:
-        eval_period: the EvalHook's period.
-        checkpointer: the checkpointer that writes the file (its main process writes).
-        val_metric: the name of the metric in the storage, e.g. ``"accuracy/top1"``.
-        mode: ``"max"`` (higher is better) or ``"min"``.
-        file_prefix: the file name without extension.
-
-    Raises:
-        ValueError: if ``mode`` is neither "max" nor "min".
-    """
-
-    def __init__(
-        self,
-        eval_period: int,
-        checkpointer: Checkpointer,
-        val_metric: str,
-        mode: str = "max",
-        file_prefix: str = "model_best",
-    ) -> None:
-        if mode not in ("max", "min"):
-            raise ValueError(f"BestCheckpointer mode must be 'max' or 'min', got {mode!r}.")
-        self._period = eval_period
-        self._val_metric = val_metric
-        self._mode = mode
-        self.checkpointer = checkpointer
-        self._file_prefix = file_prefix
-        self.best_metric: float | None = None
-        self.best_iter: int | None = None
-
-    def _better(self, value: float, best: float) -> bool:
-        return value > best if self._mode == "max" else value < best
-
-    def _record_path(self) -> str:
-        return file_io.join(self.checkpointer.save_dir, f"{self._file_prefix}.json")
-
-    def _writes(self) -> bool:
-        return bool(self.checkpointer.save_dir) and self.checkpointer.save_to_disk
-
-    def before_train(self) -> None:
-        if self.trainer.start_iter <= 0 or not self._writes():
-            return
-        path = self._record_path()
-        try:
-            record = json.loads(file_io.read_text(path))
-            value, it = float(record["value"]), int(record["iteration"])
-        except FileNotFoundError:
-            return
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            logger.warning("Ignoring the unreadable best-model record %s: %s", path, e)
-            return
-        usable = record.get("metric") == self._val_metric and math.isfinite(value)
-        if usable and (self.best_metric is None or self._better(value, self.best_metric)):
-            self.best_metric, self.best_iter = value, it
-
-    def _best_checking(self) -> None:
-        latest = self.trainer.storage.latest().get(self._val_metric)
-        if latest is None:
-            # Only the writing process warns: others may not receive the evaluation results.
-            log = logger.warning if self._writes() else logger.debug
-            log(
-                "BestCheckpointer: the metric '%s' is not in the event storage; no best "
-                "checkpoint saved. HINT: register BestCheckpointer after the EvalHook that "
-                "computes it, and check its name.",
-                self._val_metric,
-            )
-            return
-        value, metric_iter = float(latest[0]), int(latest[1])
-        if not math.isfinite(value):
-            logger.warning(
-                "BestCheckpointer: %s = %s is not finite; never the best.", self._val_metric, value
-            )
-            return
-        if self.best_metric is not None and not self._better(value, self.best_metric):
-            logger.info(
-                "Not saving: %s = %.5f is not better than the best %.5f at iteration %d.",
-                self._val_metric,
-                value,
-                self.best_metric,
-                self.best_iter,
-            )
-            return
-        previous = self.best_metric
-        self.best_metric, self.best_iter = value, metric_iter
-        self.checkpointer.save_untagged(self._file_prefix, iteration=metric_iter)
-        if self._writes():
-            self.checkpointer.wait()  # the record names a complete file
-            record = {"metric": self._val_metric, "value": value, "iteration": metric_iter}
-            file_io.atomic_write_text(self._record_path(), json.dumps(record))
-        logger.info(
-            "Saved the best model: %s = %.5f at iteration %d (previous best: %s).",
-            self._val_metric,
-            value,
-            metric_iter,
-            "none" if previous is None else f"{previous:.5f}",
-        )
-
-    def after_step(self) -> None:
-        if _is_periodic_eval_step(self._period, self.trainer):  # EvalHook's schedule
-            self._best_checking()
-
-    def after_train(self) -> None:
-        if self.trainer.iter + 1 >= self.trainer.max_iter:  # completed, not failed or preempted
-            self._best_checking()
-
-    def state_dict(self) -> dict[str, Any]:
-        """``{"best_metric", "best_iter"}`` once a best exists (``{}`` before)."""
-        if self.best_metric is None:
-            return {}
-        return {"best_metric": self.best_metric, "best_iter": self.best_iter}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the best value (a better one already known is kept)."""
-        value = state_dict.get("best_metric")
-        if value is None:
-            return
-        if self.best_metric is None or self._better(float(value), self.best_metric):
-            self.best_metric = float(value)
-            self.best_iter = state_dict.get("best_iter")

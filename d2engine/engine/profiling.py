@@ -147,7 +147,8 @@ class TorchMemoryStats(HookBase):
         self._max_runs = check_positive_int(max_runs, "max_runs", "TorchMemoryStats")
         self._runs = 0
 
-    def _implements(self, stage: str) -> bool:
+    def implements(self, stage: str) -> bool:
+        """``before_train``; ``after_step`` only when CUDA is available."""
         if stage == "before_train":
             return True
         return stage == "after_step" and torch.cuda.is_available()

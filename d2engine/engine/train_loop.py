@@ -2,56 +2,21 @@
 
 :class:`TrainerBase` runs ``before_train``, then ``before_step / run_step / after_step`` for each
 iteration, then ``after_train``, calling the registered :class:`HookBase` objects at each stage in
-registration order. Each stage is dispatched only to the hooks that override it, so a stage that
-no hook implements costs nothing per iteration.
-
+registration order (see :meth:`HookBase.implements` for which hooks a stage is dispatched to).
 :class:`SimpleTrainer` implements ``run_step`` for one model, one data source and one optimizer;
 :class:`AMPTrainer` adds ``torch.amp`` mixed precision (fp16 with a GradScaler, or bf16).
 
-Exact resume
-------------
-``trainer.state_dict()`` holds everything a continuation needs, under predictable keys:
-``"iteration"`` (the last finished one), ``"hooks"`` (each stateful hook's state, e.g. the LR
-scheduler under ``"LRScheduler"``), ``"rng"`` (python, numpy, torch CPU and per-device CUDA
-generator states, one entry per rank), and for :class:`SimpleTrainer` ``"optimizer"`` and
-``"data"`` (the data loader's ``state_dict()``, when it has one: the data position of
-:func:`d2engine.data.build_train_loader`, O(1) to restore), for :class:`AMPTrainer`
-``"grad_scaler"``. ``load_state_dict`` restores all of it and sets ``start_iter = iteration + 1``.
-Register the trainer as a checkpointable (``Checkpointer(model, dir, trainer=trainer)``) and a
-run killed at any moment and resumed from its last checkpoint ends with the same weights, bit for
-bit, as an uninterrupted run, given:
-
-* ``num_workers=0``: exact. With ``num_workers > 0`` the batch order and the samples drawn are
-  still exact (the position is counted in batches handed to the trainer and the sampler restarts
-  there), but random augmentations that run *inside worker processes* draw from the workers'
-  generators, which are seeded per worker start and not saved: they are bit-identical only if the
-  mapper seeds its randomness from the sample index (or is deterministic).
-* CUDA: the CUDA generators are saved and restored, but many CUDA kernels (atomics in
-  scatter/index_add, cuDNN algorithm choice) are non-deterministic: bit-identical results need
-  ``torch.use_deterministic_algorithms(True)``, ``torch.backends.cudnn.benchmark = False`` and
-  ``CUBLAS_WORKSPACE_CONFIG=:4096:8``. Without them a resumed run is statistically, not bitwise,
-  equal.
-* The random generators are captured when the checkpoint is written (the PeriodicCheckpointer
-  hook's ``after_step``); hooks running after it in the same iteration must not draw random
-  numbers (EvalHook restores the generators after evaluating, so evaluation does not count).
-* In a multi-process job each rank's generators are gathered at the save point
-  (:meth:`TrainerBase.prepare_checkpoint`, called by the checkpointing hooks on every rank), so
-  register PeriodicCheckpointer on every rank: it writes on the main process only.
-
-Preemption
-----------
-While :meth:`TrainerBase.train` runs, the signals in ``trainer.preemption_signals`` (default
-``(SIGTERM,)``) stop training after the current iteration with a checkpoint; ``train`` then
-returns with ``trainer.preempted == True`` and scripts exit with :data:`PREEMPTION_EXIT_CODE`
-(75) so that the scheduler requeues the job. In a multi-process job the ranks agree on stopping
-every ``trainer.preemption_check_period`` iterations. Details: :mod:`d2engine.engine.preemption`.
+A trainer's ``state_dict()`` holds everything an exact continuation needs (the iteration, the
+hooks' states, every rank's random generators, the optimizer, the data position, ...); training
+stops early, with a checkpoint, on a preemption signal (``trainer.preemption``) or when asked to
+(:meth:`TrainerBase.request_stop`). ``docs/resume.md`` tells what is saved, what is guaranteed,
+and how preemption works.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import signal
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,21 +24,16 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from d2engine.checkpoint.state import capture_rng_state, gather_rng_states, restore_rng_state
-from d2engine.engine.preemption import (
-    PREEMPTION_EXIT_CODE,
-    preemption_handlers,
-    preemption_signal_to_stop_on,
-    record_preemption,
-    saves_for_preemption,
-    signal_name,
-)
+from d2engine.checkpoint.state import RankRNGStates
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, Preemption, preemption_attribute
 from d2engine.utils import comm
-from d2engine.utils.events import EventStorage, get_event_storage
+from d2engine.utils.events import EventStorage, _to_floats, get_event_storage
 from d2engine.utils.validation import check_positive_int
 
+# PREEMPTION_EXIT_CODE lives in d2engine.engine.preemption; re-exported for existing scripts.
 __all__ = ["PREEMPTION_EXIT_CODE", "AMPTrainer", "HookBase", "SimpleTrainer", "TrainerBase"]
 
 logger = logging.getLogger(__name__)
@@ -94,9 +54,9 @@ class HookBase:
         iter += 1
         hook.after_train()
 
-    A hook reaches the trainer (model, iteration, storage ...) through ``self.trainer``. Only
-    stages a hook overrides are called. ``before_step`` should take negligible time; put real
-    work in ``after_step``.
+    A hook reaches the trainer (model, iteration, storage ...) through ``self.trainer``. Only the
+    stages a hook implements are called (see :meth:`implements`). ``before_step`` should take
+    negligible time; put real work in ``after_step``.
     """
 
     trainer: TrainerBase
@@ -108,7 +68,8 @@ class HookBase:
         """Called before the first iteration."""
 
     def after_train(self) -> None:
-        """Called after the last iteration (also when training failed)."""
+        """Called after the last iteration, also when training failed or stopped early
+        (``trainer.completed`` tells whether it ran to ``max_iter``)."""
 
     def before_step(self) -> None:
         """Called before each iteration."""
@@ -126,36 +87,41 @@ class HookBase:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state returned by :meth:`state_dict` (stateless hooks ignore it)."""
 
-    def _implements(self, stage: str) -> bool:
-        """Whether the trainer should call ``stage`` on this hook (it overrides it)."""
-        if stage in vars(self):
-            return True
-        return getattr(type(self), stage) is not getattr(HookBase, stage)
+    def implements(self, stage: str) -> bool:
+        """Whether the trainer calls this hook's ``stage`` (e.g. ``"after_step"``).
+
+        The dispatch rule: a hook implements the stages it overrides (in its class or on the
+        instance), so a stage no hook overrides costs nothing per iteration. A hook that decides
+        per instance overrides this method (e.g. :class:`~d2engine.engine.hooks.CallbackHook`:
+        the stages it was given a function for). The trainer asks when hooks are registered and
+        at the start of each ``train()``, never per iteration.
+
+        Args:
+            stage: one of ``before_train``, ``after_train``, ``before_step``, ``after_backward``,
+                ``after_step``.
+
+        Returns:
+            True if the trainer should call it.
+        """
+        return stage in vars(self) or getattr(type(self), stage) is not getattr(HookBase, stage)
 
 
 class TrainerBase:
-    """Base class of iterative trainers with hooks.
-
-    The only assumption is that training runs in a loop; subclasses implement :meth:`run_step`.
-
-    Its ``state_dict()`` holds the iteration, the hooks' states and the random generators' states
-    (see "Exact resume" in the module docstring); :meth:`train` handles preemption signals (see
-    "Preemption").
+    """Base class of iterative trainers with hooks; subclasses implement :meth:`run_step`.
 
     Attributes:
-        iter: the current iteration.
-        start_iter: the iteration training (re)started from; ``load_state_dict`` sets it to the
-            saved iteration + 1.
+        iter: the current iteration (after :meth:`train`: ``max_iter``, or the last finished
+            iteration when training stopped early or failed).
+        start_iter: the iteration training (re)started from.
         max_iter: the iteration training ends at (exclusive).
         storage: the :class:`EventStorage` opened by :meth:`train` (kept afterwards).
-        preemption_signals: the signals that stop training with a checkpoint (default
-            ``(signal.SIGTERM,)``; empty: no handler is installed). Same value on every rank.
-        preemption_check_period: in a multi-process job, combine the ranks' preemption flags
-            every this many iterations (default 10).
-        preempted: whether the last :meth:`train` stopped early because of a preemption signal.
-        preemption_signal: the signal number that caused it (None otherwise).
-        checkpoint_rng: whether ``state_dict()`` holds and ``load_state_dict()`` restores the
-            random generators' states (default True).
+        completed: whether the last :meth:`train` ran to ``max_iter`` (False while it runs, after
+            a failure, and after a stop); set before the hooks' ``after_train``.
+        stop_reason: why the last :meth:`train` stopped early (see :meth:`request_stop`), or None.
+        preemption: the :class:`~d2engine.engine.preemption.Preemption` handling of the trainer
+            (its signals and check period).
+        checkpoint_rng: whether ``state_dict()`` holds (and ``load_state_dict()`` restores) every
+            rank's random generators under ``"rng"`` (default True).
     """
 
     def __init__(self) -> None:
@@ -165,15 +131,12 @@ class TrainerBase:
         self.start_iter: int = 0
         self.max_iter: int = 0
         self.storage: EventStorage
-        self.preemption_signals: tuple[int, ...] = (signal.SIGTERM,)
-        self.preemption_check_period: int = 10
-        self.preempted: bool = False
-        self.preemption_signal: int | None = None
-        self.checkpoint_rng: bool = True
-        self._signal_received: int | None = None
-        self._gathered_rng: tuple[int, list[Any]] | None = None
-        self._collective_checkpoints: bool = True
-        self._warned_rng = False
+        self.completed = False
+        self.stop_reason: str | None = None
+        self._stop_request: tuple[str, int] | None = None
+        self.preemption = Preemption()
+        self.checkpoint_rng = True
+        self._rng = RankRNGStates()
 
     def register_hooks(self, hooks: Sequence[HookBase | None]) -> None:
         """Register hooks; they run in the order given, after those registered before.
@@ -184,33 +147,33 @@ class TrainerBase:
         Raises:
             TypeError: if an entry is neither a :class:`HookBase` nor None.
         """
-        hooks = [h for h in hooks if h is not None]
+        accepted: list[HookBase] = []
         for h in hooks:
+            if h is None:
+                continue
             if not isinstance(h, HookBase):
                 raise TypeError(
                     f"register_hooks() takes HookBase objects, got {type(h).__name__} ({h!r}). "
                     "HINT: subclass d2engine.engine.train_loop.HookBase, or wrap functions in "
                     "d2engine.engine.hooks.CallbackHook."
                 )
-        for h in hooks:
             # A proxy: a strong reference would make the cycle trainer -> hook -> trainer.
             h.trainer = weakref.proxy(self)
-        self._hooks.extend(hooks)
+            accepted.append(h)
+        self._hooks.extend(accepted)
         self._build_dispatch()
 
     def _build_dispatch(self) -> None:
         self._stage_calls = {
-            stage: [getattr(h, stage) for h in self._hooks if h._implements(stage)]
-            for stage in _STAGES
+            s: [getattr(h, s) for h in self._hooks if h.implements(s)] for s in _STAGES
         }
 
     def train(self, start_iter: int, max_iter: int) -> None:
         """Run iterations ``start_iter .. max_iter - 1``.
 
-        After success ``iter == max_iter``. An exception is logged with the iteration and
-        re-raised; ``after_train`` runs in every case. A preemption signal (see
-        ``preemption_signals``) stops training after the current iteration with a checkpoint:
-        then ``preempted`` is True and ``iter`` is the last finished iteration.
+        An exception is logged with the iteration and re-raised; ``after_train`` runs in every
+        case. Training ends early, after the current iteration, when :meth:`request_stop` was
+        called or a preemption signal arrived (then with a checkpoint, see ``preemption``).
 
         Args:
             start_iter: the first iteration.
@@ -219,154 +182,60 @@ class TrainerBase:
         logger.info("Starting training from iteration %d", start_iter)
         self.iter = self.start_iter = start_iter
         self.max_iter = max_iter
-        self.preempted = False
-        self.preemption_signal = None
-        self._signal_received = None
+        self.completed, self.stop_reason, self._stop_request = False, None, None
         self._build_dispatch()  # hooks appended to ``_hooks`` directly are honoured too
-        with (
-            EventStorage(start_iter) as self.storage,
-            preemption_handlers(self.preemption_signals, self._on_preemption_signal),
-        ):
+        with EventStorage(start_iter) as self.storage, self.preemption.watch(self._hooks):
             try:
-                self._check_checkpoint_hooks()
                 self.before_train()
                 for self.iter in range(start_iter, max_iter):
                     self.before_step()
                     self.run_step()
                     self.after_step()
-                    self._after_iteration()
-                    if self.preempted:
+                    if self._stops_here():
                         break
                 # Errors of metrics still being computed in the background belong to this run.
                 self.storage.raise_pending()
-                if not self.preempted:
-                    # The hooks' after_train (and anything that reads ``iter`` afterwards) sees
-                    # max_iter; a preempted run keeps the last finished iteration.
+                if self.stop_reason is None:
                     self.iter = max(max_iter, start_iter)
+                    self.completed = True
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
                 raise
             finally:
                 self.storage.wait_pending()
                 self.after_train()
-        if self._signal_received is not None and not self.preempted:
-            logger.warning(
-                "Received signal %d too late to stop training early (during the last "
-                "iteration or after the last preemption check); training completed.",
-                self._signal_received,
-            )
 
-    # ------------------------------------------------------------------ preemption
-    def _on_preemption_signal(self, signum: int) -> None:
-        """The signal handler (see :mod:`d2engine.engine.preemption`): only sets a flag."""
-        self._signal_received = signum
+    def request_stop(self, reason: str, *, level: int = logging.INFO) -> None:
+        """End training after the current iteration (from a hook, during an iteration).
 
-    def _check_checkpoint_hooks(self) -> None:
-        """Multi-process: whether every rank has the same checkpointing hooks (one collective).
+        The hooks' ``after_train`` run, ``iter`` stays the last finished iteration, ``completed``
+        is False and ``stop_reason`` is ``reason``, logged once. The first request wins; one in
+        the last iteration changes nothing. No collective is made: in a multi-process job call
+        it on every rank in the same iteration, with a decision the ranks share (see "Stopping
+        early" in ``docs/resume.md``).
 
-        Gathering the ranks' RNG states at a save point is a collective; it is only done when
-        every rank runs the same checkpointing hooks, else it would deadlock.
+        Args:
+            reason: why training stops, for the log and ``stop_reason``.
+            level: the logging level of the line.
         """
-        self._gathered_rng = None
-        self._warned_rng = False
-        if comm.get_world_size() == 1:
-            self._collective_checkpoints = True
-            return
-        keys = [k for k, h in zip(self._hook_keys(), self._hooks) if saves_for_preemption(h)]
-        all_keys = comm.all_gather(keys)
-        self._collective_checkpoints = all(k == all_keys[0] for k in all_keys)
-        if not self._collective_checkpoints:
-            logger.warning(
-                "The checkpointing hooks differ between ranks (%s): the other ranks' RNG states "
-                "cannot be gathered into the checkpoints, so a resumed run is not exact on them. "
-                "HINT: register PeriodicCheckpointer on every rank (it writes on the main "
-                "process only).",
-                all_keys,
-            )
+        if self._stop_request is None:
+            self._stop_request = (reason, level)
 
-    def _after_iteration(self) -> None:
-        """After ``after_step``: stop with a checkpoint when a preemption signal arrived."""
-        if not self.preemption_signals or self.iter >= self.max_iter - 1:
-            return  # the last iteration: training is complete anyway
-        signum = preemption_signal_to_stop_on(
-            self._signal_received, self.iter, self.preemption_check_period
-        )
-        if signum is not None:
-            self._stop_for_preemption(signum)
+    def _stops_here(self) -> bool:
+        """After each iteration: stop for a preemption signal or a :meth:`request_stop`?"""
+        if self.preemption.should_stop(self.iter, self.max_iter):
+            self.request_stop(self.preemption.stop(self.iter), level=logging.WARNING)
+        if self._stop_request is None or self.iter >= self.max_iter - 1:
+            return False
+        self.stop_reason, level = self._stop_request
+        logger.log(level, "Training stopped after iteration %d: %s", self.iter, self.stop_reason)
+        return True
 
-    def _stop_for_preemption(self, signum: int) -> None:
-        paths = []
-        for hook in self._hooks:
-            save = getattr(hook, "save_for_preemption", None)
-            if callable(save):
-                paths.append(save())
-        comm.synchronize()  # no rank leaves before the checkpoint is complete
-        self.preempted = True
-        self.preemption_signal = signum
-        record_preemption(signum)
-        name = signal_name(signum)
-        written = [p for p in paths if p]
-        where = (
-            f"checkpoint saved to {', '.join(written)}"
-            if written
-            else "no checkpoint written here (no PeriodicCheckpointer hook on this process)"
-        )
-        logger.warning(
-            "Preempted by %s: stopped after iteration %d, %s. Exit with code %d to have the job "
-            "requeued; it resumes at iteration %d.",
-            name,
-            self.iter,
-            where,
-            PREEMPTION_EXIT_CODE,
-            self.iter + 1,
-        )
-
-    def prepare_checkpoint(self) -> None:
-        """Gather every rank's RNG state for a checkpoint of the current iteration.
-
-        A collective in a multi-process job: checkpointing hooks call it on every rank right
-        before saving (only the main process writes). ``state_dict()`` then holds all ranks'
-        generators. No-op in a single process, or when the ranks' checkpointing hooks differ.
-        """
-        if not self.checkpoint_rng or comm.get_world_size() == 1:
-            return
-        if self._collective_checkpoints:
-            self._gathered_rng = (self.iter, gather_rng_states())
-
-    def _rng_states(self) -> list[Any]:
-        world_size = comm.get_world_size()
-        if world_size == 1:
-            return [capture_rng_state()]
-        if self._gathered_rng is not None and self._gathered_rng[0] == self.iter:
-            return list(self._gathered_rng[1])
-        if not self._warned_rng:
-            self._warned_rng = True
-            logger.warning(
-                "Saving a checkpoint at iteration %d without the other ranks' RNG states (they "
-                "were not gathered): a run resumed from it restores rank %d's generators only. "
-                "HINT: call trainer.prepare_checkpoint() on every rank before saving.",
-                self.iter,
-                comm.get_rank(),
-            )
-        states: list[Any] = [None] * world_size
-        states[comm.get_rank()] = capture_rng_state()
-        return states
-
-    def _restore_rng(self, states: Any) -> None:
-        rank, world_size = comm.get_rank(), comm.get_world_size()
-        states = list(states)
-        if len(states) != world_size:
-            logger.warning(
-                "The checkpoint holds the RNG states of %d rank(s); this job has %d. Ranks "
-                "without a saved state keep their current generators.",
-                len(states),
-                world_size,
-            )
-        state = states[rank] if rank < len(states) else None
-        if state is None:
-            logger.warning("The checkpoint has no RNG state for rank %d; not restored.", rank)
-            return
-        restore_rng_state(state)
+    # Kept from before ``preemption`` existed: they read (and set) its attributes.
+    preempted = preemption_attribute("preempted")
+    preemption_signal = preemption_attribute("signal")
+    preemption_signals = preemption_attribute("signals")
+    preemption_check_period = preemption_attribute("check_period")
 
     def before_train(self) -> None:
         """Run the hooks' ``before_train``."""
@@ -399,39 +268,31 @@ class TrainerBase:
         """One training iteration; implemented by subclasses."""
         raise NotImplementedError
 
-    def _hook_keys(self) -> list[str]:
-        """A key per hook: its qualified class name, suffixed ``.N`` for the N-th repeat."""
-        seen: dict[str, int] = {}
-        keys = []
-        for h in self._hooks:
-            name = type(h).__qualname__
-            n = seen.get(name, 0)
-            seen[name] = n + 1
-            keys.append(name if n == 0 else f"{name}.{n}")
-        return keys
+    def gather_state(self) -> None:
+        """Gather every rank's random generators for the next ``state_dict()`` (a collective:
+        the trainer is a :class:`~d2engine.checkpoint.state.CollectiveStateful`)."""
+        if self.checkpoint_rng:
+            self._rng.gather(f"iteration {self.iter}")
 
     def state_dict(self) -> dict[str, Any]:
-        """Return ``{"iteration", "hooks": {qualname: state}, "rng": [state per rank]}``.
+        """Return ``{"iteration", "hooks": {key: state}, "rng": [state per rank]}``.
 
-        Empty hook states are left out; ``"rng"`` only with ``checkpoint_rng``.
-
-        Returns:
-            The trainer's checkpointable state.
+        Hooks are keyed by class name (``.N`` for repeats); empty states are left out. ``"rng"``
+        only with ``checkpoint_rng``: every rank's generators when :meth:`gather_state` ran at
+        this iteration, else this rank's (the others ``None``, with a warning).
         """
-        hooks_state = {}
-        for key, h in zip(self._hook_keys(), self._hooks):
-            state = h.state_dict()
-            if state:
-                hooks_state[key] = state
-        ret: dict[str, Any] = {"iteration": self.iter, "hooks": hooks_state}
+        hooks = {k: h.state_dict() for k, h in zip(_hook_keys(self._hooks), self._hooks)}
+        ret: dict[str, Any] = {
+            "iteration": self.iter,
+            "hooks": {k: s for k, s in hooks.items() if s},
+        }
         if self.checkpoint_rng:
-            ret["rng"] = self._rng_states()
+            ret["rng"] = self._rng.states(f"iteration {self.iter}")
         return ret
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore the iteration (``start_iter = iteration + 1``), hooks' and RNG states.
-
-        A hook missing from this trainer is a warning.
+        """Restore the iteration (``start_iter = iteration + 1``), hooks' and RNG states; a hook
+        missing from this trainer is a warning.
 
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
@@ -446,29 +307,25 @@ class TrainerBase:
             )
         self.iter = int(state_dict["iteration"])
         self.start_iter = self.iter + 1
-        by_key = dict(zip(self._hook_keys(), self._hooks))
+        by_key = dict(zip(_hook_keys(self._hooks), self._hooks))
         for key, value in state_dict.get("hooks", {}).items():
-            hook = by_key.get(key)
-            if hook is None:
+            if key in by_key:
+                by_key[key].load_state_dict(value)
+            else:
                 logger.warning("Cannot find the hook '%s'; its state_dict is ignored.", key)
-                continue
-            hook.load_state_dict(value)
         if self.checkpoint_rng and state_dict.get("rng") is not None:
-            self._restore_rng(state_dict["rng"])
+            self._rng.restore(state_dict["rng"])
 
 
-def _to_floats(loss_dict: Mapping[str, torch.Tensor | float]) -> dict[str, float]:
-    """Convert scalar tensors to floats: one host-device transfer for accelerator tensors."""
-    names = list(loss_dict)
-    values = [loss_dict[k] for k in names]
-    tensors = [v for v in values if isinstance(v, torch.Tensor)]
-    devices = {v.device for v in tensors}
-    on_accelerator = len(devices) == 1 and next(iter(devices)).type != "cpu"
-    if len(tensors) == len(values) > 1 and on_accelerator:
-        floats = torch.stack([v.detach().reshape(()).double() for v in tensors]).tolist()
-    else:  # CPU tensors: .item() is cheaper than stacking
-        floats = [float(v.item()) if isinstance(v, torch.Tensor) else float(v) for v in values]
-    return dict(zip(names, floats))
+def _hook_keys(hooks: Sequence[HookBase]) -> list[str]:
+    """A key per hook in a trainer's state: its qualified class name, ``.N`` for the N-th repeat."""
+    seen: dict[str, int] = {}
+    keys = []
+    for h in hooks:
+        name = type(h).__qualname__
+        seen[name] = n = seen.get(name, 0) + 1
+        keys.append(name if n == 1 else f"{name}.{n - 1}")
+    return keys
 
 
 def _write_metrics(
@@ -479,7 +336,7 @@ def _write_metrics(
     storage: EventStorage,
     group: Any = None,
 ) -> None:
-    metrics = _to_floats(loss_dict)
+    metrics = dict(zip(loss_dict, _to_floats(list(loss_dict.values()))))
     storage.put_scalar("rank_data_time", data_time, cur_iter=cur_iter)
     if comm.get_world_size() == 1:
         mean = metrics
@@ -514,7 +371,8 @@ class SimpleTrainer(TrainerBase):
     mean of each loss and their sum as ``total_loss``. A non-finite total raises
     ``FloatingPointError`` on every rank. With ``async_write_metrics=True`` the metrics are
     gathered in a background thread; its error is raised in the training thread at the next
-    iteration (or at the end of :meth:`train`).
+    iteration (or at the end of :meth:`train`). The thread is stopped at the end of :meth:`train`
+    (and by :meth:`close`).
 
     Args:
         model: a module in training mode returning a dict of scalar losses (or one tensor).
@@ -626,8 +484,6 @@ class SimpleTrainer(TrainerBase):
         if comm.get_world_size() > 1 and self._metrics_group is None:
             # Created once, here in the training thread, at the same step on every rank: the
             # background collective then never interleaves with DDP's on the default group.
-            import torch.distributed as dist
-
             self._metrics_group = dist.new_group(backend="gloo")
         detached = {k: v.detach() for k, v in loss_dict.items()}
         future = self._metrics_executor.submit(
@@ -644,8 +500,18 @@ class SimpleTrainer(TrainerBase):
         storage.discard_pending(future)
         future.result()
 
+    def train(self, start_iter: int, max_iter: int) -> None:
+        """See :meth:`TrainerBase.train`; the background metrics thread is stopped at the end."""
+        try:
+            super().train(start_iter, max_iter)
+        finally:
+            self.close()
+
     def close(self) -> None:
-        """Wait for background metrics and stop their thread (a later async step restarts it)."""
+        """Wait for background metrics and stop their thread (a later async step restarts it).
+
+        :meth:`train` calls it at its end.
+        """
         if self._metrics_executor is not None:
             self._metrics_executor.shutdown(wait=True)
             self._metrics_executor = None

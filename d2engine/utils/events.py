@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections import defaultdict, deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from itertools import islice
@@ -71,8 +71,13 @@ def has_event_storage() -> bool:
     return bool(_CURRENT_STORAGE_STACK)
 
 
-def _to_floats(values: list[Any]) -> list[float]:
-    """Convert numbers and 1-element tensors to floats, with one sync per device at most."""
+def _to_floats(values: Sequence[Any]) -> list[float]:
+    """Convert numbers and one-element tensors to floats, with one transfer per accelerator.
+
+    The tensors on one accelerator device are stacked and read back together; CPU tensors are
+    converted one by one (cheaper than stacking them). Shared by the storage and the trainers'
+    metrics.
+    """
     out: list[Any] = list(values)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, v in enumerate(values):
@@ -80,13 +85,16 @@ def _to_floats(values: list[Any]) -> list[float]:
             by_device[v.device].append(i)
         else:
             out[i] = float(v)
-    for idx in by_device.values():
-        if len(idx) == 1:
-            out[idx[0]] = float(values[idx[0]])
-        else:
-            stacked = torch.stack([values[i].reshape(()) for i in idx]).double().tolist()
-            for i, f in zip(idx, stacked):
-                out[i] = f
+    for device, idx in by_device.items():
+        if device.type == "cpu" or len(idx) == 1:
+            for i in idx:
+                out[i] = float(values[i].item())
+            continue
+        tensors = [values[i].detach().reshape(()) for i in idx]
+        if len({t.dtype for t in tensors}) > 1:
+            tensors = [t.double() for t in tensors]
+        for i, f in zip(idx, torch.stack(tensors).double().tolist()):
+            out[i] = f
     return out
 
 

@@ -121,10 +121,36 @@ def test_empty_path_and_missing_file(tmp_path: Path, caplog: pytest.LogCaptureFi
 
 
 def test_no_save_dir_or_not_save_to_disk_writes_nothing(tmp_path: Path) -> None:
+    assert Checkpointer(Net(), str(tmp_path)).writes
+    assert not Checkpointer(Net()).writes
+    assert not Checkpointer(Net(), str(tmp_path), save_to_disk=False).writes
     Checkpointer(Net()).save("x")
     Checkpointer(Net(), str(tmp_path), save_to_disk=False).save("x")
     Checkpointer(Net(), str(tmp_path), save_to_disk=False, async_save=True).save("y")
     assert os.listdir(tmp_path) == []
+
+
+def test_gather_states_calls_the_collective_checkpointables(tmp_path: Path) -> None:
+    calls: list[str] = []
+
+    class Gathers:
+        def state_dict(self) -> dict:
+            return {"gathered": len(calls)}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            pass
+
+        def gather_state(self) -> None:
+            calls.append("gather")
+
+    opt = torch.optim.SGD(Net().parameters(), lr=0.1)
+    ckpt = Checkpointer(Net(), str(tmp_path), optimizer=opt, ranks=Gathers())
+    ckpt.save("before")  # save() itself never gathers (it may run on one rank only)
+    ckpt.gather_states()
+    ckpt.save("after")
+    assert calls == ["gather"]
+    assert torch.load(tmp_path / "before.pth", weights_only=True)["ranks"] == {"gathered": 0}
+    assert torch.load(tmp_path / "after.pth", weights_only=True)["ranks"] == {"gathered": 1}
 
 
 def test_wrappers_are_unwrapped_and_module_prefix_stripped(tmp_path: Path) -> None:

@@ -124,6 +124,22 @@ def test_non_writing_rank_tracks_nothing(tmp_path: Path) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def test_every_save_goes_through_save(tmp_path: Path) -> None:
+    """Subclasses (the PeriodicCheckpointer hook) hook into one method for every file."""
+    saved: list[tuple[str, int]] = []
+
+    class Recording(PeriodicCheckpointer):
+        def save(self, name: str, **kwargs: object) -> None:
+            saved.append((name, kwargs["iteration"]))  # type: ignore[arg-type]
+            super().save(name, **kwargs)
+
+    periodic = Recording(Checkpointer(nn.Linear(2, 2), str(tmp_path)), period=2, max_iter=4)
+    for it in range(4):
+        periodic.step(it)
+    assert saved == [("model_0000001", 1), ("model_0000003", 3), ("model_final", 3)]
+    assert _files(tmp_path) == ["model_0000001.pth", "model_0000003.pth", "model_final.pth"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

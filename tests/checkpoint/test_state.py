@@ -1,4 +1,5 @@
-"""Tests for d2engine.checkpoint.state: RNG capture/restore, the Stateful protocol, snapshots."""
+"""Tests for d2engine.checkpoint.state: RNG capture/restore, the Stateful and CollectiveStateful
+protocols, per-rank RNG states, snapshots."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 from torch import nn
 
+from d2engine.checkpoint import state as state_module
 from d2engine.checkpoint.state import (
+    CollectiveStateful,
+    RankRNGStates,
     RNGState,
     Stateful,
     capture_rng_state,
@@ -106,6 +110,57 @@ def test_stateful_protocol() -> None:
     assert isinstance(torch.optim.SGD(model.parameters(), lr=0.1), Stateful)
     assert isinstance(model, Stateful)
     assert not isinstance(object(), Stateful)
+
+
+def test_collective_stateful_protocol() -> None:
+    class Gathers:
+        def state_dict(self) -> dict:
+            return {}
+
+        def load_state_dict(self, state_dict: dict) -> None:
+            pass
+
+        def gather_state(self) -> None:
+            pass
+
+    assert isinstance(Gathers(), CollectiveStateful) and isinstance(Gathers(), Stateful)
+    assert not isinstance(RNGState(), CollectiveStateful)  # no gather_state
+
+
+@pytest.mark.usefixtures("_restore_global_rngs")
+def test_rank_rng_states_single_process() -> None:
+    rng = RankRNGStates()
+    rng.gather("iteration 3")  # nothing to gather alone
+    states = rng.states("iteration 3")
+    assert len(states) == 1 and torch.equal(states[0]["torch"], torch.get_rng_state())
+    expected = _draws()
+    rng.restore(states)
+    assert _draws() == expected
+
+
+@pytest.mark.usefixtures("_restore_global_rngs")
+def test_rank_rng_states_as_rank_1_of_2(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only states gathered at the same save point are used; others hold this rank's only."""
+    other = capture_rng_state()
+    torch.manual_seed(5)
+    monkeypatch.setattr(state_module.comm, "get_world_size", lambda: 2)
+    monkeypatch.setattr(state_module.comm, "get_rank", lambda: 1)
+    monkeypatch.setattr(state_module.comm, "all_gather", lambda obj, group=None: [other, obj])
+    rng = RankRNGStates()
+    rng.gather("iteration 4")
+    gathered = rng.states("iteration 4")
+    assert torch.equal(gathered[0]["torch"], other["torch"])
+    assert torch.equal(gathered[1]["torch"], torch.get_rng_state())
+    with caplog.at_level("WARNING"):
+        stale = rng.states("iteration 9")  # gathered at another point: not used
+        rng.states("iteration 10")
+    assert stale[0] is None and torch.equal(stale[1]["torch"], torch.get_rng_state())
+    assert caplog.text.count("without the other ranks' RNG states") == 1  # warned once
+    expected = _draws()
+    rng.restore(gathered)  # rank 1 takes its own entry
+    assert _draws() == expected
 
 
 def test_snapshot_is_independent_of_later_updates() -> None:

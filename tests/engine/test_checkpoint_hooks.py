@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import logging
@@ -102,6 +103,63 @@ def test_periodic_hook_waits_for_async_saves_and_keeps_state(tmp_path: Path) -> 
     ckpt.close()
 
 
+class _Gathers:
+    """A CollectiveStateful checkpointable counting its gathers."""
+
+    def __init__(self) -> None:
+        self.gathered = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"gathered": self.gathered}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        pass
+
+    def gather_state(self) -> None:
+        self.gathered += 1
+
+
+@pytest.mark.parametrize("collective", [True, False])
+def test_periodic_hook_gathers_before_every_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, collective: bool
+) -> None:
+    from d2engine.engine.preemption import Preemption
+
+    # False: what the trainer decides when the ranks' checkpoint hooks differ.
+    monkeypatch.setattr(Preemption, "_hooks_agree", lambda self: collective)
+    trainer, ckpt = _trainer(tmp_path)
+    gathers = _Gathers()
+    ckpt.add_checkpointable("ranks", gathers)
+    trainer.register_hooks([hooks.PeriodicCheckpointer(ckpt, period=2)])
+    trainer.train(0, 4)
+    saved = {
+        name: torch.load(tmp_path / f"{name}.pth", weights_only=True)["ranks"]["gathered"]
+        for name in ("model_0000001", "model_0000003", "model_final")
+    }
+    if collective:  # gathered right before each of the three saves
+        assert saved == {"model_0000001": 1, "model_0000003": 2, "model_final": 3}
+    else:
+        assert set(saved.values()) == {0}
+
+
+def _mismatch_worker(out: str) -> None:
+    from d2engine.utils import comm
+
+    trainer, ckpt = _trainer(Path(out))
+    ckpt.save_to_disk = comm.is_main_process()
+    if comm.is_main_process():  # the checkpoint hook on rank 0 only
+        trainer.register_hooks([hooks.PeriodicCheckpointer(ckpt, period=2)])
+    trainer.train(0, 4)  # must not deadlock on the RNG gathering
+
+
+def test_periodic_hook_on_one_rank_only_saves_without_gathering(tmp_path: Path) -> None:
+    from d2engine.engine.launch import launch
+
+    launch(_mismatch_worker, 2, args=(str(tmp_path),), timeout=datetime.timedelta(seconds=60))
+    rng = torch.load(tmp_path / "model_final.pth", weights_only=True)["trainer"]["rng"]
+    assert len(rng) == 2 and rng[0] is not None and rng[1] is None  # rank 0's own state only
+
+
 def test_periodic_hook_save_for_preemption(tmp_path: Path) -> None:
     trainer, ckpt = _trainer(tmp_path)
     hook = hooks.PeriodicCheckpointer(ckpt, period=3, max_to_keep=1)
@@ -191,3 +249,20 @@ def test_best_checkpointer_resume_sees_a_best_found_after_the_checkpoint(tmp_pat
     assert trainer.start_iter == 4
     assert (best.best_metric, best.best_iter) == (0.9, 6)
     assert _saved_iteration(tmp_path / "model_best.pth") == 6
+
+
+def test_best_checkpointer_not_after_a_crash_in_the_last_iteration(tmp_path: Path) -> None:
+    trainer, ckpt = _trainer(tmp_path)
+    best = hooks.BestCheckpointer(2, ckpt, "acc")
+
+    class Crash(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == self.trainer.max_iter - 1:
+                raise RuntimeError("crash")
+
+    # 0.5 after iteration 1; _Metric puts 0.9 in after_train, as a final evaluation would.
+    trainer.register_hooks([_Metric([0.5, 0.9]), Crash(), best])
+    with pytest.raises(RuntimeError, match="crash"):
+        trainer.train(0, 4)
+    assert (best.best_metric, best.best_iter) == (0.5, 1)  # the crashed run is not the best
+    assert json.loads((tmp_path / "model_best.json").read_text())["value"] == 0.5

@@ -546,6 +546,18 @@ def test_trainer_scales_config_and_keeps_input(tmp_path, quiet_d2_logger) -> Non
     assert cfg.dump() == before and cfg.is_frozen()
 
 
+def test_close_and_no_metrics_thread_left(tmp_path, quiet_d2_logger) -> None:
+    import threading
+
+    trainer = ToyTrainer(_toy_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0}))
+    trainer._trainer.async_write_metrics = True
+    trainer.train()
+    assert [t for t in threading.enumerate() if t.name.startswith("d2engine-metrics")] == []
+    assert trainer.storage.history("total_loss").values()[-1][1] == 2
+    trainer.close()  # releases what train() may have left (idempotent)
+    trainer.close()
+
+
 def test_trainer_has_no_reference_cycles(tmp_path, quiet_d2_logger) -> None:
     trainer = ToyTrainer(_toy_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 2, "TEST.EVAL_PERIOD": 0}))
     trainer.train()

@@ -130,6 +130,21 @@ def _train_worker(out_dir: str) -> None:
         report[f"{kind}_local_losses"] = model.local_losses
         report[f"{kind}_total_loss"] = _history(trainer.storage, "total_loss")
 
+    # --- request_stop on every rank in the same iteration: all stop there, no collective ----
+    ddp = create_ddp_model(_Regressor())
+    batches = [_dataset()[4 * rank : 4 * rank + 4]] * 10
+    trainer = SimpleTrainer(ddp, batches, torch.optim.SGD(ddp.parameters(), lr=LR))
+    final_evals: list[int] = []
+    trainer.register_hooks(
+        [
+            CallbackHook(after_step=lambda t: t.request_stop("done") if t.iter == 2 else None),
+            EvalHook(0, lambda: final_evals.append(1)),  # a collective if it ran
+        ]
+    )
+    trainer.train(0, 10)
+    comm.synchronize()
+    report["stopped"] = [trainer.iter, trainer.completed, trainer.stop_reason, len(final_evals)]
+
     (out / f"rank{rank}.json").write_text(json.dumps(report))
 
 
@@ -241,6 +256,12 @@ def test_amp_and_async_metrics_are_averaged_across_ranks(train_job: tuple) -> No
             mean = (r0[f"{kind}_local_losses"][it] + r1[f"{kind}_local_losses"][it]) / 2
             assert math.isclose(logged[str(it)], mean, rel_tol=1e-6), (kind, it)
         assert r1[f"{kind}_total_loss"] == {}
+
+
+@pytest.mark.timeout(180)
+def test_request_stop_on_every_rank_stops_them_together(train_job: tuple) -> None:
+    _, reports = train_job
+    assert reports[0]["stopped"] == reports[1]["stopped"] == [2, False, "done", 0]
 
 
 def _nan_worker(out_dir: str) -> None:

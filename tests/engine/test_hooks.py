@@ -12,6 +12,8 @@ from torch import nn
 
 from d2engine.engine import hooks
 from d2engine.engine.train_loop import HookBase, SimpleTrainer
+from d2engine.solver.lr_scheduler import LRMultiplier
+from d2engine.solver.param_scheduler import ParamScheduler
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 
@@ -156,10 +158,6 @@ def test_lr_scheduler_best_param_group() -> None:
 
 
 def test_lr_scheduler_wraps_param_scheduler() -> None:
-    pytest.importorskip("d2engine.solver.lr_scheduler")
-    from d2engine.solver.lr_scheduler import LRMultiplier
-    from d2engine.solver.param_scheduler import ParamScheduler
-
     class Halves(ParamScheduler):
         def __call__(self, where: float) -> float:
             return 1.0 if where < 0.5 else 0.5
@@ -227,6 +225,30 @@ def test_eval_hook_no_final_eval_after_failure() -> None:
     with pytest.raises(RuntimeError, match="fail"):
         trainer.train(0, 10)
     assert calls == [1, 3]
+
+
+def test_eval_hook_no_final_eval_after_a_crash_in_the_last_iteration() -> None:
+    trainer, calls = _eval_trainer(2)
+
+    class Fail(HookBase):
+        def after_step(self) -> None:
+            if self.trainer.iter == self.trainer.max_iter - 1:
+                raise RuntimeError("fail")
+
+    trainer.register_hooks([Fail()])
+    with pytest.raises(RuntimeError, match="fail"):
+        trainer.train(0, 4)
+    assert calls == [1]  # a crashed run is not evaluated as if it had finished
+    assert not trainer.completed
+
+
+def test_eval_hook_no_final_eval_after_an_early_stop() -> None:
+    trainer, calls = _eval_trainer(2)
+    trainer.register_hooks(
+        [hooks.CallbackHook(after_step=lambda t: t.request_stop("done") if t.iter == 4 else None)]
+    )
+    trainer.train(0, 10)
+    assert calls == [1, 3] and trainer.iter == 4
 
 
 def test_eval_hook_non_number_names_key() -> None:

@@ -88,6 +88,7 @@ def test_in_process_preemption_api(tmp_path: Path, caplog: pytest.LogCaptureFixt
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert trainer.preempted and trainer.preemption_signal == signal.SIGUSR1
+    assert not trainer.completed and trainer.stop_reason.startswith("Preempted by SIGUSR1")
     assert trainer.iter == 6 and seen == ["after_train at 6"]
     assert caplog.text.count("Preempted by SIGUSR1") == 1
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000006.pth"
@@ -249,6 +250,30 @@ def test_two_ranks_stop_at_the_same_iteration_save_and_resume_exactly(tmp_path: 
         resumed = torch.load(out / f"resume{rank}.weights", weights_only=True)
         reference = torch.load(ref / f"reference{rank}.weights", weights_only=True)
         job.assert_bit_identical(resumed, reference)
+
+
+def test_preemption_object_and_the_trainer_attributes_that_read_it() -> None:
+    from d2engine.engine.preemption import Preemption
+
+    trainer, _ = job.build("")
+    assert isinstance(trainer.preemption, Preemption)
+    assert trainer.preemption_signals == (signal.SIGTERM,) and trainer.preemption_check_period == 10
+    trainer.preemption_signals = [signal.SIGUSR1]
+    trainer.preemption_check_period = 3
+    assert trainer.preemption.signals == (signal.SIGUSR1,) and trainer.preemption.check_period == 3
+    assert not trainer.preempted and trainer.preemption_signal is None
+    with pytest.raises(ValueError, match="check_period must be a positive integer"):
+        trainer.preemption_check_period = 0
+    with pytest.raises(RuntimeError, match="no signal was agreed on.*should_stop"):
+        Preemption().stop(3)
+    # The loop's question: a single process stops on its own flag, never in the last iteration.
+    preemption = Preemption(signals=(signal.SIGUSR1,))
+    with preemption.watch([]):
+        assert not preemption.should_stop(0, 10)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert not preemption.should_stop(9, 10)
+        assert preemption.should_stop(3, 10) and preemption.preempted
+        assert "Preempted by SIGUSR1, no checkpoint written here" in preemption.stop(3)
 
 
 def test_preemption_module_api() -> None:

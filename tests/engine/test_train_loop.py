@@ -4,6 +4,7 @@ import datetime
 import gc
 import json
 import logging
+import threading
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,15 @@ class _StepOnly(HookBase):
         self.n = state_dict["n"]
 
 
+class _StopAt(HookBase):
+    def __init__(self, at: int, reason: str) -> None:
+        self.at, self.reason = at, reason
+
+    def after_step(self) -> None:
+        if self.trainer.iter == self.at:
+            self.trainer.request_stop(self.reason)
+
+
 def test_exact_hook_call_order() -> None:
     log: list[str] = []
     trainer = _trainer()
@@ -126,6 +136,76 @@ def test_stages_dispatch_only_to_overriding_hooks() -> None:
     assert calls["before_step"] == [plain.before_step]
     trainer.train(0, 3)
     assert step_only.n == 3
+
+
+def test_implements_decides_the_dispatch() -> None:
+    class Dynamic(HookBase):
+        def __init__(self, enabled: bool) -> None:
+            self.enabled = enabled
+
+        def implements(self, stage: str) -> bool:
+            return self.enabled and stage == "after_step"
+
+        def after_step(self) -> None:
+            raise AssertionError("dispatched although disabled")
+
+    assert HookBase().implements("after_step") is False
+    assert _StepOnly().implements("after_step") and not _StepOnly().implements("before_step")
+    trainer = _trainer()
+    off, on = Dynamic(False), Dynamic(True)
+    trainer.register_hooks([off, on])
+    assert trainer._stage_calls["after_step"] == [on.after_step]
+    on.enabled = False  # asked again at the start of train()
+    trainer.train(0, 2)
+
+
+def test_request_stop_ends_after_the_current_iteration(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    log: list[str] = []
+    seen: list[tuple[bool, str | None]] = []
+
+    class Stop(HookBase):
+        def after_backward(self) -> None:
+            if self.trainer.iter == 2:
+                self.trainer.request_stop("enough")
+
+        def after_step(self) -> None:
+            if self.trainer.iter == 2:
+                self.trainer.request_stop("a later request")  # the first one wins
+
+        def after_train(self) -> None:
+            seen.append((self.trainer.completed, self.trainer.stop_reason))
+
+    trainer = _trainer()
+    trainer.register_hooks([_Recorder("r", log), Stop()])
+    with caplog.at_level(logging.INFO, logger="d2engine.engine.train_loop"):
+        trainer.train(0, 10)
+    assert log[-3:] == ["r.after_backward2", "r.after_step2", "r.after_train@2/2"]
+    assert trainer.iter == 2 and not trainer.completed and trainer.stop_reason == "enough"
+    assert seen == [(False, "enough")]
+    stops = [r for r in caplog.records if "Training stopped" in r.getMessage()]
+    assert [(r.levelno, r.getMessage()) for r in stops] == [
+        (logging.INFO, "Training stopped after iteration 2: enough")
+    ]
+    # A new train() starts without the request; one in the last iteration changes nothing.
+    trainer.train(3, 6)
+    assert trainer.completed and trainer.iter == 6 and trainer.stop_reason is None
+    trainer.register_hooks([_StopAt(8, "late")])
+    trainer.train(6, 9)
+    assert trainer.completed and trainer.iter == 9 and trainer.stop_reason is None
+    assert seen == [(False, "enough"), (True, None), (True, None)]
+
+
+def test_completed_only_when_max_iter_reached() -> None:
+    trainer = _trainer()
+    assert not trainer.completed
+    trainer.train(0, 2)
+    assert trainer.completed and trainer.iter == 2
+    failing = _trainer(nan_at=(1,))
+    with pytest.raises(FloatingPointError):
+        failing.train(0, 5)
+    assert not failing.completed and failing.stop_reason is None
 
 
 def test_exception_logged_reraised_after_train_runs(caplog) -> None:
@@ -280,6 +360,24 @@ def test_async_nan_at_last_iteration_raises_at_end() -> None:
         trainer.train(0, 5)
     assert log[-1].startswith("r.after_train")
     trainer.close()
+
+
+def _metrics_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("d2engine-metrics")]
+
+
+def test_metrics_thread_released_at_the_end_of_train() -> None:
+    before = _metrics_threads()
+    trainer = _trainer(async_write_metrics=True)
+    trainer.train(0, 3)
+    assert _metrics_threads() == before  # no close() needed
+    trainer.train(3, 5)  # the thread restarts for a second train()
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == [3, 4]
+    assert _metrics_threads() == before
+    failing = _trainer(async_write_metrics=True, nan_at=(1,))
+    with pytest.raises(FloatingPointError):
+        failing.train(0, 5)
+    assert _metrics_threads() == before
 
 
 def test_async_metrics_complete_for_writers(tmp_path: Path) -> None:
