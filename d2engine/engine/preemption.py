@@ -178,7 +178,7 @@ class Preemption:
         self.signal = preemption_signal_to_stop_on(self._received, iteration, self.check_period)
         return self.signal is not None
 
-    def stop(self, iteration: int) -> str:
+    def stop(self, iteration: int) -> tuple[str, str]:
         """Save the checkpoint of ``iteration`` through the checkpoint hooks and record the stop.
 
         Call it on every rank when :meth:`should_stop` said so. It returns once every rank's
@@ -188,7 +188,8 @@ class Preemption:
             iteration: the last finished iteration.
 
         Returns:
-            What happened, for the trainer's log.
+            The reason (``"Preempted by SIGTERM"``) and a note for the trainer's log line (where
+            the checkpoint is, the exit code, the iteration a resumed run starts at).
         """
         if self.signal is None:
             raise RuntimeError(
@@ -203,10 +204,9 @@ class Preemption:
             if written
             else "no checkpoint written here (no PeriodicCheckpointer hook on this process)"
         )
-        return (
-            f"Preempted by {signal_name(self.signal)}, {where}. Exit with code "
-            f"{PREEMPTION_EXIT_CODE} to have the job requeued; it resumes at iteration "
-            f"{iteration + 1}."
+        return f"Preempted by {signal_name(self.signal)}", (
+            f"{where}. Exit with code {PREEMPTION_EXIT_CODE} to have the job requeued; it resumes "
+            f"at iteration {iteration + 1}."
         )
 
 

@@ -133,7 +133,7 @@ class TrainerBase:
         self.storage: EventStorage
         self.completed = False
         self.stop_reason: str | None = None
-        self._stop_request: tuple[str, int] | None = None
+        self._stop_request: tuple[str, int, str] | None = None
         self.preemption = Preemption()
         self.checkpoint_rng = True
         self._rng = RankRNGStates()
@@ -205,11 +205,12 @@ class TrainerBase:
                 self.storage.wait_pending()
                 self.after_train()
 
-    def request_stop(self, reason: str, *, level: int = logging.INFO) -> None:
+    def request_stop(self, reason: str, *, level: int = logging.INFO, note: str = "") -> None:
         """End training after the current iteration (from a hook, during an iteration).
 
         The hooks' ``after_train`` run, ``iter`` stays the last finished iteration, ``completed``
-        is False and ``stop_reason`` is ``reason``, logged once. The first request wins; one in
+        is False and ``stop_reason`` is ``reason``, logged once as ``"{reason}: stopped after
+        iteration {iter}[, {note}]"``. The first request wins; one in
         the last iteration changes nothing. No collective is made: in a multi-process job call
         it on every rank in the same iteration, with a decision the ranks share (see "Stopping
         early" in ``docs/resume.md``).
@@ -217,18 +218,21 @@ class TrainerBase:
         Args:
             reason: why training stops, for the log and ``stop_reason``.
             level: the logging level of the line.
+            note: more for the line (e.g. where a checkpoint was saved).
         """
         if self._stop_request is None:
-            self._stop_request = (reason, level)
+            self._stop_request = (reason, level, note)
 
     def _stops_here(self) -> bool:
         """After each iteration: stop for a preemption signal or a :meth:`request_stop`?"""
         if self.preemption.should_stop(self.iter, self.max_iter):
-            self.request_stop(self.preemption.stop(self.iter), level=logging.WARNING)
+            reason, note = self.preemption.stop(self.iter)
+            self.request_stop(reason, level=logging.WARNING, note=note)
         if self._stop_request is None or self.iter >= self.max_iter - 1:
             return False
-        self.stop_reason, level = self._stop_request
-        logger.log(level, "Training stopped after iteration %d: %s", self.iter, self.stop_reason)
+        self.stop_reason, level, note = self._stop_request
+        end = f", {note}" if note else "."
+        logger.log(level, "%s: stopped after iteration %d%s", self.stop_reason, self.iter, end)
         return True
 
     # Kept from before ``preemption`` existed: they read (and set) its attributes.

@@ -88,7 +88,7 @@ def test_in_process_preemption_api(tmp_path: Path, caplog: pytest.LogCaptureFixt
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     assert trainer.preempted and trainer.preemption_signal == signal.SIGUSR1
-    assert not trainer.completed and trainer.stop_reason.startswith("Preempted by SIGUSR1")
+    assert not trainer.completed and trainer.stop_reason == "Preempted by SIGUSR1"
     assert trainer.iter == 6 and seen == ["after_train at 6"]
     assert caplog.text.count("Preempted by SIGUSR1") == 1
     assert (tmp_path / "last_checkpoint").read_text() == "model_0000006.pth"
@@ -273,7 +273,12 @@ def test_preemption_object_and_the_trainer_attributes_that_read_it() -> None:
         os.kill(os.getpid(), signal.SIGUSR1)
         assert not preemption.should_stop(9, 10)
         assert preemption.should_stop(3, 10) and preemption.preempted
-        assert "Preempted by SIGUSR1, no checkpoint written here" in preemption.stop(3)
+        reason, note = preemption.stop(3)
+    assert reason == "Preempted by SIGUSR1"
+    assert note == (
+        "no checkpoint written here (no PeriodicCheckpointer hook on this process). Exit with "
+        "code 75 to have the job requeued; it resumes at iteration 4."
+    )
 
 
 def test_preemption_module_api() -> None:

@@ -184,9 +184,9 @@ def test_request_stop_ends_after_the_current_iteration(
     assert log[-3:] == ["r.after_backward2", "r.after_step2", "r.after_train@2/2"]
     assert trainer.iter == 2 and not trainer.completed and trainer.stop_reason == "enough"
     assert seen == [(False, "enough")]
-    stops = [r for r in caplog.records if "Training stopped" in r.getMessage()]
+    stops = [r for r in caplog.records if "stopped after" in r.getMessage()]
     assert [(r.levelno, r.getMessage()) for r in stops] == [
-        (logging.INFO, "Training stopped after iteration 2: enough")
+        (logging.INFO, "enough: stopped after iteration 2.")
     ]
     # A new train() starts without the request; one in the last iteration changes nothing.
     trainer.train(3, 6)
