@@ -9,7 +9,7 @@ table and the missing/unexpected keys grouped by module.
 from __future__ import annotations
 
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -202,8 +202,6 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, Any]) -> LoadRep
 
 
 def _with_metadata(state: dict[str, Any], metadata: Any) -> dict[str, Any]:
-    from collections import OrderedDict
-
     out: dict[str, Any] = OrderedDict(state)
     out._metadata = metadata  # type: ignore[attr-defined]
     return out
