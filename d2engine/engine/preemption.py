@@ -63,8 +63,9 @@ class Preemption:
     its flag, a multi-process job combines the ranks' flags every ``check_period`` iterations (one
     small ``all_gather``; no collective in between), so every rank stops at the same iteration,
     at most ``check_period`` iterations after the signal. Then :meth:`stop` saves the checkpoint
-    through every :class:`CheckpointHook` and returns the line the trainer logs. Nothing is checked
-    during the last iteration: training completes anyway.
+    through every :class:`CheckpointHook` and returns the reason and note the trainer stops with
+    (``trainer.request_stop``). Nothing is checked during the last iteration: training completes
+    anyway. How a preempted job is requeued: ``docs/resume.md``.
 
     Saving is a collective (the ranks' RNG states are gathered), so :meth:`watch` also checks, once
     per ``train()``, that every rank registered the same checkpoint hooks; when they differ it warns
