@@ -13,19 +13,11 @@
   threads, so that the workers share the cores instead of oversubscribing them. The launcher watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the
   others and raises :class:`WorkerError` with the worker's traceback; workers exit by themselves if
   the launcher dies, so no orphan is left behind.
-* **An external launcher**: under ``torchrun`` / ``python -m torch.distributed.run`` (``RANK``,
-  ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) or a Slurm ``srun`` step of more
-  than one task (``SLURM_PROCID``, ``SLURM_NTASKS``, ``SLURM_LOCALID``, ``SLURM_NODEID``, a node
-  list), the processes exist already: ``launch`` starts none, initialises the process group from the
-  environment, creates the per-machine group and calls ``main_func`` once in this process. The
-  external launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
-
-Slurm: the rendezvous address is ``MASTER_ADDR`` when set, else the first host of
-``SLURM_STEP_NODELIST`` / ``SLURM_JOB_NODELIST`` / ``SLURM_NODELIST`` (forms such as ``node1``,
-``node[01-04,7]``, ``gpu-[1-2],cpu3``); the port is ``MASTER_PORT`` when set, else
-``15000 + SLURM_JOB_ID % 20000`` (the same on every task of the job). A Slurm job with a single task
-(e.g. ``sbatch`` running ``python train.py --num-gpus 4``) is not treated as a Slurm launch: the
-workers are started here as usual.
+* **An external launcher**: under ``torchrun`` or a Slurm ``srun`` step of more than one task
+  (:func:`d2engine.utils.cluster.detect_cluster_env` says which variables count), the processes
+  exist already: ``launch`` starts none, initialises the process group from the environment,
+  creates the per-machine group and calls ``main_func`` once in this process. The external
+  launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
 """
 
 from __future__ import annotations
@@ -43,7 +35,6 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -52,6 +43,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from d2engine.utils import comm
+from d2engine.utils.cluster import ClusterEnv, detect_cluster_env
 from d2engine.utils.validation import check_positive_int
 
 __all__ = ["DEFAULT_TIMEOUT", "WorkerError", "launch"]
@@ -94,119 +86,6 @@ class WorkerError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
-@dataclass(frozen=True)
-class _ExternalEnv:
-    """Where this process sits in a job whose processes were started by torchrun or srun."""
-
-    launcher: str
-    rank: int
-    world_size: int
-    local_rank: int
-    machine_id: str
-    init_method: str
-
-
-def _parse_slurm_nodelist(nodelist: str) -> list[str]:
-    """Expand a Slurm host list such as ``"gpu[01-03,7],cpu1"`` into host names.
-
-    Handles one bracket range per host name (the forms Slurm prints for ordinary clusters).
-
-    Raises:
-        ValueError: if the list has a form this parser does not understand.
-    """
-    hosts: list[str] = []
-    for match in re.finditer(r"([^,\[\]]+)(?:\[([^\]]*)\])?([^,\[\]]*)", nodelist):
-        prefix, ranges, suffix = match.groups()
-        if not ranges:
-            hosts.append(prefix + suffix)
-            continue
-        for part in ranges.split(","):
-            lo, _, hi = part.partition("-")
-            if not lo.isdigit() or (hi and not hi.isdigit()):
-                raise ValueError(
-                    f"Cannot parse the range {part!r} of Slurm node list {nodelist!r}."
-                )
-            for i in range(int(lo), int(hi or lo) + 1):
-                hosts.append(f"{prefix}{i:0{len(lo)}d}{suffix}")
-    if not hosts:
-        raise ValueError(f"Slurm node list {nodelist!r} names no host.")
-    return hosts
-
-
-def _tcp_url(host: str, port: int | str) -> str:
-    if ":" in host and not host.startswith("["):  # IPv6 literal
-        host = f"[{host}]"
-    return f"tcp://{host}:{port}"
-
-
-def _detect_external_env(
-    environ: dict[str, str] | os._Environ[str] = os.environ,
-) -> _ExternalEnv | None:
-    """Describe the torchrun or Slurm job this process belongs to, or ``None`` for neither.
-
-    Raises:
-        ValueError: if the environment names a torchrun or Slurm job but lacks what is needed to
-            join it.
-    """
-    if "RANK" in environ and "WORLD_SIZE" in environ:
-        missing = [k for k in ("LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if not environ.get(k)]
-        if missing:
-            raise ValueError(
-                f"RANK and WORLD_SIZE are set, as by torchrun, but {', '.join(missing)} "
-                "is not. HINT: start the job with `torchrun` (or `python -m torch.distributed.run`), "
-                "which sets them all, or unset RANK and WORLD_SIZE to let launch() start workers."
-            )
-        return _ExternalEnv(
-            launcher="torchrun",
-            rank=int(environ["RANK"]),
-            world_size=int(environ["WORLD_SIZE"]),
-            local_rank=int(environ["LOCAL_RANK"]),
-            machine_id=environ.get("GROUP_RANK") or socket.gethostname(),
-            init_method="env://",
-        )
-    ntasks = environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS")
-    if "SLURM_PROCID" in environ and ntasks and int(ntasks) > 1:
-        missing = [k for k in ("SLURM_LOCALID", "SLURM_NODEID") if k not in environ]
-        if missing:
-            raise ValueError(
-                f"This looks like a Slurm step of {ntasks} tasks (SLURM_PROCID, SLURM_NTASKS), but "
-                f"{', '.join(missing)} is not set. HINT: start the tasks with `srun`."
-            )
-        host = environ.get("MASTER_ADDR")
-        if not host:
-            nodelist = next(
-                (
-                    environ[k]
-                    for k in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                    if environ.get(k)
-                ),
-                None,
-            )
-            if nodelist is None:
-                raise ValueError(
-                    "Cannot find the rendezvous host of this Slurm job: neither MASTER_ADDR nor "
-                    "SLURM_STEP_NODELIST / SLURM_JOB_NODELIST / SLURM_NODELIST is set. "
-                    "HINT: export MASTER_ADDR=<first node> before srun."
-                )
-            try:
-                host = _parse_slurm_nodelist(nodelist)[0]
-            except ValueError as e:
-                raise ValueError(f"{e} HINT: export MASTER_ADDR=<first node> before srun.") from e
-        port = environ.get("MASTER_PORT")
-        if not port:
-            job_id = environ.get("SLURM_JOB_ID", "0")
-            port = str(15000 + int(job_id) % 20000) if job_id.isdigit() else "29500"
-        return _ExternalEnv(
-            launcher="slurm",
-            rank=int(environ["SLURM_PROCID"]),
-            world_size=int(ntasks),
-            local_rank=int(environ["SLURM_LOCALID"]),
-            machine_id=environ["SLURM_NODEID"],
-            init_method=_tcp_url(host, port),
-        )
-    return None
-
-
 def _choose_backend(num_gpus_per_machine: int) -> tuple[str, str]:
     """The backend for processes of this machine, and why."""
     if not torch.cuda.is_available():
@@ -244,7 +123,7 @@ def _setup_process_group(
     if num_per_machine is not None:
         comm.create_local_process_group(num_per_machine)
     else:
-        comm._create_local_process_group_by_machine(machine_id or socket.gethostname())
+        comm.create_local_process_group_by_machine(machine_id or socket.gethostname())
     comm.synchronize()
 
 
@@ -255,9 +134,7 @@ def _teardown_process_group(*, wait_for_others: bool) -> None:
             # No rank tears the store down while another still uses it.
             comm.synchronize()
     finally:
-        comm._destroy_local_process_group()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        comm.destroy_process_groups()
 
 
 def _exit_when_launcher_dies(parent_alive: Connection) -> None:
@@ -485,7 +362,7 @@ def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: 
 
 
 def _run_external(
-    env: _ExternalEnv,
+    env: ClusterEnv,
     main_func: Callable[..., Any],
     args: tuple[Any, ...],
     num_gpus_per_machine: int,
@@ -590,7 +467,7 @@ def launch(
         )
     args = tuple(args)
 
-    external = _detect_external_env()
+    external = detect_cluster_env()
     if external is not None:
         _run_external(external, main_func, args, num_gpus_per_machine, num_machines, timeout)
         return

@@ -2,7 +2,7 @@
 
 Every function works without an initialised process group (then the job is one process: world size
 1, rank 0), inside a job started by :func:`d2engine.engine.launch`, and under ``torchrun`` or Slurm,
-where the local rank and size are read from the environment.
+where the local rank and size are read from the environment (:mod:`d2engine.utils.cluster`).
 
 Object collectives (:func:`all_gather`, :func:`gather`) pickle their inputs and travel over a gloo
 group, so they work for any picklable object whatever the main backend is.
@@ -10,17 +10,19 @@ group, so they work for any picklable object whatever the main backend is.
 
 from __future__ import annotations
 
-import os
-import re
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from d2engine.utils.cluster import local_rank_from_env, local_world_size_from_env
+
 __all__ = [
     "all_gather",
     "create_local_process_group",
+    "create_local_process_group_by_machine",
+    "destroy_process_groups",
     "gather",
     "get_local_process_group",
     "get_local_rank",
@@ -34,7 +36,7 @@ __all__ = [
 ]
 
 _LOCAL_PROCESS_GROUP: dist.ProcessGroup | None = None
-"""The process group of the processes on this machine, created by :func:`create_local_process_group`."""
+"""The process group of this machine's processes (see :func:`create_local_process_group`)."""
 
 _GLOO_GROUP: tuple[dist.ProcessGroup, dist.ProcessGroup] | None = None
 """(default group, gloo group over the same ranks) when the default group is not gloo."""
@@ -63,32 +65,6 @@ def get_rank() -> int:
     if not _is_initialized():
         return 0
     return dist.get_rank()
-
-
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        value = os.environ.get(name)
-        if value not in (None, ""):
-            return int(value)
-    return None
-
-
-def _slurm_tasks_on_this_node() -> int | None:
-    """This node's task count from SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE.
-
-    Those read like ``"2(x3),1"`` (three nodes of 2 tasks, then one of 1), indexed by SLURM_NODEID.
-    """
-    spec = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
-    node = _env_int("SLURM_NODEID")
-    if not spec or node is None:
-        return None
-    counts: list[int] = []
-    for part in spec.split(","):
-        match = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if match is None:
-            return None
-        counts += [int(match.group(1))] * int(match.group(2) or 1)
-    return counts[node] if node < len(counts) else None
 
 
 def create_local_process_group(num_workers_per_machine: int) -> None:
@@ -121,14 +97,18 @@ def create_local_process_group(num_workers_per_machine: int) -> None:
             _LOCAL_PROCESS_GROUP = group
 
 
-def _create_local_process_group_by_machine(machine_id: str) -> None:
-    """Create the local process group from each rank's machine id (any rank layout).
+def create_local_process_group_by_machine(machine_id: str) -> None:
+    """Create the process group of the processes that share this machine, from machine ids.
 
-    Used under torchrun and Slurm, where ranks need not be laid out machine by machine and
-    machines may run different numbers of processes. Every process of the job must call it.
+    For any rank layout: used under torchrun and Slurm, where ranks need not be laid out machine
+    by machine and machines may run different numbers of processes. Must be called by every
+    process of the job, after ``init_process_group`` (it gathers every rank's ``machine_id``).
 
     Args:
         machine_id: the same string on every process of one machine (e.g. the node id).
+
+    Raises:
+        RuntimeError: if the group was already created.
     """
     global _LOCAL_PROCESS_GROUP
     if _LOCAL_PROCESS_GROUP is not None:
@@ -149,38 +129,54 @@ def get_local_process_group() -> dist.ProcessGroup:
     return _LOCAL_PROCESS_GROUP
 
 
-def _destroy_local_process_group() -> None:
-    """Forget the local group (called by ``launch`` when it tears the job down)."""
+def destroy_process_groups() -> None:
+    """Destroy this process's process groups: the default one and those this module created.
+
+    Ends the job's groups in this process (what :func:`d2engine.engine.launch` does when
+    ``main_func`` ends): the local group and the gloo group of the object collectives are
+    forgotten and ``torch.distributed.destroy_process_group()`` destroys them with the default
+    group. A later job in this process then starts afresh. Does nothing for groups that do not
+    exist. Local to this process; call :func:`synchronize` first so that no rank tears the
+    rendezvous down while another still uses it.
+    """
     global _LOCAL_PROCESS_GROUP, _GLOO_GROUP
     _LOCAL_PROCESS_GROUP = None
     _GLOO_GROUP = None
+    if _is_initialized():
+        dist.destroy_process_group()
 
 
 def get_local_rank() -> int:
     """The rank of this process among the processes on its machine.
 
     Read from the local process group when one was created, else from the environment
-    (``LOCAL_RANK`` as set by torchrun, ``SLURM_LOCALID`` under srun); 0 in a single-process job.
+    (:func:`d2engine.utils.cluster.local_rank_from_env`: ``LOCAL_RANK`` as set by torchrun,
+    ``SLURM_LOCALID`` under srun); 0 in a single-process job.
+
+    Raises:
+        RuntimeError: in a multi-process job with neither a local group nor such a variable.
     """
     if not _is_initialized():
         return 0
     if _LOCAL_PROCESS_GROUP is not None:
         return dist.get_rank(group=_LOCAL_PROCESS_GROUP)
-    value = _env_int("LOCAL_RANK", "SLURM_LOCALID")
+    value = local_rank_from_env()
     if value is None:
         raise RuntimeError(_MISSING_LOCAL_GROUP)
     return value
 
 
 def get_local_size() -> int:
-    """The number of processes on this machine (see :func:`get_local_rank`)."""
+    """The number of processes on this machine (see :func:`get_local_rank`).
+
+    Raises:
+        RuntimeError: in a multi-process job with neither a local group nor such a variable.
+    """
     if not _is_initialized():
         return 1
     if _LOCAL_PROCESS_GROUP is not None:
         return dist.get_world_size(group=_LOCAL_PROCESS_GROUP)
-    value = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE")
-    if value is None:
-        value = _slurm_tasks_on_this_node()
+    value = local_world_size_from_env()
     if value is None:
         raise RuntimeError(_MISSING_LOCAL_GROUP)
     return value
@@ -210,6 +206,7 @@ def _get_global_gloo_group() -> dist.ProcessGroup:
     """
     global _GLOO_GROUP
     world = dist.group.WORLD
+    assert world is not None  # callers checked that a process group is initialised
     if dist.get_backend() == "gloo":
         return world
     if _GLOO_GROUP is None or _GLOO_GROUP[0] is not world:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import importlib
 import os
 import signal
 import subprocess
@@ -17,16 +16,13 @@ import torch.distributed as dist
 from d2engine.engine.launch import DEFAULT_TIMEOUT, WorkerError, launch
 from d2engine.utils import comm
 
-# The module itself: the package attribute d2engine.engine.launch is the function (as in detectron2).
-launch_mod = importlib.import_module("d2engine.engine.launch")
-
 
 def _record_call(out: list[tuple[int, ...]], *args: int) -> None:
     out.append((comm.get_world_size(), dist.is_initialized(), *args))
 
 
 # --------------------------------------------------------------------------------------------
-# In-process: argument checks, one process, environment detection
+# In-process: argument checks, one process (environment detection: tests/utils/test_cluster.py)
 # --------------------------------------------------------------------------------------------
 
 
@@ -71,77 +67,6 @@ def test_unpicklable_main_func_names_the_fix() -> None:
 
     with pytest.raises(TypeError, match="must be picklable.*top level of a module"):
         launch(nested, 2)
-
-
-@pytest.mark.parametrize(
-    ("nodelist", "hosts"),
-    [
-        ("node7", ["node7"]),
-        ("gpu[01-03,07]", ["gpu01", "gpu02", "gpu03", "gpu07"]),
-        ("gpu[01,7]", ["gpu01", "gpu7"]),  # each element keeps its own zero padding
-        ("a-[1-2],cpu3", ["a-1", "a-2", "cpu3"]),
-        ("n[8-10]x", ["n8x", "n9x", "n10x"]),
-        ("10.0.0.5", ["10.0.0.5"]),
-    ],
-)
-def test_parse_slurm_nodelist(nodelist: str, hosts: list[str]) -> None:
-    assert launch_mod._parse_slurm_nodelist(nodelist) == hosts
-
-
-def test_parse_slurm_nodelist_rejects_odd_forms() -> None:
-    with pytest.raises(ValueError, match="Cannot parse the range 'a-b'"):
-        launch_mod._parse_slurm_nodelist("n[a-b]")
-
-
-def test_detect_torchrun() -> None:
-    env = {
-        "RANK": "3",
-        "WORLD_SIZE": "4",
-        "LOCAL_RANK": "1",
-        "GROUP_RANK": "1",
-        "MASTER_ADDR": "h",
-        "MASTER_PORT": "9",
-        # torchrun wins over the Slurm job it may run in
-        "SLURM_PROCID": "0",
-        "SLURM_NTASKS": "2",
-    }
-    found = launch_mod._detect_external_env(env)
-    assert found == launch_mod._ExternalEnv("torchrun", 3, 4, 1, "1", "env://")
-
-
-def test_detect_torchrun_without_master_names_what_is_missing() -> None:
-    with pytest.raises(ValueError, match="but LOCAL_RANK, MASTER_PORT is not.*torchrun"):
-        launch_mod._detect_external_env({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h"})
-
-
-def test_detect_slurm() -> None:
-    env = {
-        "SLURM_PROCID": "5",
-        "SLURM_NTASKS": "8",
-        "SLURM_LOCALID": "1",
-        "SLURM_NODEID": "2",
-        "SLURM_JOB_NODELIST": "gpu[03-06]",
-        "SLURM_JOB_ID": "123456",
-    }
-    found = launch_mod._detect_external_env(env)
-    assert found == launch_mod._ExternalEnv("slurm", 5, 8, 1, "2", "tcp://gpu03:18456")
-    # MASTER_ADDR / MASTER_PORT win; the step's task count wins over the job's
-    env.update(MASTER_ADDR="fe80::1", MASTER_PORT="777", SLURM_STEP_NUM_TASKS="6")
-    found = launch_mod._detect_external_env(env)
-    assert (found.init_method, found.world_size) == ("tcp://[fe80::1]:777", 6)
-
-
-def test_single_task_slurm_job_is_not_a_slurm_launch() -> None:
-    # An sbatch script running `python train.py --num-gpus 2` has one task: start workers here.
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
-    assert launch_mod._detect_external_env(env) is None
-    assert launch_mod._detect_external_env({}) is None
-
-
-def test_slurm_without_host_asks_for_master_addr() -> None:
-    env = {"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "0"}
-    with pytest.raises(ValueError, match="export MASTER_ADDR"):
-        launch_mod._detect_external_env(env)
 
 
 # --------------------------------------------------------------------------------------------

@@ -46,8 +46,7 @@ def world_of_one(tmp_path: Path) -> Iterator[None]:
     try:
         yield
     finally:
-        comm._destroy_local_process_group()
-        dist.destroy_process_group()
+        comm.destroy_process_groups()
 
 
 def test_local_rank_and_size_from_torchrun_env(
@@ -84,12 +83,29 @@ def test_local_group_once(world_of_one: None) -> None:
     with pytest.raises(RuntimeError, match="already created"):
         comm.create_local_process_group(1)
     with pytest.raises(RuntimeError, match="already created"):
-        comm._create_local_process_group_by_machine("node0")
+        comm.create_local_process_group_by_machine("node0")
 
 
 def test_local_group_by_machine(world_of_one: None) -> None:
-    comm._create_local_process_group_by_machine("node0")
+    comm.create_local_process_group_by_machine("node0")
     assert (comm.get_local_rank(), comm.get_local_size()) == (0, 1)
+    assert comm.all_gather("y", group=comm.get_local_process_group()) == ["y"]
+
+
+def test_destroy_process_groups(tmp_path: Path) -> None:
+    comm.destroy_process_groups()  # nothing to destroy: a no-op
+    dist.init_process_group("gloo", init_method=(tmp_path / "rdzv").as_uri(), rank=0, world_size=1)
+    comm.create_local_process_group(1)
+    comm.destroy_process_groups()
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="local process group has not been created"):
+        comm.get_local_process_group()
+    comm.destroy_process_groups()
+
+
+def test_public_api() -> None:
+    assert comm.__all__ == sorted(comm.__all__)
+    assert {"create_local_process_group_by_machine", "destroy_process_groups"} <= set(comm.__all__)
 
 
 def test_collectives_survive_a_new_process_group(tmp_path: Path) -> None:
@@ -100,5 +116,4 @@ def test_collectives_survive_a_new_process_group(tmp_path: Path) -> None:
         try:
             assert comm._get_global_gloo_group() is dist.group.WORLD
         finally:
-            comm._destroy_local_process_group()
-            dist.destroy_process_group()
+            comm.destroy_process_groups()
