@@ -23,12 +23,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, record_preemption
 from d2engine.utils import comm
 
 __all__ = [
     "TESTS_DIR",
     "free_port",
     "pid_gone",
+    "preempt_then",
     "python_env",
     "read_reports",
     "record_pid_then",
@@ -172,3 +174,23 @@ def record_pid_then(out_dir: str, action: str, fail_rank: int) -> None:
     if action == "sleep":
         time.sleep(600)
     dist.barrier()
+
+
+def preempt_then(actions: str) -> None:
+    """A ``main_func`` ending as ``actions.split(",")[rank]`` says, as a trainer would.
+
+    ``"record"``: training was preempted (``record_preemption``) and main returns; ``"exit"``:
+    main raises ``SystemExit(PREEMPTION_EXIT_CODE)``; ``"raise"``: main raises ValueError;
+    ``"return"``: main returns (training completed).
+    """
+    rank = comm.get_rank()
+    action = actions.split(",")[rank]
+    comm.synchronize()
+    if action == "record":
+        record_preemption(int(signal.SIGTERM))
+    elif action == "exit":
+        raise SystemExit(PREEMPTION_EXIT_CODE)
+    elif action == "raise":
+        raise ValueError(f"boom on rank {rank}")
+    elif action != "return":
+        raise ValueError(f"unknown action {action!r}")

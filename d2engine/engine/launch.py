@@ -6,22 +6,38 @@
   called in this process, without a process group.
 * **Worker processes**: ``num_gpus_per_machine`` processes are started on this machine with the
   ``spawn`` start method. Each one initialises ``torch.distributed`` (NCCL and one GPU per process
-  when CUDA has enough devices, gloo on CPU otherwise, so ``--num-gpus 2`` works on a laptop), creates
-  the per-machine process group (:func:`d2engine.utils.comm.create_local_process_group`), waits at a
-  barrier, calls ``main_func(*args)``, waits at a barrier again and destroys its process groups.
+  when CUDA has enough devices, gloo on CPU otherwise, so ``--num-gpus 2`` works on a laptop),
+  creates the per-machine process group (:func:`d2engine.utils.comm.create_local_process_group`),
+  waits at a barrier, calls ``main_func(*args)``, waits at a barrier again and destroys its process
+  groups.
   Unless ``OMP_NUM_THREADS`` is set, each worker uses ``available CPUs // num_gpus_per_machine``
-  threads, so that the workers share the cores instead of oversubscribing them. The launcher watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the
-  others and raises :class:`WorkerError` with the worker's traceback; workers exit by themselves if
-  the launcher dies, so no orphan is left behind.
+  threads, so that the workers share the cores instead of oversubscribing them. The launcher
+  watches the workers: when one raises or dies (a signal, ``os._exit``), it terminates the others
+  and raises :class:`WorkerError` with the worker's traceback; workers exit by themselves if the
+  launcher dies, so no orphan is left behind.
 * **An external launcher**: under ``torchrun`` or a Slurm ``srun`` step of more than one task
   (:func:`d2engine.utils.cluster.detect_cluster_env` says which variables count), the processes
   exist already: ``launch`` starts none, initialises the process group from the environment,
   creates the per-machine group and calls ``main_func`` once in this process. The external
   launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
+
+Preemption (the same in the three ways, so that a script calling ``launch`` behaves like
+``d2engine-train``): when training in ``main_func`` stopped for a preemption signal after saving a
+checkpoint (a trainer recorded it with :func:`d2engine.engine.preemption.record_preemption`, or
+``main_func`` raised ``SystemExit(PREEMPTION_EXIT_CODE)``), ``launch`` ends with
+``SystemExit(PREEMPTION_EXIT_CODE)`` (75) once ``main_func`` has returned in every process of this
+machine, so that the scheduler can requeue the job. With workers, the signals in
+``forward_signals`` (default ``SIGTERM``) that the launching process receives while they run are
+passed on to them and the launcher keeps waiting; each worker's trainer then stops with a
+checkpoint at the iteration all ranks agree on, and a worker exits with code 75. In one process
+the trainer catches the signal itself. Under torchrun or srun the external launcher signals every
+process itself; each one ends with ``SystemExit(75)``, which reaches the scheduler as that launcher
+reports it (srun: the highest exit code of its tasks; torchrun: a failed worker group).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -34,7 +50,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -42,6 +58,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, preempted_signal, record_preemption
 from d2engine.utils import comm
 from d2engine.utils.cluster import ClusterEnv, detect_cluster_env
 from d2engine.utils.validation import check_positive_int
@@ -65,7 +82,8 @@ class WorkerError(RuntimeError):
         local_rank: its rank on this machine.
         exitcode: its exit code (negative: the number of the signal that killed it; ``n`` for
             a worker that ended with ``SystemExit(n)``, also when its traceback arrived before it
-            exited), or ``None`` when it reported an exception before exiting.
+            exited; never ``PREEMPTION_EXIT_CODE``, which is not a failure), or ``None`` when it
+            reported an exception before exiting.
         worker_traceback: the formatted traceback of the worker's exception ("" if it died without
             one).
     """
@@ -100,30 +118,26 @@ def _choose_backend(num_gpus_per_machine: int) -> tuple[str, str]:
 
 
 def _setup_process_group(
-    *,
     backend: str,
     init_method: str,
     rank: int,
     world_size: int,
     local_rank: int,
-    machine_id: str | None,
-    num_per_machine: int | None,
+    local_group: int | str,
     timeout: datetime.timedelta,
 ) -> None:
-    """Initialise the default and per-machine process groups, then wait at a barrier."""
+    """Initialise the default and per-machine process groups, then wait at a barrier.
+
+    ``local_group``: the number of processes per machine (ranks laid out machine by machine), or
+    this machine's id (any layout).
+    """
     if backend == "nccl":
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(
-        backend=backend,
-        init_method=init_method,
-        world_size=world_size,
-        rank=rank,
-        timeout=timeout,
-    )
-    if num_per_machine is not None:
-        comm.create_local_process_group(num_per_machine)
+    dist.init_process_group(backend, init_method, timeout=timeout, world_size=world_size, rank=rank)
+    if isinstance(local_group, int):
+        comm.create_local_process_group(local_group)
     else:
-        comm.create_local_process_group_by_machine(machine_id or socket.gethostname())
+        comm.create_local_process_group_by_machine(local_group)
     comm.synchronize()
 
 
@@ -158,6 +172,22 @@ class _Job:
     timeout: datetime.timedelta
 
 
+def _call_main(main_func: Callable[..., Any], args: tuple[Any, ...]) -> int:
+    """Call ``main_func(*args)`` here; return PREEMPTION_EXIT_CODE if training in it was preempted.
+
+    Preempted: ``main_func`` raised ``SystemExit(PREEMPTION_EXIT_CODE)``, or returned after a
+    trainer recorded a preemption stop in this process. Returns 0 otherwise.
+    """
+    record_preemption(None)  # a record left by an earlier run in this process does not count
+    try:
+        main_func(*args)
+    except SystemExit as e:
+        if e.code != PREEMPTION_EXIT_CODE:
+            raise
+        return PREEMPTION_EXIT_CODE
+    return PREEMPTION_EXIT_CODE if preempted_signal() is not None else 0
+
+
 def _distributed_worker(
     local_rank: int,
     main_func: Callable[..., Any],
@@ -170,23 +200,21 @@ def _distributed_worker(
     threading.Thread(
         target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
     ).start()
-    global_rank = job.machine_rank * job.num_gpus_per_machine + local_rank
     if not os.environ.get("OMP_NUM_THREADS"):
         # Share the CPU cores instead of every worker using all of them (oversubscription).
         torch.set_num_threads(max(1, _available_cpus() // job.num_gpus_per_machine))
     exit_code = 0
     try:
         _setup_process_group(
-            backend=job.backend,
-            init_method=job.init_method,
-            rank=global_rank,
-            world_size=job.world_size,
-            local_rank=local_rank,
-            machine_id=None,
-            num_per_machine=job.num_gpus_per_machine,
-            timeout=job.timeout,
+            job.backend,
+            job.init_method,
+            job.machine_rank * job.num_gpus_per_machine + local_rank,
+            job.world_size,
+            local_rank,
+            job.num_gpus_per_machine,
+            job.timeout,
         )
-        main_func(*args)
+        exit_code = _call_main(main_func, args)
     except SystemExit as e:  # sys.exit(0) in main_func is a success
         if e.code not in (None, 0):
             exit_code = e.code if isinstance(e.code, int) else 1
@@ -196,7 +224,7 @@ def _distributed_worker(
         error_conn.send((traceback.format_exc(), None))
         exit_code = 1
     finally:
-        _teardown_process_group(wait_for_others=exit_code == 0)
+        _teardown_process_group(wait_for_others=exit_code in (0, PREEMPTION_EXIT_CODE))
     error_conn.close()
     sys.exit(exit_code)
 
@@ -211,7 +239,7 @@ def _available_cpus() -> int:
 def _find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        return int(sock.getsockname()[1])
 
 
 def _resolve_dist_url(dist_url: str | None, num_machines: int) -> str:
@@ -274,10 +302,8 @@ def _terminate(processes: Sequence[Any]) -> None:
             proc.join()
 
 
-def _worker_error(
-    machine_rank: int, num_gpus_per_machine: int, local_rank: int, exitcode: int | None, tb: str
-) -> WorkerError:
-    rank = machine_rank * num_gpus_per_machine + local_rank
+def _worker_error(job: _Job, local_rank: int, exitcode: int | None, tb: str) -> WorkerError:
+    rank = job.machine_rank * job.num_gpus_per_machine + local_rank
     what = "raised an exception" if tb else _describe_exit(exitcode or 0)
     message = f"Worker {rank} (local rank {local_rank}) of the job {what}."
     if tb:
@@ -291,74 +317,124 @@ def _worker_error(
     )
 
 
-def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: _Job) -> None:
-    """Start the workers of this machine and wait for all of them; fail fast on the first error."""
+@contextlib.contextmanager
+def _forwarding(signals: tuple[int, ...], workers: Callable[[], list[Any]]) -> Iterator[None]:
+    """Within the block, pass each of ``signals`` this process receives on to ``workers()``.
+
+    When no worker runs, a signal keeps the meaning it had before the block. Handlers can only be
+    installed in the main thread: elsewhere nothing is forwarded.
+    """
+    if not signals:
+        yield
+        return
+    if threading.current_thread() is not threading.main_thread():
+        logger.warning("launch() runs outside the main thread: signals are not forwarded.")
+        yield
+        return
+    previous: dict[int, Any] = {}
+
+    def forward(signum: int, frame: Any) -> None:
+        targets = workers()
+        for proc in targets:  # running, not yet reaped: the pid is still theirs
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+        if targets:
+            return
+        old = previous[signum]
+        if callable(old):
+            old(signum, frame)
+        elif old != signal.SIG_IGN:  # the default action (or a handler installed outside Python)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, forward)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _spawn_and_watch(
+    main_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    job: _Job,
+    forward_signals: tuple[int, ...],
+) -> int:
+    """Start the workers of this machine and wait for all of them; fail fast on the first error.
+
+    Returns:
+        PREEMPTION_EXIT_CODE when a worker exited with it (and none failed), else 0.
+    """
     ctx = mp.get_context("spawn")
     processes: list[Any] = []
+    running: dict[Any, tuple[int, Any]] = {}  # sentinel -> (local rank, process) until reaped
     readers: dict[Connection, int] = {}
     keep_alive: list[Connection] = []
     failure: WorkerError | None = None
+    preempted = False
     try:
-        for local_rank in range(job.num_gpus_per_machine):
-            reader, writer = ctx.Pipe(duplex=False)
-            alive_reader, alive_writer = ctx.Pipe(duplex=False)
-            proc = ctx.Process(
-                target=_distributed_worker,
-                args=(local_rank, main_func, args, job, writer, alive_reader),
-                daemon=False,
-                name=f"d2engine-worker-{local_rank}",
-            )
-            try:
-                proc.start()
-            except (pickle.PicklingError, AttributeError, TypeError) as e:
-                raise TypeError(
-                    f"Cannot start worker {local_rank}: {type(e).__name__}: {e}. HINT: main_func "
-                    "and args must be picklable, so define main_func at the top level of a module "
-                    "(not a lambda or a nested function)."
-                ) from e
-            finally:
-                writer.close()
-                alive_reader.close()
-            processes.append(proc)
-            readers[reader] = local_rank
-            keep_alive.append(alive_writer)
+        with _forwarding(forward_signals, lambda: [proc for _, proc in running.values()]):
+            for local_rank in range(job.num_gpus_per_machine):
+                reader, writer = ctx.Pipe(duplex=False)
+                alive_reader, alive_writer = ctx.Pipe(duplex=False)
+                proc = ctx.Process(
+                    target=_distributed_worker,
+                    args=(local_rank, main_func, args, job, writer, alive_reader),
+                    daemon=False,
+                    name=f"d2engine-worker-{local_rank}",
+                )
+                try:
+                    proc.start()
+                except (pickle.PicklingError, AttributeError, TypeError) as e:
+                    raise TypeError(
+                        f"Cannot start worker {local_rank}: {type(e).__name__}: {e}. HINT: "
+                        "main_func and args must be picklable, so define main_func at the top "
+                        "level of a module (not a lambda or a nested function)."
+                    ) from e
+                finally:
+                    writer.close()
+                    alive_reader.close()
+                processes.append(proc)
+                running[proc.sentinel] = (local_rank, proc)
+                readers[reader] = local_rank
+                keep_alive.append(alive_writer)
 
-        running = {proc.sentinel: (i, proc) for i, proc in enumerate(processes)}
-        while running and failure is None:
-            for ready in wait([*running, *readers]):
-                if isinstance(ready, Connection):
-                    local_rank = readers.pop(ready)
-                    try:
-                        tb, code = ready.recv()
-                    except EOFError:  # the worker closed its end: it is exiting
-                        ready.close()
+            while running and failure is None:
+                for ready in wait([*running, *readers]):
+                    if isinstance(ready, Connection):
+                        local_rank = readers.pop(ready)
+                        try:
+                            tb, code = ready.recv()
+                        except EOFError:  # the worker closed its end: it is exiting
+                            ready.close()
+                            continue
+                        failure = _worker_error(job, local_rank, code, tb)
+                        break
+                    if ready not in running:
                         continue
-                    failure = _worker_error(
-                        job.machine_rank, job.num_gpus_per_machine, local_rank, code, tb
-                    )
-                    break
-                if ready not in running:
-                    continue
-                local_rank, proc = running.pop(ready)
-                proc.join()
-                if proc.exitcode != 0:
-                    tb = ""
-                    for reader, i in list(readers.items()):
-                        if i == local_rank and reader.poll():
-                            try:
-                                tb, _ = reader.recv()
-                            except EOFError:  # died without reporting (a signal, os._exit)
-                                pass
-                    failure = _worker_error(
-                        job.machine_rank, job.num_gpus_per_machine, local_rank, proc.exitcode, tb
-                    )
-                    break
+                    local_rank, proc = running.pop(ready)
+                    proc.join()
+                    if proc.exitcode == PREEMPTION_EXIT_CODE:  # the others stop at that iteration
+                        preempted = True
+                    elif proc.exitcode != 0:
+                        tb = ""
+                        for reader, i in list(readers.items()):
+                            if i == local_rank and reader.poll():
+                                try:
+                                    tb, _ = reader.recv()
+                                except EOFError:  # died without reporting (a signal, os._exit)
+                                    pass
+                        failure = _worker_error(job, local_rank, proc.exitcode, tb)
+                        break
     finally:
         _terminate(processes)
         for conn in [*readers, *keep_alive]:
             conn.close()
     if failure is not None:
         raise failure
+    return PREEMPTION_EXIT_CODE if preempted else 0
 
 
 def _run_external(
@@ -368,7 +444,8 @@ def _run_external(
     num_gpus_per_machine: int,
     num_machines: int,
     timeout: datetime.timedelta,
-) -> None:
+) -> int:
+    """Run ``main_func`` in this process of a torchrun / srun job; return as :func:`_call_main`."""
     if env.world_size != num_gpus_per_machine * num_machines:
         logger.warning(
             "%s started %d process(es) in total; launch(num_gpus_per_machine=%d, num_machines=%d) "
@@ -382,11 +459,9 @@ def _run_external(
         )
     if dist.is_initialized():
         logger.info("The process group is initialised already: calling main_func in place.")
-        main_func(*args)
-        return
+        return _call_main(main_func, args)
     if env.world_size == 1:
-        main_func(*args)
-        return
+        return _call_main(main_func, args)
     cuda_ok = torch.cuda.is_available() and env.local_rank < torch.cuda.device_count()
     backend = "nccl" if cuda_ok else "gloo"
     if env.rank == 0:
@@ -397,22 +472,38 @@ def _run_external(
             backend,
             "one CUDA device per process" if cuda_ok else "no CUDA device for every process",
         )
-    succeeded = False
+    code: int | None = None
     try:
         _setup_process_group(
-            backend=backend,
-            init_method=env.init_method,
-            rank=env.rank,
-            world_size=env.world_size,
-            local_rank=env.local_rank,
-            machine_id=env.machine_id,
-            num_per_machine=None,
-            timeout=timeout,
+            backend,
+            env.init_method,
+            env.rank,
+            env.world_size,
+            env.local_rank,
+            env.machine_id,
+            timeout,
         )
-        main_func(*args)
-        succeeded = True
+        code = _call_main(main_func, args)
     finally:
-        _teardown_process_group(wait_for_others=succeeded)
+        _teardown_process_group(wait_for_others=code is not None)
+    return code
+
+
+def _check_signals(forward_signals: Iterable[int]) -> tuple[int, ...]:
+    try:
+        signals = tuple(signal.Signals(sig) for sig in forward_signals)
+    except (TypeError, ValueError) as e:
+        raise type(e)(
+            f"forward_signals must be signal numbers, got {forward_signals!r}. "
+            "HINT: e.g. forward_signals=(signal.SIGTERM,), or () to forward none."
+        ) from None
+    uncatchable = [sig.name for sig in signals if sig in (signal.SIGKILL, signal.SIGSTOP)]
+    if uncatchable:
+        raise ValueError(
+            f"forward_signals: {', '.join(uncatchable)} cannot be caught, so cannot be forwarded. "
+            "HINT: forward SIGTERM (or SIGUSR1), which the trainer catches."
+        )
+    return tuple(int(sig) for sig in signals)
 
 
 def launch(
@@ -423,11 +514,13 @@ def launch(
     dist_url: str | None = None,
     args: tuple[Any, ...] = (),
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
+    forward_signals: Iterable[int] = (signal.SIGTERM,),
 ) -> None:
     """Run ``main_func(*args)`` in every process of a (possibly) multi-process job.
 
     Call it on every machine. See the module docstring for the three ways it runs: directly for
-    one process, in ``num_gpus_per_machine`` spawned workers, or once under torchrun / srun.
+    one process, in ``num_gpus_per_machine`` spawned workers, or once under torchrun / srun, and
+    for how it ends a preempted job.
     Global rank = ``machine_rank * num_gpus_per_machine + local rank``.
 
     Args:
@@ -441,11 +534,20 @@ def launch(
             that does not exist yet, on a file system every machine sees) or ``"env://"``.
         args: arguments of ``main_func``; picklable.
         timeout: timeout of the rendezvous and of collectives.
+        forward_signals: the signals this process passes on to the workers it started, while they
+            run (it keeps waiting for them); the workers' trainers should stop on them
+            (``trainer.preemption_signals``, default ``(SIGTERM,)``). Empty: none is forwarded
+            and a signal has its usual effect on this process. Unused without spawned workers.
 
     Raises:
-        TypeError: if ``main_func`` is not callable or ``timeout`` is not a ``timedelta``.
-        ValueError: for inconsistent sizes or ranks, or an unusable ``dist_url``.
+        TypeError: if ``main_func`` is not callable, ``timeout`` is not a ``timedelta`` or
+            ``forward_signals`` is not a sequence of signals.
+        ValueError: for inconsistent sizes or ranks, an unusable ``dist_url``, a
+            ``forward_signals`` entry that is not a catchable signal, or an incomplete torchrun /
+            Slurm environment.
         WorkerError: if a worker raised an exception or died; the other workers are terminated.
+        SystemExit: with ``PREEMPTION_EXIT_CODE`` (75) when training in ``main_func`` was
+            preempted after saving a checkpoint (see the module docstring).
     """
     if not callable(main_func):
         raise TypeError(
@@ -466,29 +568,34 @@ def launch(
             f"machine_rank must be in [0, num_machines={num_machines}), got {machine_rank}."
         )
     args = tuple(args)
+    signals = _check_signals(forward_signals)
 
     external = detect_cluster_env()
-    if external is not None:
-        _run_external(external, main_func, args, num_gpus_per_machine, num_machines, timeout)
-        return
-
     world_size = num_machines * num_gpus_per_machine
-    if world_size == 1:
-        main_func(*args)
-        return
-
-    init_method = _resolve_dist_url(dist_url, num_machines)
-    backend, why = _choose_backend(num_gpus_per_machine)
-    logger.info(
-        "Starting %d worker process(es) on machine %d of %d (world size %d) with backend %s: %s; "
-        "rendezvous at %s.",
-        num_gpus_per_machine,
-        machine_rank,
-        num_machines,
-        world_size,
-        backend,
-        why,
-        init_method,
-    )
-    job = _Job(backend, init_method, world_size, num_gpus_per_machine, machine_rank, timeout)
-    _spawn_and_watch(main_func, args, job)
+    if external is not None:
+        code = _run_external(external, main_func, args, num_gpus_per_machine, num_machines, timeout)
+    elif world_size == 1:
+        code = _call_main(main_func, args)
+    else:
+        init_method = _resolve_dist_url(dist_url, num_machines)
+        backend, why = _choose_backend(num_gpus_per_machine)
+        logger.info(
+            "Starting %d worker process(es) on machine %d of %d (world size %d) with backend %s: "
+            "%s; rendezvous at %s.",
+            num_gpus_per_machine,
+            machine_rank,
+            num_machines,
+            world_size,
+            backend,
+            why,
+            init_method,
+        )
+        job = _Job(backend, init_method, world_size, num_gpus_per_machine, machine_rank, timeout)
+        code = _spawn_and_watch(main_func, args, job, signals)
+    if code == PREEMPTION_EXIT_CODE:
+        logger.warning(
+            "Training was preempted after saving a checkpoint: exiting with code %d; requeue the "
+            "job on it and resume.",
+            PREEMPTION_EXIT_CODE,
+        )
+        raise SystemExit(PREEMPTION_EXIT_CODE)

@@ -14,22 +14,18 @@ and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chose
 
 Preemption: on SIGTERM (e.g. from Slurm or Kubernetes) training stops after the current
 iteration, writes a checkpoint to OUTPUT_DIR and the command exits with code 75
-(:data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE`); requeue the job on that code and run
-it again with ``--resume`` to continue bit-identically. With ``--num-gpus N > 1`` a SIGTERM sent to
-the launching process is passed on to its workers.
+(:data:`d2engine.engine.PREEMPTION_EXIT_CODE`); requeue the job on that code and run it again with
+``--resume`` to continue bit-identically. :func:`~d2engine.engine.launch.launch` does this (and
+passes a SIGTERM sent to the launching process on to its workers), so a script of your own that
+calls ``launch`` behaves the same.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import multiprocessing
 import os
-import signal
-import sys
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import d2engine.data.datasets  # noqa: F401  (registers the built-in datasets)
@@ -37,8 +33,7 @@ from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.config import CfgNode, get_cfg
 from d2engine.data import MetadataCatalog
 from d2engine.engine.defaults import DefaultTrainer, default_argument_parser, default_setup
-from d2engine.engine.launch import WorkerError, launch
-from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE
+from d2engine.engine.launch import launch
 from d2engine.evaluation import ClassificationEvaluator, DatasetEvaluator, verify_results
 from d2engine.modeling.classifier import add_classifier_config
 from d2engine.utils import comm
@@ -143,13 +138,12 @@ def main(args: argparse.Namespace) -> Any:
         args: the parsed command line.
 
     Returns:
-        The evaluation results (on the main process; ``{}`` elsewhere).
-
-    Raises:
-        SystemExit: with :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` when training
-            was stopped by a preemption signal (after saving a checkpoint).
+        The evaluation results (on the main process; ``{}`` elsewhere, and when training was
+        stopped by a preemption signal: :func:`~d2engine.engine.launch.launch` then exits with
+        :data:`d2engine.engine.PREEMPTION_EXIT_CODE`).
     """
     cfg = setup(args)
+    results: Mapping[str, Any] | None
     if args.eval_only:
         model = Trainer.build_model(cfg)
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
@@ -162,8 +156,8 @@ def main(args: argparse.Namespace) -> Any:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
-        if trainer.preempted:  # a checkpoint is in OUTPUT_DIR: ask the scheduler to requeue
-            raise SystemExit(PREEMPTION_EXIT_CODE)
+        if trainer.preempted:  # a checkpoint is in OUTPUT_DIR; launch asks for a requeue
+            return {}
     if comm.is_main_process():
         _print_summary(cfg, results, args.eval_only)
     return results
@@ -172,8 +166,8 @@ def main(args: argparse.Namespace) -> Any:
 def cli(argv: Sequence[str] | None = None) -> None:
     """The ``d2engine-train`` entry point.
 
-    Exits with :data:`~d2engine.engine.train_loop.PREEMPTION_EXIT_CODE` (75) when training was
-    preempted after saving a checkpoint, 0 on success.
+    Exits with :data:`d2engine.engine.PREEMPTION_EXIT_CODE` (75) when training was preempted
+    after saving a checkpoint (see :func:`~d2engine.engine.launch.launch`), 0 on success.
 
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).
@@ -184,53 +178,14 @@ def cli(argv: Sequence[str] | None = None) -> None:
     # file runs as __main__ (python -m d2engine.tools.train_net).
     from d2engine.tools import train_net
 
-    try:
-        with _forward_sigterm_to_workers():
-            launch(
-                train_net.main,
-                args.num_gpus,
-                num_machines=args.num_machines,
-                machine_rank=args.machine_rank,
-                dist_url=args.dist_url,
-                args=(args,),
-            )
-    except WorkerError as e:
-        # A worker that left with SystemExit(n) is reported with exitcode n.
-        if e.exitcode == PREEMPTION_EXIT_CODE:  # preempted after saving a checkpoint
-            print(f"Preempted: exiting with code {PREEMPTION_EXIT_CODE} (requeue).", flush=True)
-            sys.exit(PREEMPTION_EXIT_CODE)
-        raise
-
-
-@contextlib.contextmanager
-def _forward_sigterm_to_workers() -> Iterator[None]:
-    """While ``launch`` runs: pass SIGTERM on to the worker processes it started.
-
-    A container runtime (Kubernetes) or ``kill`` signals only the launcher; its workers must get
-    the signal to stop with a checkpoint, while the launcher waits for them. Without workers (one
-    process, or an external launcher) the signal keeps its previous meaning.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def forward(signum: int, frame: Any) -> None:
-        workers = multiprocessing.active_children()
-        if not workers:  # nobody to forward to: behave as before
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        for worker in workers:
-            if worker.pid is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(worker.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    launch(
+        train_net.main,
+        args.num_gpus,
+        num_machines=args.num_machines,
+        machine_rank=args.machine_rank,
+        dist_url=args.dist_url,
+        args=(args,),
+    )
 
 
 if __name__ == "__main__":

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import dist_helpers  # tests/ is on sys.path (see dist_helpers' docstring)
 import pytest
+import torch
 import torch.distributed as dist
 
 from d2engine.engine.launch import DEFAULT_TIMEOUT, WorkerError, launch
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, preempted_signal, record_preemption
 from d2engine.utils import comm
 
 
@@ -67,6 +71,50 @@ def test_unpicklable_main_func_names_the_fix() -> None:
 
     with pytest.raises(TypeError, match="must be picklable.*top level of a module"):
         launch(nested, 2)
+
+
+def test_forward_signals_are_checked() -> None:
+    with pytest.raises(
+        TypeError, match=r"signal numbers, got <Signals.SIGTERM.*\(signal.SIGTERM,\)"
+    ):
+        launch(print, 2, forward_signals=signal.SIGTERM)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="signal numbers, got .*'TERM'"):
+        launch(print, 2, forward_signals=("TERM",))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="SIGKILL cannot be caught.*HINT: forward SIGTERM"):
+        launch(print, 2, forward_signals=(signal.SIGTERM, signal.SIGKILL))
+
+
+@pytest.fixture
+def clean_preemption_record() -> Iterator[None]:
+    yield
+    record_preemption(None)
+
+
+@pytest.mark.parametrize("action", ["record", "exit"])
+def test_single_process_preempted_main_ends_with_code_75(
+    action: str, clean_preemption_record: None
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        launch(dist_helpers.preempt_then, 1, args=(action,))
+    assert info.value.code == PREEMPTION_EXIT_CODE == 75
+
+
+def test_single_process_ignores_an_earlier_preemption(clean_preemption_record: None) -> None:
+    record_preemption(int(signal.SIGTERM))  # an earlier, preempted run in this process
+    launch(dist_helpers.preempt_then, 1, args=("return",))  # returns: this run completed
+    assert preempted_signal() is None
+
+
+def test_torchrun_job_of_one_process_preempted(
+    monkeypatch: pytest.MonkeyPatch, clean_preemption_record: None
+) -> None:
+    for name, value in [("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")]:
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(dist_helpers.free_port()))
+    with pytest.raises(SystemExit) as info:
+        launch(dist_helpers.preempt_then, 1, args=("record",))
+    assert info.value.code == PREEMPTION_EXIT_CODE
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +352,205 @@ def test_workers_exit_when_the_launcher_is_killed(tmp_path: Path) -> None:
         )
         launcher.kill()
         launcher.wait()
+        pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
+        dist_helpers.wait_until(
+            lambda: all(dist_helpers.pid_gone(p) for p in pids), 30, "orphaned workers to exit"
+        )
+    finally:
+        launcher.kill()
+        launcher.wait()
+        for r in range(2):  # leave nothing behind if the test failed
+            pid_file = tmp_path / f"pid{r}"
+            if pid_file.exists() and not dist_helpers.pid_gone(int(pid_file.read_text())):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# Preemption: launch ends a preempted job with PREEMPTION_EXIT_CODE
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("actions", ["record,record", "exit,exit", "return,record"])
+def test_preempted_workers_end_the_launch_with_code_75(actions: str) -> None:
+    # A worker whose main returned after a preemption, or raised SystemExit(75), exits with 75;
+    # the launcher waits for the others (not a failure) and exits with 75 too.
+    with pytest.raises(SystemExit) as info:
+        launch(dist_helpers.preempt_then, 2, args=(actions,))
+    assert info.value.code == PREEMPTION_EXIT_CODE
+
+
+@pytest.mark.timeout(120)
+def test_a_failure_wins_over_a_preemption() -> None:
+    with pytest.raises(WorkerError, match=r"(?s)Worker 1 .*ValueError: boom on rank 1") as info:
+        launch(dist_helpers.preempt_then, 2, args=("record,raise",))
+    assert info.value.exitcode is None
+
+
+_SLURM_PREEMPTED_SCRIPT = """
+import dist_helpers
+from d2engine.engine.launch import launch
+launch(dist_helpers.preempt_then, 1, num_machines=2, args=("record,exit",))
+"""
+
+
+@pytest.mark.timeout(150)
+def test_under_slurm_each_preempted_task_exits_with_75() -> None:
+    port = str(dist_helpers.free_port())
+    env = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2", "SLURM_JOB_NODELIST": "127.0.0.1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SLURM_PREEMPTED_SCRIPT],
+            env=dist_helpers.python_env(
+                {**env, "SLURM_PROCID": str(r), "SLURM_LOCALID": "0", "SLURM_NODEID": str(r)}
+                | {"MASTER_PORT": port}
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=120)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [PREEMPTION_EXIT_CODE] * 2, outputs
+
+
+# A user script, not the CLI: launch(main, 2) where main trains a SimpleTrainer (DDP, gloo) with
+# the PeriodicCheckpointer hook and reports how training ended.
+_USER_SCRIPT = """
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from d2engine.checkpoint import DetectionCheckpointer
+from d2engine.engine import SimpleTrainer, create_ddp_model, hooks, launch
+from d2engine.utils import comm
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return {"loss": self.linear(x).pow(2).mean()}
+
+
+def batches():
+    g = torch.Generator().manual_seed(comm.get_rank())
+    while True:
+        yield torch.randn(8, 4, generator=g)
+
+
+def main(out, max_iter, resume):
+    torch.manual_seed(0)
+    model = create_ddp_model(Net())
+    trainer = SimpleTrainer(model, batches(), torch.optim.SGD(model.parameters(), lr=0.01))
+    checkpointer = DetectionCheckpointer(model, out, trainer=trainer)
+
+    def running(trainer):
+        if trainer.iter == trainer.start_iter + 20 and comm.is_main_process():
+            (Path(out) / "running").write_text("")
+
+    trainer.register_hooks(
+        [hooks.PeriodicCheckpointer(checkpointer, 10**6), hooks.CallbackHook(after_step=running)]
+    )
+    checkpointer.resume_or_load("", resume=resume)
+    trainer.train(trainer.start_iter, max_iter)
+    report = {"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}
+    (Path(out) / f"rank{comm.get_rank()}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    launch(main, 2, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"))
+"""
+
+
+def _user_script(tmp_path: Path, out: Path, max_iter: int, mode: str) -> subprocess.Popen[str]:
+    script = tmp_path / "train.py"
+    script.write_text(_USER_SCRIPT)
+    return subprocess.Popen(
+        [sys.executable, str(script), str(out), str(max_iter), mode],
+        env=dist_helpers.python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _reports(out: Path) -> list[dict]:
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.timeout(240)
+def test_user_script_sigterm_to_the_launcher_saves_exits_75_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = _user_script(tmp_path, out, 10**7, "fresh")
+    try:
+        dist_helpers.wait_until(
+            lambda: (out / "running").exists() or launcher.poll() is not None, 90, "training"
+        )
+        launcher.send_signal(signal.SIGTERM)
+        output = launcher.communicate(timeout=90)[0]
+    finally:
+        launcher.kill()
+        launcher.wait()
+    assert launcher.returncode == PREEMPTION_EXIT_CODE, output
+    # Both workers stopped after the same iteration and saved its checkpoint.
+    first, second = _reports(out)
+    assert first == second and first["preempted"] and first["start"] == 0
+    stop = first["iter"]
+    assert stop >= 20 and (stop + 1) % 10 == 0  # the ranks agree every 10 iterations
+    name = f"model_{stop:07d}.pth"
+    assert (out / "last_checkpoint").read_text() == name
+    assert torch.load(out / name, weights_only=True)["iteration"] == stop
+
+    resumed = _user_script(tmp_path, out, stop + 31, "resume")
+    try:
+        output = resumed.communicate(timeout=120)[0]
+    finally:
+        resumed.kill()
+        resumed.wait()
+    assert resumed.returncode == 0, output
+    expected = {"start": stop + 1, "iter": stop + 31, "preempted": False}
+    assert _reports(out) == [expected, expected]
+    assert (out / "model_final.pth").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_without_forwarding_sigterm_ends_the_launcher(tmp_path: Path) -> None:
+    script = (
+        "import sys, dist_helpers\n"
+        "from d2engine.engine.launch import launch\n"
+        "launch(dist_helpers.record_pid_then, 2, args=(sys.argv[1], 'sleep', -1), "
+        "forward_signals=())\n"
+    )
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=dist_helpers.python_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        dist_helpers.wait_until(
+            lambda: (
+                all((tmp_path / f"pid{r}").exists() for r in range(2))
+                or launcher.poll() is not None
+            ),
+            90,
+            "workers to start",
+        )
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=30) == -signal.SIGTERM
         pids = [int((tmp_path / f"pid{r}").read_text()) for r in range(2)]
         dist_helpers.wait_until(
             lambda: all(dist_helpers.pid_gone(p) for p in pids), 30, "orphaned workers to exit"

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("sklearn")
 
 from d2engine.data import DatasetCatalog, MetadataCatalog  # noqa: E402
-from d2engine.engine.train_loop import PREEMPTION_EXIT_CODE  # noqa: E402
+from d2engine.engine.preemption import PREEMPTION_EXIT_CODE  # noqa: E402
 from d2engine.evaluation import ClassificationEvaluator  # noqa: E402
 from d2engine.tools.train_net import Trainer, format_results  # noqa: E402
 
