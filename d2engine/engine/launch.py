@@ -71,6 +71,9 @@ DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
 _TERMINATE_GRACE_S = 5.0
 """Seconds a worker gets to exit after SIGTERM before it is killed."""
 
+_CAUSE_GRACE_S = 0.1
+"""Seconds the launcher waits, after a worker's traceback, for a peer's death that caused it."""
+
 logger = logging.getLogger(__name__)
 
 
@@ -317,6 +320,17 @@ def _worker_error(job: _Job, local_rank: int, exitcode: int | None, tb: str) -> 
     )
 
 
+def _pending_traceback(readers: dict[Connection, int], local_rank: int) -> str:
+    """The traceback that worker ``local_rank`` sent before it exited, or ""."""
+    for reader, i in list(readers.items()):
+        if i == local_rank and reader.poll():
+            try:
+                return str(reader.recv()[0])
+            except EOFError:  # it died without reporting (a signal, os._exit)
+                pass
+    return ""
+
+
 @contextlib.contextmanager
 def _forwarding(signals: tuple[int, ...], workers: Callable[[], list[Any]]) -> Iterator[None]:
     """Within the block, pass each of ``signals`` this process receives on to ``workers()``.
@@ -411,6 +425,16 @@ def _spawn_and_watch(
                             ready.close()
                             continue
                         failure = _worker_error(job, local_rank, code, tb)
+                        # A peer's death can show a moment after the error it causes here (a
+                        # broken collective, measured: < 1 ms): blame a peer that died silently.
+                        peers = [s for s, (i, _) in running.items() if i != local_rank]
+                        for sentinel in wait(peers, timeout=_CAUSE_GRACE_S):
+                            i, peer = running.pop(sentinel)
+                            peer.join()
+                            if peer.exitcode not in (0, PREEMPTION_EXIT_CODE) and not (
+                                _pending_traceback(readers, i)
+                            ):
+                                failure = _worker_error(job, i, peer.exitcode, "")
                         break
                     if ready not in running:
                         continue
@@ -419,13 +443,7 @@ def _spawn_and_watch(
                     if proc.exitcode == PREEMPTION_EXIT_CODE:  # the others stop at that iteration
                         preempted = True
                     elif proc.exitcode != 0:
-                        tb = ""
-                        for reader, i in list(readers.items()):
-                            if i == local_rank and reader.poll():
-                                try:
-                                    tb, _ = reader.recv()
-                                except EOFError:  # died without reporting (a signal, os._exit)
-                                    pass
+                        tb = _pending_traceback(readers, local_rank)
                         failure = _worker_error(job, local_rank, proc.exitcode, tb)
                         break
     finally:
