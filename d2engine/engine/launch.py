@@ -21,18 +21,15 @@
   creates the per-machine group and calls ``main_func`` once in this process. The external
   launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
 
-Preemption (the same in the three ways, so that a script calling ``launch`` behaves like
-``d2engine-train``): when training in ``main_func`` stopped for a preemption signal after saving a
-checkpoint (a trainer recorded it with :func:`d2engine.engine.preemption.record_preemption`, or
-``main_func`` raised ``SystemExit(PREEMPTION_EXIT_CODE)``), ``launch`` ends with
-``SystemExit(PREEMPTION_EXIT_CODE)`` (75) once ``main_func`` has returned in every process of this
-machine, so that the scheduler can requeue the job. With workers, the signals in
-``forward_signals`` (default ``SIGTERM``) that the launching process receives while they run are
-passed on to them and the launcher keeps waiting; each worker's trainer then stops with a
-checkpoint at the iteration all ranks agree on, and a worker exits with code 75. In one process
-the trainer catches the signal itself. Under torchrun or srun the external launcher signals every
-process itself; each one ends with ``SystemExit(75)``, which reaches the scheduler as that launcher
-reports it (srun: the highest exit code of its tasks; torchrun: a failed worker group).
+Preemption (``docs/resume.md`` tells the whole story): in each of the three ways, when training
+in ``main_func`` was preempted (a trainer recorded the stop, see
+:func:`~d2engine.engine.preemption.preempted_signal`, or ``main_func`` raised
+``SystemExit(PREEMPTION_EXIT_CODE)``), ``launch`` ends with ``SystemExit(PREEMPTION_EXIT_CODE)``
+(75) once ``main_func`` has ended in every process of this machine, so a script calling ``launch``
+behaves like ``d2engine-train``. Spawned workers get the signals in ``forward_signals`` that the
+launching process receives, while it waits for them; in one process, and under torchrun or srun
+(which signal every process), the trainer catches the signal itself. Under torchrun or srun the
+exit code reaches the scheduler as that launcher reports it (srun: its tasks' highest).
 """
 
 from __future__ import annotations

@@ -12,12 +12,10 @@ and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chose
 ``evaluator_type`` in each test dataset's metadata. Also runnable as
 ``python -m d2engine.tools.train_net``. Copy it to start a script for your own project.
 
-Preemption: on SIGTERM (e.g. from Slurm or Kubernetes) training stops after the current
-iteration, writes a checkpoint to OUTPUT_DIR and the command exits with code 75
-(:data:`d2engine.engine.PREEMPTION_EXIT_CODE`); requeue the job on that code and run it again with
-``--resume`` to continue bit-identically. :func:`~d2engine.engine.launch.launch` does this (and
-passes a SIGTERM sent to the launching process on to its workers), so a script of your own that
-calls ``launch`` behaves the same.
+Preemption: on SIGTERM training stops with a checkpoint in OUTPUT_DIR and the command exits with
+code 75 (:data:`d2engine.engine.PREEMPTION_EXIT_CODE`, through
+:func:`~d2engine.engine.launch.launch`); run it again with ``--resume``. ``docs/resume.md`` tells
+the whole story.
 """
 
 from __future__ import annotations
