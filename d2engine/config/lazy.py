@@ -17,9 +17,13 @@ from __future__ import annotations
 
 import ast
 import builtins
+import contextlib
 import dataclasses
 import inspect
+import logging
 import os
+import pickle
+import shutil
 import threading
 import types
 import uuid
@@ -29,10 +33,14 @@ from typing import Any
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
+from ._pyformat import config_to_py
 from .instantiate import target_to_string
 
 __all__ = ["LazyCall", "LazyConfig"]
+
+logger = logging.getLogger(__name__)
 
 _TARGET_KEY = "_target_"
 _CFG_PACKAGE_NAME = "d2engine._cfg_loader"
@@ -40,6 +48,11 @@ _PY_SUFFIXES = (".py",)
 _YAML_SUFFIXES = (".yaml", ".yml")
 _import_lock = threading.RLock()
 _loading: list[str] = []  # real paths of the config files being executed (cycle detection)
+# Module name given to each executed config file -> (its path, the files of the same top-level
+# load). Objects defined in a config file carry that module name in ``__module__``, which is how
+# LazyConfig.save finds the file(s) to keep a copy of when such an object cannot be written.
+_config_modules: dict[str, tuple[str, list[str]]] = {}
+_current_group: list[list[str]] = []  # the file list of the top-level load in progress
 
 
 class LazyCall:
@@ -139,6 +152,10 @@ def _exec_config_file(filename: str) -> dict[str, Any]:
         "__package__": package,
     }
     code = compile(source, filename, "exec")
+    group = _current_group[-1] if _current_group else [real]
+    if real not in group:
+        group.append(real)
+    _config_modules[namespace["__name__"]] = (real, group)
     _loading.append(real)
     try:
         exec(code, namespace)  # executing the user's own config file is the point
@@ -160,7 +177,11 @@ def _load_relative(path: str) -> types.ModuleType:
     if os.path.isdir(path):
         module.__path__ = [path]  # type: ignore[attr-defined]
         return module
-    raise ImportError(f"Config import failed: neither {path}.py nor a directory {path} exists.")
+    raise ImportError(
+        f"Cannot resolve a relative import in a config file: {path}.py does not exist, nor a "
+        f"directory {path}. HINT: relative imports in config files name other config files "
+        "(from .common.optim import optimizer); check the path."
+    )
 
 
 @contextmanager
@@ -220,8 +241,10 @@ class LazyConfig:
 
         Args:
             filename: path of the config file.
-            keys: return only this top-level key (a string), or a tuple of the values of
-                these keys (a sequence); None returns the whole config.
+            keys: return only the value of this top-level variable (a string), or a tuple of
+                the values of these variables (a sequence); None returns the whole config,
+                which holds the public top-level dicts, lists and configs. A key may name any
+                top-level variable of a Python config, a string or number too.
 
         Returns:
             A ``DictConfig`` (or the selected value(s)).
@@ -237,42 +260,55 @@ class LazyConfig:
         if not os.path.isfile(filename):
             raise FileNotFoundError(f"Lazy config file {filename!r} does not exist.")
         if ext in _PY_SUFFIXES:
-            with _patch_import():
-                namespace = _exec_config_file(filename)
+            top_level = not _loading
+            if top_level:
+                _current_group.append([])
+            try:
+                with _patch_import():
+                    namespace = _exec_config_file(filename)
+            finally:
+                if top_level:
+                    _current_group.pop()
+            if keys is not None:
+                # As in detectron2, keys may name any top-level variable (a string too).
+                return LazyConfig._select(namespace, keys, filename)
             content = {
                 name: _cast_to_config(value)
                 for name, value in namespace.items()
                 if not name.startswith("_")
                 and isinstance(value, (DictConfig, ListConfig, dict, list))
             }
-            cfg = DictConfig(content, flags={"allow_objects": True})
-        else:
-            try:
-                loaded = OmegaConf.load(filename)
-            except yaml.constructor.ConstructorError as e:
-                raise ValueError(
-                    f"Refusing to load {filename}: it contains a YAML tag that is not plain data "
-                    f"({e.problem}). YAML configs are read with a safe loader that never builds "
-                    "Python objects; describe objects with _target_ entries instead."
-                ) from None
-            if not isinstance(loaded, DictConfig):
-                raise ValueError(
-                    f"Lazy config {filename} must hold a mapping at the top level, got a list."
-                )
-            cfg = DictConfig(
-                OmegaConf.to_container(loaded, resolve=False), flags={"allow_objects": True}
+            return DictConfig(content, flags={"allow_objects": True})
+        try:
+            loaded = OmegaConf.load(filename)
+        except yaml.constructor.ConstructorError as e:
+            raise ValueError(
+                f"Refusing to load {filename}: it contains a YAML tag that is not plain data "
+                f"({e.problem}). YAML configs are read with a safe loader that never builds "
+                "Python objects; describe objects with _target_ entries instead."
+            ) from None
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(
+                f"Lazy config {filename} must hold a mapping at the top level, got a list."
             )
+        cfg = DictConfig(
+            OmegaConf.to_container(loaded, resolve=False), flags={"allow_objects": True}
+        )
         if keys is None:
             return cfg
-        if isinstance(keys, str):
-            return LazyConfig._select(cfg, keys, filename)
-        return tuple(LazyConfig._select(cfg, key, filename) for key in keys)
+        return LazyConfig._select(cfg, keys, filename)
 
     @staticmethod
-    def _select(cfg: DictConfig, key: str, filename: str) -> Any:
-        if key not in cfg:
-            raise KeyError(f"{filename} has no top-level key {key!r}; it has {sorted(cfg)}.")
-        return cfg[key]
+    def _select(namespace: Mapping[str, Any], keys: str | Sequence[str], filename: str) -> Any:
+        def one(key: str) -> Any:
+            if key not in namespace:
+                names = sorted(k for k in namespace if not str(k).startswith("__"))
+                raise KeyError(f"{filename} has no top-level key {key!r}; it has {names}.")
+            return _cast_to_config(namespace[key])
+
+        if isinstance(keys, str):
+            return one(keys)
+        return tuple(one(key) for key in keys)
 
     @staticmethod
     def load_rel(filename: str, keys: str | Sequence[str] | None = None) -> Any:
@@ -294,29 +330,36 @@ class LazyConfig:
 
     @staticmethod
     def save(cfg: DictConfig | Mapping[str, Any], filename: str) -> None:
-        """Save a lazy config as YAML (``LazyConfig.load`` reads it back).
+        """Save a lazy config as YAML (``LazyConfig.load`` reads it back); never fails on a value.
 
-        Callable ``_target_`` values are written as import paths. Any other value must be
-        plain data (numbers, strings, booleans, None, lists, dicts).
+        Callable ``_target_`` values are written as import paths, classes and functions given as
+        argument values as ``{_target_: d2engine.config.locate, name: <import path>}`` (which
+        :func:`~d2engine.config.instantiate` turns back into the object), plain data as is.
+
+        A value that YAML cannot hold (an object, a lambda, a class defined in the config file
+        itself...) does not stop the save: the YAML gets a ``"<not saved: ...>"`` placeholder in
+        its place, the config files that define such objects are copied into the folder
+        ``<name>_sources/`` next to ``filename``, the whole config is also pickled to
+        ``filename + ".pkl"`` when it can be (with cloudpickle if installed: an optional
+        dependency), and one warning lists each unsaved key and why.
 
         Args:
             cfg: the config.
             filename: the ``.yaml`` file to write.
-
-        Raises:
-            ValueError: naming the key of a value that YAML cannot hold, or of a
-                ``_target_`` that cannot be written as an import path.
         """
         if not isinstance(cfg, DictConfig):
             cfg = DictConfig(cfg, flags={"allow_objects": True})
         container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-        plain = _to_yaml_data(container, "cfg")
+        unsaved: list[tuple[str, Any, str]] = []
+        plain = _to_yaml_data(container, "cfg", unsaved)
         text = yaml.safe_dump(plain, default_flow_style=False, allow_unicode=True, sort_keys=False)
         directory = os.path.dirname(filename)
         if directory:
             os.makedirs(directory, exist_ok=True)
         with open(filename, "w", encoding="utf-8") as f:
             f.write(text)
+        if unsaved:
+            _save_what_yaml_cannot_hold(cfg, filename, unsaved)
 
     @staticmethod
     def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
@@ -364,6 +407,32 @@ class LazyConfig:
             OmegaConf.update(cfg, key, _parse_override_value(raw.strip()), merge=True)
         return cfg
 
+    @staticmethod
+    def to_py(cfg: DictConfig | Mapping[str, Any], prefix: str = "cfg.") -> str:
+        """Render a config as Python-like text, for people to read (not meant to be executed).
+
+        Each top-level leaf becomes one assignment (``cfg.train.max_iter = 100``), a
+        ``_target_`` mapping a call (``torch.nn.Linear(in_features=4, out_features=2)``); keys
+        are sorted, interpolations resolved where they can be, and long lines split as the
+        black formatter would.
+
+        Args:
+            cfg: the config.
+            prefix: the name the assignments start with (default ``"cfg."``).
+
+        Returns:
+            The text, ending with a newline.
+        """
+        if not isinstance(cfg, DictConfig):
+            cfg = DictConfig(cfg, flags={"allow_objects": True})
+        try:
+            container = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        except (
+            OmegaConfBaseException
+        ):  # an interpolation that cannot be resolved: keep it as written
+            container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+        return config_to_py(container, prefix)
+
 
 _WORDS = {"true": True, "false": False, "null": None, "none": None}
 
@@ -375,25 +444,87 @@ def _parse_override_value(text: str) -> Any:
         return _WORDS.get(text.lower(), text)
 
 
-def _to_yaml_data(value: Any, path: str) -> Any:
-    """Check (and convert) a container so that ``yaml.safe_dump`` can write it."""
+def _to_yaml_data(value: Any, path: str, unsaved: list[tuple[str, Any, str]]) -> Any:
+    """Convert a container for ``yaml.safe_dump``; what it cannot hold becomes a placeholder.
+
+    Each placeholder is recorded in ``unsaved`` as (key path, value, reason).
+    """
     if isinstance(value, Mapping):
-        out = {}
+        out: dict[str, Any] = {}
         for key, item in value.items():
             if key == _TARGET_KEY and not isinstance(item, str):
                 try:
                     out[key] = target_to_string(item)
                 except ValueError as e:
-                    raise ValueError(f"Cannot save {path}.{key}: {e}") from None
+                    out[key] = _placeholder(f"{path}.{key}", item, str(e), unsaved)
             else:
-                out[str(key)] = _to_yaml_data(item, f"{path}.{key}")
+                out[str(key)] = _to_yaml_data(item, f"{path}.{key}", unsaved)
         return out
     if isinstance(value, (list, tuple)):
-        return [_to_yaml_data(item, f"{path}[{i}]") for i, item in enumerate(value)]
+        return [_to_yaml_data(item, f"{path}[{i}]", unsaved) for i, item in enumerate(value)]
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    raise ValueError(
-        f"Cannot save {path} as YAML: it holds a {type(value).__name__} object ({value!r:.80}). "
-        "Keep configs to plain data and LazyCall(...) descriptions, and build objects with "
-        "instantiate() when they are needed."
+    if inspect.isclass(value) or inspect.isfunction(value) or inspect.isbuiltin(value):
+        try:
+            return {_TARGET_KEY: _LOCATE, "name": target_to_string(value)}
+        except ValueError as e:
+            return _placeholder(path, value, str(e), unsaved)
+    return _placeholder(
+        path,
+        value,
+        f"YAML holds plain data and LazyCall descriptions, not a {type(value).__name__} object",
+        unsaved,
+    )
+
+
+_LOCATE = "d2engine.config.locate"
+
+
+def _placeholder(path: str, value: Any, reason: str, unsaved: list[tuple[str, Any, str]]) -> str:
+    unsaved.append((path, value, reason))
+    return f"<not saved: {type(value).__name__} {value!r:.60}>"
+
+
+def _defining_files(value: Any) -> list[str]:
+    """The config files loaded together with the one that defines ``value`` (or its class)."""
+    module = getattr(value, "__module__", None) or type(value).__module__  # instances: the class's
+    entry = _config_modules.get(module if isinstance(module, str) else "")
+    return list(entry[1]) if entry else []
+
+
+def _save_what_yaml_cannot_hold(
+    cfg: DictConfig, filename: str, unsaved: list[tuple[str, Any, str]]
+) -> None:
+    """Copy the defining config files and pickle the config; warn once about the unsaved keys."""
+    sources = sorted({f for _, value, _ in unsaved for f in _defining_files(value)})
+    notes: list[str] = []
+    if sources:
+        root = os.path.commonpath([os.path.dirname(f) for f in sources])
+        folder = os.path.splitext(filename)[0] + "_sources"
+        for source in sources:
+            target = os.path.join(folder, os.path.relpath(source, root))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
+        notes.append(f"the config file(s) defining them are copied to {folder}/")
+    try:
+        try:  # optional dependency: pickles lambdas and classes defined in config files
+            import cloudpickle as pickler  # type: ignore[import-not-found]
+        except ImportError:
+            pickler = pickle
+        with open(filename + ".pkl", "wb") as f:
+            pickler.dump(cfg, f)
+        notes.append(f"the whole config is pickled to {filename}.pkl")
+    except Exception as e:  # any pickling error: the YAML and the copies are what we keep
+        with contextlib.suppress(OSError):
+            os.remove(filename + ".pkl")
+        notes.append(
+            f"it could not be pickled either ({type(e).__name__}: {e}; installing cloudpickle "
+            "helps)"
+        )
+    lines = "\n".join(f"  {path}: {reason}" for path, _, reason in unsaved)
+    logger.warning(
+        f"LazyConfig.save wrote {filename} with placeholders for {len(unsaved)} value(s) that YAML "
+        f"cannot hold:\n{lines}\nLoading that file gives the placeholders back as strings; "
+        + "; ".join(notes)
+        + "."
     )

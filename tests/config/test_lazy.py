@@ -183,7 +183,7 @@ def test_load_errors(config_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(KeyError, match=r"has no top-level key 'nope'"):
         LazyConfig.load(str(config_tree / "common" / "data.py"), keys="nope")
     bad_import = _write(tmp_path / "bad.py", "from .missing import x\n")
-    with pytest.raises(ImportError, match=r"missing.py nor a directory"):
+    with pytest.raises(ImportError, match=r"missing.py does not exist, nor a directory"):
         LazyConfig.load(bad_import)
     no_name = _write(tmp_path / "no_name.py", "from .other.main import nothing\n")
     _write(tmp_path / "other" / "main.py", "x = {}\n")
@@ -223,13 +223,128 @@ def test_save_and_load_round_trip(config_tree: Path, tmp_path: Path) -> None:
     assert LazyConfig.load(str(tmp_path / "plain.yaml")).a.b == 1
 
 
-def test_save_refuses_values_yaml_cannot_hold(tmp_path: Path) -> None:
-    cfg = DictConfig({"model": {"layers": [1, torch.nn.ReLU()]}}, flags={"allow_objects": True})
-    with pytest.raises(ValueError, match=r"cfg.model.layers\[1\] as YAML: it holds a ReLU object"):
-        LazyConfig.save(cfg, str(tmp_path / "x.yaml"))
-    with pytest.raises(ValueError, match=r"Cannot save cfg.f._target_:.*lambda"):
-        LazyConfig.save({"f": LazyCall(lambda: 0)()}, str(tmp_path / "y.yaml"))
-    assert not (tmp_path / "x.yaml").exists()
+def test_save_keeps_going_on_values_yaml_cannot_hold(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # detectron2's call form: a config holding an object and a lambda still saves.
+    cfg = DictConfig(
+        {"model": {"layers": [1, torch.nn.ReLU()]}, "f": LazyCall(lambda: 0)(), "n": 3},
+        flags={"allow_objects": True},
+    )
+    path = tmp_path / "x.yaml"
+    with caplog.at_level("WARNING", logger="d2engine.config.lazy"):
+        LazyConfig.save(cfg, str(path))
+    loaded = LazyConfig.load(str(path))
+    assert loaded.n == 3 and loaded.model.layers[0] == 1
+    assert loaded.model.layers[1].startswith("<not saved: ReLU")
+    assert loaded.f._target_.startswith("<not saved: function")
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1  # one warning for the whole save
+    assert "cfg.model.layers[1]" in warnings[0].message and "cfg.f._target_" in warnings[0].message
+    # the whole config is pickled next to the YAML (cloudpickle is a dev dependency)
+    assert (tmp_path / "x.yaml.pkl").exists()
+    import cloudpickle
+
+    with open(tmp_path / "x.yaml.pkl", "rb") as f:
+        assert cloudpickle.load(f).model.layers[1].__class__ is torch.nn.ReLU
+
+
+def test_save_writes_classes_as_values_through_locate(tmp_path: Path) -> None:
+    cfg = {
+        "m": LazyCall(torch.nn.Sequential)(),
+        "act": torch.nn.ReLU,
+        "fn": torch.nn.functional.relu,
+    }
+    LazyConfig.save(cfg, str(tmp_path / "c.yaml"))
+    loaded = LazyConfig.load(str(tmp_path / "c.yaml"))
+    assert loaded.act == {"_target_": "d2engine.config.locate", "name": "torch.nn.ReLU"}
+    assert instantiate(loaded.act) is torch.nn.ReLU
+    assert instantiate(loaded.fn) is torch.nn.functional.relu
+    assert not (tmp_path / "c.yaml.pkl").exists()  # nothing was lost: no pickle, no warning
+
+
+def test_save_of_a_config_defining_its_own_classes_copies_the_files(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The shape of detectron2's "train an ImageNet classifier" lazy config: a model class and a
+    # loader function defined in the config file itself, an object instance as a value.
+    _write(tmp_path / "cfgs" / "common.py", "train = dict(max_iter=10, output_dir='out')\n")
+    main = _write(
+        tmp_path / "cfgs" / "exp" / "net.py",
+        """
+        import torch
+        from torch import nn
+        from d2engine.config import LazyCall as L
+        from ..common import train
+
+        class Net(nn.Module):
+            def __init__(self, width):
+                super().__init__()
+                self.fc = nn.Linear(width, 2)
+
+        def build_loader(n):
+            return list(range(n))
+
+        model = L(Net)(width=4)
+        dataloader = dict(train=L(build_loader)(n=3), head=nn.Identity())
+        """,
+    )
+    cfg = LazyConfig.load(main)
+    out = tmp_path / "run" / "config.yaml"
+    with caplog.at_level("WARNING", logger="d2engine.config.lazy"):
+        LazyConfig.save(cfg, str(out))
+    text = out.read_text()
+    assert "max_iter: 10" in text and "width: 4" in text
+    copies = tmp_path / "run" / "config_sources"
+    assert (copies / "exp" / "net.py").read_text() == Path(main).read_text()
+    assert (copies / "common.py").exists()  # the whole load, relative imports included
+    (warning,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    for key in ("cfg.model._target_", "cfg.dataloader.train._target_", "cfg.dataloader.head"):
+        assert key in warning
+    assert "config_sources" in warning
+    assert isinstance(
+        instantiate(LazyConfig.load(str(copies / "exp" / "net.py")).model), torch.nn.Module
+    )
+
+
+def test_load_keys_name_any_top_level_variable(tmp_path: Path) -> None:
+    path = _write(tmp_path / "a.py", "name = 'base'\nsize = 3\nd = {'a': 1}\n")
+    assert LazyConfig.load(path, keys="name") == "base"
+    assert LazyConfig.load(path, keys=("name", "size")) == ("base", 3)
+    assert LazyConfig.load(path, keys="d").a == 1  # a dict comes back as a config
+    assert set(LazyConfig.load(path)) == {"d"}  # without keys: the configs only
+
+
+def test_to_py_renders_black_formatted_assignments() -> None:
+    cfg = DictConfig(
+        {
+            "model": LazyCall(torch.nn.Linear)(in_features=4, out_features=2),
+            "train": {"max_iter": 10, "output_dir": "o", "ref": "${train.max_iter}"},
+            "optim": LazyCall(collections.OrderedDict)(
+                a={"first": "aaaaaaaaaaaaaaaaaaaa", "second": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},
+                b=LazyCall(torch.nn.Linear)(in_features=1000000000, out_features=2000000000),
+            ),
+        },
+        flags={"allow_objects": True},
+    )
+    text = LazyConfig.to_py(cfg)
+    assert text == (
+        "cfg.model = torch.nn.Linear(in_features=4, out_features=2)\n"
+        "cfg.optim = collections.OrderedDict(\n"
+        '    a={"first": "aaaaaaaaaaaaaaaaaaaa", "second": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]},\n'
+        "    b=torch.nn.Linear(in_features=1000000000, out_features=2000000000),\n"
+        ")\n"
+        "cfg.train.max_iter = 10\n"
+        'cfg.train.output_dir = "o"\n'
+        "cfg.train.ref = 10\n"
+    )
+    assert LazyConfig.to_py({"x": {"y": 1}}, prefix="c.") == "c.x.y = 1\n"
+
+
+def test_relative_import_errors_say_relative_import(tmp_path: Path) -> None:
+    bad = _write(tmp_path / "bad.py", "from .does_not_exist import x\n")
+    with pytest.raises(ImportError, match=r"relative import.*does_not_exist.py does not exist"):
+        LazyConfig.load(bad)
 
 
 def test_apply_overrides(config_tree: Path) -> None:
