@@ -63,11 +63,18 @@ class FrozenConfigError(AttributeError):
     """An attempt to change a frozen :class:`CfgNode`."""
 
 
-def _rebuild_node(cls: type[CfgNode], items: dict, frozen: bool, new_allowed: bool) -> CfgNode:
-    """Unpickle a :class:`CfgNode` (items first, then the flags, so frozen nodes load)."""
+def _rebuild_node(
+    cls: type[CfgNode], items: dict, frozen: bool, new_allowed: bool, path: tuple[str, ...] = ()
+) -> CfgNode:
+    """Unpickle a :class:`CfgNode` (items first, then the flags, so frozen nodes load).
+
+    ``path`` (the node's dotted key path, for error messages) is absent from pickles written by
+    d2engine 0.1.0.
+    """
     node = cls.__new__(cls)
     object.__setattr__(node, "_frozen", False)
     object.__setattr__(node, "_new_allowed", new_allowed)
+    object.__setattr__(node, "_path", tuple(path))
     dict.update(node, items)
     object.__setattr__(node, "_frozen", frozen)
     return node
@@ -173,6 +180,7 @@ class CfgNode(dict):
 
     _frozen: bool
     _new_allowed: bool
+    _path: tuple[str, ...]  # the dotted key path of this node in its tree, for error messages
 
     def __init__(
         self,
@@ -193,8 +201,9 @@ class CfgNode(dict):
         """
         object.__setattr__(self, "_frozen", False)
         object.__setattr__(self, "_new_allowed", new_allowed)
-        super().__init__()
         key_list = list(key_list or [])
+        object.__setattr__(self, "_path", tuple(key_list))
+        super().__init__()
         for key, value in (init_dict or {}).items():
             if isinstance(value, Mapping) and not isinstance(value, CfgNode):
                 value = type(self)(value, key_list + [str(key)], new_allowed=new_allowed)
@@ -209,11 +218,25 @@ class CfgNode(dict):
             if name.startswith("__"):
                 raise AttributeError(name) from None
             close = difflib.get_close_matches(name, [str(k) for k in self], n=3)
-            hint = f" Did you mean: {', '.join(close)}?" if close else ""
-            raise AttributeError(f"Config has no key {name!r}.{hint}") from None
+            hint = f" Did you mean: {', '.join(self._full_key(c) for c in close)}?" if close else ""
+            raise AttributeError(
+                f"Config has no key {self._full_key(name)!r}.{hint} HINT: a key that a script "
+                "reads must exist in the defaults (get_cfg()) or be added before use, e.g. by "
+                "the project's add_*_config(cfg) function."
+            ) from None
+
+    def _full_key(self, name: str) -> str:
+        """The dotted path of key ``name`` of this node, from the root of its tree."""
+        return ".".join((*self.__dict__.get("_path", ()), name))
+
+    def _set_path(self, path: tuple[str, ...]) -> None:
+        object.__setattr__(self, "_path", path)
+        for key, value in self.items():
+            if isinstance(value, CfgNode):
+                value._set_path((*path, str(key)))
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in ("_frozen", "_new_allowed"):
+        if name in ("_frozen", "_new_allowed", "_path"):
             raise AttributeError(
                 f"{name!r} is internal state of CfgNode; use freeze()/defrost()/set_new_allowed()."
             )
@@ -224,13 +247,15 @@ class CfgNode(dict):
         try:
             dict.__delitem__(self, name)
         except KeyError:
-            raise AttributeError(f"Config has no key {name!r}.") from None
+            raise AttributeError(f"Config has no key {self._full_key(name)!r}.") from None
 
     def __setitem__(self, key: str, value: Any) -> None:
         self._check_mutable(key)
         if isinstance(value, Mapping) and not isinstance(value, CfgNode):
             value = type(self)(value, [str(key)], new_allowed=self._new_allowed)
-        _check_value_type(value, str(key))
+        _check_value_type(value, self._full_key(str(key)))
+        if isinstance(value, CfgNode):
+            value._set_path((*self.__dict__.get("_path", ()), str(key)))
         dict.__setitem__(self, key, value)
 
     def __delitem__(self, key: str) -> None:
@@ -272,14 +297,17 @@ class CfgNode(dict):
 
     # ---------------------------------------------------------------------- copying
     def __reduce__(self) -> tuple:
-        return (_rebuild_node, (type(self), dict(self), self._frozen, self._new_allowed))
+        return (
+            _rebuild_node,
+            (type(self), dict(self), self._frozen, self._new_allowed, self._path),
+        )
 
     def __copy__(self) -> CfgNode:
-        return _rebuild_node(type(self), dict(self), self._frozen, self._new_allowed)
+        return _rebuild_node(type(self), dict(self), self._frozen, self._new_allowed, self._path)
 
     def __deepcopy__(self, memo: dict) -> CfgNode:
         items = {key: copy.deepcopy(value, memo) for key, value in self.items()}
-        node = _rebuild_node(type(self), items, self._frozen, self._new_allowed)
+        node = _rebuild_node(type(self), items, self._frozen, self._new_allowed, self._path)
         memo[id(self)] = node
         return node
 

@@ -169,3 +169,39 @@ _C.SEED = -1
 # Whether cudnn.benchmark is enabled for training (faster for fixed input sizes, not
 # deterministic).
 _C.CUDNN_BENCHMARK = False
+
+# =============================================================================
+# detectron2 compatibility: generic keys that detectron2's tools/*.py, engine/defaults.py,
+# data/build.py and projects/*/train_net.py read, with detectron2's defaults, so that their
+# scripts run unchanged. (Keys specific to detection models are not here: a project adds its
+# own with its add_*_config(cfg) function, as in detectron2.)
+# =============================================================================
+# Test-time augmentation switches. Scripts read cfg.TEST.AUG.ENABLED to decide whether to run
+# their own TTA wrapper; d2engine itself applies no test-time augmentation.
+_C.TEST.AUG = CN()
+_C.TEST.AUG.ENABLED = False
+_C.TEST.AUG.MIN_SIZES = (400, 500, 600, 700, 800, 900, 1000, 1100, 1200)
+_C.TEST.AUG.MAX_SIZE = 4000
+_C.TEST.AUG.FLIP = True
+
+# Batch samples of similar aspect ratio together: the train loader groups the dataset dicts
+# that have "width" and "height" into landscape and portrait batches (dicts without them are
+# batched in order, so other data is unaffected).
+_C.DATALOADER.ASPECT_RATIO_GROUPING = True
+# The training sampler: "TrainingSampler", "RepeatFactorTrainingSampler" or
+# "RandomSubsetTrainingSampler" (all infinite, sharded, and resumable in O(1)).
+_C.DATALOADER.SAMPLER_TRAIN = "TrainingSampler"
+# RepeatFactorTrainingSampler: repeat a sample whose rarest category has frequency f < thresh
+# by (thresh / f) (its square root when REPEAT_SQRT).
+_C.DATALOADER.REPEAT_THRESHOLD = 0.0
+_C.DATALOADER.REPEAT_SQRT = True
+# (d2engine) RandomSubsetTrainingSampler: the fraction of the dataset to train on, in (0, 1]
+# (detectron2 reads this key but has no default for it).
+_C.DATALOADER.RANDOM_SUBSET_RATIO = 1.0
+# Drop training samples whose "annotations" list holds no non-crowd annotation (only dicts
+# that have an "annotations" key are concerned).
+_C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
+
+# torch.set_float32_matmul_precision on CUDA ("highest", "high" or "medium"); "" leaves
+# torch's default. default_setup applies it.
+_C.FLOAT32_PRECISION = ""

@@ -5,10 +5,12 @@ Usage::
     python tests/compat/reference_tests.py SRC OUT [TEST_PATH ...] [-- PYTEST_ARGS ...]
 
 SRC is a detectron2 checkout or a bare git repository of it (its HEAD is read); OUT is a scratch
-directory outside this repository. The script copies SRC's ``tests/`` tree into OUT, rewrites
-``detectron2`` to ``d2engine`` in ``import`` and ``from ... import`` statements only (strings such
-as ``"detectron2_test://"`` stay as written), and runs pytest on the given test paths (relative to
-``tests/``; all of them when none is given). Nothing of detectron2 is kept in this repository.
+directory outside this repository. The script copies SRC's ``tests/`` tree into OUT, replaces the
+package name ``detectron2`` by ``d2engine`` wherever it stands as a whole word (imports, and
+dotted module names in strings such as logger names: what a user's search-and-replace of the
+prefix does; ``"detectron2_test://"`` is another word and stays), and runs pytest on the given
+test paths (relative to ``tests/``; all of them when none is given). Nothing of detectron2 is kept
+in this repository.
 """
 
 from __future__ import annotations
@@ -23,20 +25,20 @@ from pathlib import Path
 
 __all__ = ["copy_tests", "main", "rewrite_imports"]
 
-_IMPORT = re.compile(r"^(\s*(?:from|import)\s+)detectron2\b", re.MULTILINE)
+_PACKAGE = re.compile(r"\bdetectron2\b")
 
 
 def rewrite_imports(source: str, new_prefix: str = "d2engine") -> str:
-    """Replace the ``detectron2`` package in import statements by ``new_prefix``.
+    """Replace the package name ``detectron2`` (a whole word) by ``new_prefix``.
 
     Args:
         source: Python source text.
-        new_prefix: the package name to import instead.
+        new_prefix: the package name to use instead.
 
     Returns:
-        The source with ``import detectron2...`` / ``from detectron2... import`` rewritten.
+        The source with ``detectron2`` rewritten in imports and dotted names.
     """
-    return _IMPORT.sub(lambda m: m.group(1) + new_prefix, source)
+    return _PACKAGE.sub(new_prefix, source)
 
 
 def _read_tree(src: Path) -> dict[str, bytes]:

@@ -74,6 +74,17 @@ DETECTRON2_DEFAULTS = {
     "OUTPUT_DIR": "./output",
     "SEED": -1,
     "CUDNN_BENCHMARK": False,
+    # generic keys read by detectron2's tools/*.py, engine/defaults.py and data/build.py
+    "TEST.AUG.ENABLED": False,
+    "TEST.AUG.MIN_SIZES": (400, 500, 600, 700, 800, 900, 1000, 1100, 1200),
+    "TEST.AUG.MAX_SIZE": 4000,
+    "TEST.AUG.FLIP": True,
+    "DATALOADER.ASPECT_RATIO_GROUPING": True,
+    "DATALOADER.SAMPLER_TRAIN": "TrainingSampler",
+    "DATALOADER.REPEAT_THRESHOLD": 0.0,
+    "DATALOADER.REPEAT_SQRT": True,
+    "DATALOADER.FILTER_EMPTY_ANNOTATIONS": True,
+    "FLOAT32_PRECISION": "",
 }
 
 
@@ -129,6 +140,26 @@ def test_attribute_and_item_access() -> None:
     with pytest.raises(AttributeError, match=r"no key 'CC'.*Did you mean: C"):
         _ = cfg.CC
     assert not hasattr(cfg, "MISSING")
+
+
+def test_missing_key_error_names_the_full_dotted_path() -> None:
+    # tools/train_net.py reads cfg.TEST.AUG.ENABLED; a project's own key that was never added
+    # must be named in full, not as a bare "AUG".
+    cfg = get_cfg()
+    assert cfg.TEST.AUG.ENABLED is False
+    del cfg.TEST.AUG
+    with pytest.raises(AttributeError, match=r"no key 'TEST.AUG'\..*HINT"):
+        _ = cfg.TEST.AUG
+    with pytest.raises(AttributeError, match=r"no key 'SOLVER.AMP.NOPE'"):
+        _ = cfg.SOLVER.AMP.NOPE
+    node = CfgNode()
+    node.A = CfgNode()
+    node.A.B = {"COUNT": 1}  # nodes made at any depth know their path
+    with pytest.raises(AttributeError, match=r"no key 'A.B.COUNTS'.*Did you mean: A.B.COUNT"):
+        _ = node.A.B.COUNTS
+    for copied in (node.clone(), pickle.loads(pickle.dumps(node)), copy.copy(node)):
+        with pytest.raises(AttributeError, match=r"no key 'A.B.D'"):
+            _ = copied.A.B.D
 
 
 def test_unsupported_value_type_is_refused() -> None:
