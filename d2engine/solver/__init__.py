@@ -11,6 +11,7 @@ from d2engine.solver.build import (
 )
 from d2engine.solver.lr_scheduler import (
     LRMultiplier,
+    LRScheduler,
     WarmupCosineLR,
     WarmupMultiStepLR,
     WarmupStepWithFixedGammaLR,
@@ -35,6 +36,7 @@ __all__ = [
     "CosineParamScheduler",
     "ExponentialParamScheduler",
     "LRMultiplier",
+    "LRScheduler",
     "LinearParamScheduler",
     "MultiStepParamScheduler",
     "ParamScheduler",

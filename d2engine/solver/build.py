@@ -145,11 +145,51 @@ def get_default_optimizer_params(
     return reduce_param_groups(groups)
 
 
+def _expand_param_groups(params: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split parameter groups into one group per parameter, with its merged hyper-parameters.
+
+    A parameter listed in several groups gets the hyper-parameters of all of them, later groups
+    winning. A group may carry ``"param_names"`` (one name per parameter), which is kept per
+    parameter. Parameters are in order of first appearance.
+
+    Args:
+        params: parameter groups, each a dict with "params" and hyper-parameters.
+
+    Returns:
+        One dict per distinct parameter: ``{"params": [p], **hyper}`` (and ``"param_names"``).
+
+    Raises:
+        ValueError: if a group has no "params", or "param_names" of another length.
+    """
+    per_param: dict[int, dict[str, Any]] = {}
+    for i, item in enumerate(params):
+        if "params" not in item:
+            raise ValueError(
+                f"parameter group {i} has no 'params' entry, got keys {sorted(item)}. HINT: each "
+                "group is a dict {'params': [...], 'lr': ..., ...}."
+            )
+        hyper = {k: v for k, v in item.items() if k not in ("params", "param_names")}
+        group_params = list(item["params"])
+        names = item.get("param_names")
+        if names is not None and len(names) != len(group_params):
+            raise ValueError(
+                f"parameter group {i} has {len(group_params)} params but {len(names)} "
+                "param_names; give one name per parameter."
+            )
+        for k, p in enumerate(group_params):
+            entry = per_param.setdefault(id(p), {"params": [p]})
+            if names is not None:
+                entry["param_names"] = [names[k]]
+            entry.update(hyper)
+    return list(per_param.values())
+
+
 def reduce_param_groups(params: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Merge parameter groups with equal hyper-parameters.
 
     A parameter listed in several groups keeps the hyper-parameters of all of them, later ones
-    winning. Groups keep the order of first appearance, and parameters their order within.
+    winning (see :func:`_expand_param_groups`). Groups keep the order of first appearance, and
+    parameters (and their ``"param_names"``, if given) their order within.
 
     Args:
         params: parameter groups, each a dict with "params" and hyper-parameters.
@@ -160,22 +200,14 @@ def reduce_param_groups(params: list[dict[str, Any]]) -> list[dict[str, Any]]:
     Raises:
         ValueError: if a group has no "params".
     """
-    per_param: dict[int, dict[str, Any]] = {}
-    order: list[torch.Tensor] = []
-    for i, item in enumerate(params):
-        if "params" not in item:
-            raise ValueError(f"parameter group {i} has no 'params' entry, got keys {sorted(item)}")
-        hyper = {k: v for k, v in item.items() if k != "params"}
-        for p in item["params"]:
-            if id(p) not in per_param:
-                per_param[id(p)] = {}
-                order.append(p)
-            per_param[id(p)].update(hyper)
     merged: dict[Any, dict[str, Any]] = {}
-    for p in order:
-        hyper = per_param[id(p)]
+    for entry in _expand_param_groups(params):
+        hyper = {k: v for k, v in entry.items() if k not in ("params", "param_names")}
         key = tuple(sorted((k, _hashable(v)) for k, v in hyper.items()))
-        merged.setdefault(key, {**hyper, "params": []})["params"].append(p)
+        group = merged.setdefault(key, {**hyper, "params": []})
+        group["params"].extend(entry["params"])
+        if "param_names" in entry:
+            group.setdefault("param_names", []).extend(entry["param_names"])
     return list(merged.values())
 
 

@@ -35,9 +35,12 @@ from d2engine.solver.param_scheduler import (
 )
 from d2engine.utils.validation import check_positive_int
 
-# WarmupParamScheduler is re-exported here because detectron2 users import it from this module.
+# WarmupParamScheduler is re-exported here because detectron2 users import it from this module;
+# LRScheduler (torch's base class) because detectron2 projects subclass it from here for custom
+# schedules (DeepLab's WarmupPolyLR), together with _get_warmup_factor_at_iter.
 __all__ = [
     "LRMultiplier",
+    "LRScheduler",
     "WarmupCosineLR",
     "WarmupMultiStepLR",
     "WarmupParamScheduler",
@@ -180,6 +183,37 @@ class LRMultiplier(LRScheduler):
             One lr per param group.
         """
         return self._lrs_at(self.last_epoch)
+
+
+def _get_warmup_factor_at_iter(
+    method: str, iter: int, warmup_iters: int, warmup_factor: float
+) -> float:
+    """The lr warm-up multiplier at iteration ``iter`` (detectron2's helper for custom schedules).
+
+    Args:
+        method: "linear" (from ``warmup_factor`` at iteration 0 up to 1 at ``warmup_iters``) or
+            "constant" (``warmup_factor`` throughout the warm-up).
+        iter: the iteration.
+        warmup_iters: the number of warm-up iterations; from then on the factor is 1.
+        warmup_factor: the factor at the start of the warm-up.
+
+    Returns:
+        The factor; 1.0 once ``iter >= warmup_iters``.
+
+    Raises:
+        ValueError: for an unknown ``method``.
+    """
+    if iter >= warmup_iters:
+        return 1.0
+    if method == "constant":
+        return warmup_factor
+    if method == "linear":
+        alpha = iter / warmup_iters
+        return warmup_factor * (1 - alpha) + alpha
+    raise ValueError(
+        f"Unknown warm-up method {method!r}; expected 'linear' or 'constant' "
+        "(cfg.SOLVER.WARMUP_METHOD)."
+    )
 
 
 def _warmup(

@@ -187,6 +187,41 @@ def test_reduce_param_groups_later_groups_win_and_lists_are_hashable() -> None:
     assert groups == [{"lr": 0.2, "betas": [0.9, 0.99], "params": [a, b]}]
 
 
+def test_expand_param_groups_gives_one_group_per_param_later_groups_winning() -> None:
+    # detectron2's helper, called with any hashable stand-ins for parameters
+    from d2engine.solver.build import _expand_param_groups
+
+    out = _expand_param_groups(
+        [
+            {"params": ["p1", "p2", "p3"], "lr": 1.0, "weight_decay": 3.0},
+            {"params": ["p2", "p4"], "lr": 2.0, "momentum": 2.0},
+            {"params": ["p1"], "weight_decay": 4.0},
+        ]
+    )
+    assert out == [
+        {"params": ["p1"], "lr": 1.0, "weight_decay": 4.0},
+        {"params": ["p2"], "lr": 2.0, "weight_decay": 3.0, "momentum": 2.0},
+        {"params": ["p3"], "lr": 1.0, "weight_decay": 3.0},
+        {"params": ["p4"], "lr": 2.0, "momentum": 2.0},
+    ]
+
+
+def test_reduce_param_groups_keeps_param_names_aligned() -> None:
+    a, b, c = (nn.Parameter(torch.zeros(1)) for _ in range(3))
+    groups = reduce_param_groups(
+        [
+            {"params": [a, b, c], "param_names": ["a", "b", "c"], "lr": 0.1},
+            {"params": [b], "param_names": ["b"], "lr": 0.2},
+        ]
+    )
+    assert groups == [
+        {"lr": 0.1, "params": [a, c], "param_names": ["a", "c"]},
+        {"lr": 0.2, "params": [b], "param_names": ["b"]},
+    ]
+    with pytest.raises(ValueError, match="2 params but 1 param_names"):
+        reduce_param_groups([{"params": [a, b], "param_names": ["a"]}])
+
+
 def test_build_optimizer_is_sgd_with_cfg_values() -> None:
     cfg = _cfg(BASE_LR=0.05, MOMENTUM=0.8, NESTEROV=True, WEIGHT_DECAY=1e-3, WEIGHT_DECAY_NORM=0.0)
     opt = build_optimizer(cfg, _Net())

@@ -333,3 +333,42 @@ def test_lr_scheduler_hook_wraps_a_param_scheduler() -> None:
     # a second run resuming at iteration 2 with the same optimizer continues the schedule
     used, _ = _train_with_param_scheduler(opt, model, 2, 4)
     assert used == pytest.approx([1.0, 0.5])
+
+
+def test_a_custom_schedule_subclasses_lrscheduler_with_the_warmup_helper() -> None:
+    # The shape of detectron2 projects' custom schedules (DeepLab's WarmupPolyLR), imported as
+    # they import it: only the prefix changes.
+    from d2engine.solver import LRScheduler
+    from d2engine.solver.lr_scheduler import _get_warmup_factor_at_iter
+
+    class WarmupPolyLR(LRScheduler):
+        def __init__(self, optimizer, max_iters, warmup_iters=4, power=0.9, last_epoch=-1):
+            self.max_iters, self.warmup_iters, self.power = max_iters, warmup_iters, power
+            super().__init__(optimizer, last_epoch)
+
+        def get_lr(self):
+            factor = _get_warmup_factor_at_iter("linear", self.last_epoch, self.warmup_iters, 0.1)
+            decay = (1.0 - self.last_epoch / self.max_iters) ** self.power
+            return [base_lr * factor * decay for base_lr in self.base_lrs]
+
+    opt = _optimizer(1.0)
+    sched = WarmupPolyLR(opt, max_iters=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.1)  # warm-up starts at the factor
+    assert lrs[2] == pytest.approx((0.1 * 0.5 + 0.5) * 0.8**0.9)
+    assert lrs[4] == pytest.approx(0.6**0.9)  # warm-up over: poly decay only
+
+
+def test_warmup_factor_helper() -> None:
+    from d2engine.solver.lr_scheduler import _get_warmup_factor_at_iter
+
+    assert _get_warmup_factor_at_iter("linear", 0, 10, 0.001) == pytest.approx(0.001)
+    assert _get_warmup_factor_at_iter("linear", 5, 10, 0.0) == pytest.approx(0.5)
+    assert _get_warmup_factor_at_iter("constant", 9, 10, 0.3) == 0.3
+    assert _get_warmup_factor_at_iter("bogus", 10, 10, 0.3) == 1.0  # past the warm-up
+    with pytest.raises(ValueError, match="Unknown warm-up method 'bogus'"):
+        _get_warmup_factor_at_iter("bogus", 1, 10, 0.3)
