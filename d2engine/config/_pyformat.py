@@ -100,11 +100,11 @@ def _statements(value: Any, prefix: str) -> list[str]:
     return _lines(_node(value), "", f"{prefix} = ", "")
 
 
-def config_to_py(container: Mapping[str, Any], prefix: str = "cfg.") -> str:
+def config_to_py(container: Any, prefix: str = "cfg.") -> str:
     """Render a plain (``OmegaConf.to_container``) config as Python-like text.
 
     Args:
-        container: the config as plain dicts and lists.
+        container: the config as plain dicts and lists (normally a dict).
         prefix: the name the assignments start with, ending with a dot (default ``"cfg."``).
 
     Returns:

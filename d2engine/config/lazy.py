@@ -508,7 +508,7 @@ def _save_what_yaml_cannot_hold(
         notes.append(f"the config file(s) defining them are copied to {folder}/")
     try:
         try:  # optional dependency: pickles lambdas and classes defined in config files
-            import cloudpickle as pickler  # type: ignore[import-not-found]
+            import cloudpickle as pickler  # type: ignore[import-not-found,import-untyped,unused-ignore]
         except ImportError:
             pickler = pickle
         with open(filename + ".pkl", "wb") as f:
