@@ -13,7 +13,15 @@ from collections import UserDict
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["DatasetCatalog", "Metadata", "MetadataCatalog"]
+__all__ = ["DatasetAlreadyRegisteredError", "DatasetCatalog", "Metadata", "MetadataCatalog"]
+
+
+class DatasetAlreadyRegisteredError(AssertionError, ValueError):
+    """A dataset name registered twice.
+
+    An ``AssertionError`` as in detectron2 (whose ``register`` asserts, and code that re-runs its
+    registration catches ``AssertionError``), and a ``ValueError`` as d2engine raised before.
+    """
 
 
 def _close_names(name: str, names: list[str]) -> str:
@@ -37,7 +45,8 @@ class _DatasetCatalog(UserDict):
 
         Raises:
             TypeError: if ``func`` is not callable.
-            ValueError: if ``name`` is already registered.
+            DatasetAlreadyRegisteredError: if ``name`` is already registered (an
+                ``AssertionError`` and a ``ValueError``).
         """
         if not callable(func):
             raise TypeError(
@@ -45,7 +54,7 @@ class _DatasetCatalog(UserDict):
                 f"dicts, got a {type(func).__name__}. HINT: pass `lambda: my_list`."
             )
         if name in self:
-            raise ValueError(
+            raise DatasetAlreadyRegisteredError(
                 f"Dataset {name!r} is already registered. HINT: choose another name or call "
                 f"DatasetCatalog.remove({name!r}) first."
             )

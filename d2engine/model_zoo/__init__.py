@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from d2engine.model_zoo.model_zoo import get_config_file
+from d2engine.model_zoo.model_zoo import get_config, get_config_file
 
-__all__ = ["get_config_file"]
+__all__ = ["get_config", "get_config_file"]

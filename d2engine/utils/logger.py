@@ -2,7 +2,7 @@
 
 :func:`setup_logger` sends a logger's records to the console (rank 0 only) and to a file (every
 rank, one file each). :func:`log_first_n`, :func:`log_every_n` and :func:`log_every_n_seconds` keep
-repeated messages from flooding the log.
+repeated messages from flooding the log; :func:`create_small_table` formats a few results.
 """
 
 from __future__ import annotations
@@ -13,8 +13,16 @@ import os
 import sys
 import time
 from collections import Counter
+from collections.abc import Mapping
+from typing import Any
 
-__all__ = ["log_every_n", "log_every_n_seconds", "log_first_n", "setup_logger"]
+__all__ = [
+    "create_small_table",
+    "log_every_n",
+    "log_every_n_seconds",
+    "log_first_n",
+    "setup_logger",
+]
 
 _PLAIN_FORMAT = "[%(asctime)s] %(name)s %(levelname)s: %(message)s"
 _DATE_FORMAT = "%m/%d %H:%M:%S"
@@ -206,3 +214,38 @@ def log_every_n_seconds(lvl: int, msg: str, n: float = 1, *, name: str | None = 
     if last is None or now - last >= n:
         logging.getLogger(name or module).log(lvl, msg)
         _LOG_TIMER[caller] = now
+
+
+def create_small_table(small_dict: Mapping[str, Any]) -> str:
+    """Format a few named values as a one-row Markdown ("pipe") table, keys as the header.
+
+    Floats are shown with 3 decimals; cells are centred::
+
+        |  AP   |  AP50  |  n  |
+        |:-----:|:------:|:---:|
+        | 0.512 | 70.100 |  3  |
+
+    Args:
+        small_dict: the values, in the order they should appear.
+
+    Returns:
+        The table (three lines, no trailing newline).
+
+    Raises:
+        ValueError: if ``small_dict`` is empty.
+    """
+    if not small_dict:
+        raise ValueError("create_small_table needs at least one value, got an empty mapping.")
+    headers = [str(k) for k in small_dict]
+    cells = [f"{v:.3f}" if isinstance(v, float) else str(v) for v in small_dict.values()]
+    widths = [max(len(h) + 2, len(c)) for h, c in zip(headers, cells)]
+
+    def center(text: str, width: int) -> str:
+        left = (width - len(text)) // 2
+        return " " * left + text + " " * (width - len(text) - left)
+
+    def line(texts: list[str]) -> str:
+        return "|" + "|".join(f" {center(t, w)} " for t, w in zip(texts, widths)) + "|"
+
+    rule = "|" + "|".join(":" + "-" * w + ":" for w in widths) + "|"
+    return "\n".join([line(headers), rule, line(cells)])

@@ -50,6 +50,17 @@ def test_register_errors(names: list[str]) -> None:
         DatasetCatalog.register("_test_not_callable", [{"a": 1}])
 
 
+def test_registering_twice_is_an_assertion_error_as_in_detectron2(names: list[str]) -> None:
+    # Code written for detectron2 re-runs its registration and catches AssertionError.
+    names.append("_test_twice")
+    for _ in range(2):
+        try:
+            DatasetCatalog.register("_test_twice", list)
+        except AssertionError as e:
+            assert "already registered" in str(e) and "HINT" in str(e)
+    assert DatasetCatalog.get("_test_twice") == []
+
+
 def test_get_unknown_lists_registered(names: list[str]) -> None:
     names.append("_test_digits")
     DatasetCatalog.register("_test_digits", list)

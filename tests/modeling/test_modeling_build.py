@@ -92,3 +92,11 @@ def test_cuda_device_without_cuda(registered: str) -> None:
     cfg.MODEL.DEVICE = "cuda"
     with pytest.raises(RuntimeError, match=r"CUDA is not available.*MODEL.DEVICE cpu"):
         build_model(cfg)
+
+
+def test_detectron2_meta_arch_import_paths() -> None:
+    from d2engine.modeling import META_ARCH_REGISTRY, build_model
+    from d2engine.modeling.meta_arch import META_ARCH_REGISTRY as from_meta_arch
+    from d2engine.modeling.meta_arch.build import build_model as build_from_meta_arch
+
+    assert from_meta_arch is META_ARCH_REGISTRY and build_from_meta_arch is build_model

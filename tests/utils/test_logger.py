@@ -69,3 +69,16 @@ def test_log_first_n_and_every_n(caplog) -> None:
     assert caplog.records[0].name == __name__
     with pytest.raises(ValueError, match="key must be"):
         log_first_n(logging.INFO, "x", key="bogus")
+
+
+def test_create_small_table_is_a_centred_pipe_table() -> None:
+    from d2engine.utils.logger import create_small_table
+
+    table = create_small_table({"AP": 0.512, "AP50": 70.1, "n": 3, "name": "x"})
+    assert table.splitlines() == [
+        "|  AP   |  AP50  |  n  |  name  |",
+        "|:-----:|:------:|:---:|:------:|",
+        "| 0.512 | 70.100 |  3  |   x    |",
+    ]
+    with pytest.raises(ValueError, match="at least one value"):
+        create_small_table({})
