@@ -1,14 +1,28 @@
-"""Data loaders built from a config: an infinite, resumable train loader and a sharded test loader.
+"""Data loaders: an infinite, resumable train loader and a sharded test loader.
+
+detectron2's call forms all work: ``build_detection_train_loader(cfg)``, ``(cfg, mapper)``,
+``(dataset_list, mapper=..., total_batch_size=...)`` with the dataset first, keyword-only calls
+from lazy configs, and ``build_detection_test_loader(cfg, name, mapper=...)`` or
+``(dataset_list, mapper=...)``.
 
 The train loader's position
 ---------------------------
 :func:`build_train_loader` returns a :class:`TrainDataLoader`: one infinite stream of batches
 whose ``state_dict()`` holds the *data position*, the number of batches it has handed to the
 consumer. Batches prefetched by worker processes but not yet handed out do not count, so the
-position is exact with any ``num_workers``. ``load_state_dict()`` turns the position into the
-start of the :class:`~d2engine.data.samplers.TrainingSampler` (``num_batches * batch_size *
-world_size`` elements of its global stream, plus where it started), so a resumed run gets the very
-next batch in O(1), without loading or even enumerating the skipped samples.
+position is exact with any ``num_workers``. With a
+:class:`~d2engine.data.samplers.GlobalStreamSampler` (``TrainingSampler``,
+``RepeatFactorTrainingSampler``, ``RandomSubsetTrainingSampler``) ``load_state_dict()`` turns the
+position into the start of the sampler's global stream (elements consumed by all processes), so a
+resumed run gets the very next batch in O(1), without loading or even enumerating the skipped
+samples.
+
+Aspect-ratio grouping (``aspect_ratio_grouping=True``, detectron2's default) batches together the
+samples whose dataset dicts are landscape (``width > height``), and those that are portrait; the
+grouping reads the dicts' ``"width"`` and ``"height"`` before the mapper runs, and dicts without
+them are batched in order, so data without sizes is unaffected. A batch is formed from indices
+only (no sample is loaded to decide), and the few indices waiting in a group at a checkpoint are
+part of the position, so grouped loaders resume exactly too.
 
 What is reproduced exactly on resume: which samples form each batch, in which order. With
 ``num_workers=0`` the mapper runs in the training process, whose RNG state the trainer's
@@ -20,28 +34,37 @@ random augmentations differ unless the mapper derives its randomness from the sa
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import numpy as np
-import torch
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
 
-from d2engine.data.catalog import DatasetCatalog
+from d2engine.config.cfg_node import CfgNode
+from d2engine.data.catalog import DatasetCatalog, MetadataCatalog
 from d2engine.data.common import (
     DatasetFromList,
     MapDataset,
     trivial_batch_collator,
     worker_init_reset_seed,
 )
-from d2engine.data.samplers import InferenceSampler, TrainingSampler
+from d2engine.data.samplers import (
+    GlobalStreamSampler,
+    InferenceSampler,
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+    _seeded_torch_generator,
+)
 from d2engine.utils import comm
 from d2engine.utils.validation import check_non_negative_int, check_positive_int
 
 __all__ = [
     "TrainDataLoader",
+    "build_batch_data_loader",
     "build_detection_test_loader",
     "build_detection_train_loader",
     "build_test_loader",
@@ -51,19 +74,37 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+TRAIN_SAMPLERS = ("TrainingSampler", "RepeatFactorTrainingSampler", "RandomSubsetTrainingSampler")
 
-def get_detection_dataset_dicts(names: str | Sequence[str]) -> list[dict[str, Any]]:
+
+# --------------------------------------------------------------------------- dataset dicts
+def get_detection_dataset_dicts(
+    names: str | Sequence[str],
+    filter_empty: bool = True,
+    min_keypoints: int = 0,
+    proposal_files: Sequence[str] | None = None,
+    check_consistency: bool = True,
+) -> list[dict[str, Any]]:
     """Load datasets registered in :data:`~d2engine.data.catalog.DatasetCatalog` and concatenate them.
 
     Args:
         names: one dataset name or several.
+        filter_empty: drop the dicts whose ``"annotations"`` list holds no non-crowd annotation
+            (dicts without an ``"annotations"`` key are always kept).
+        min_keypoints: drop the dicts with ``"annotations"`` holding fewer visible keypoints
+            than this (0: keep all).
+        proposal_files: precomputed-proposal files of detectron2's detection models; not
+            supported (they are pickles, which d2engine does not load): must be None.
+        check_consistency: check that the datasets agree on ``thing_classes`` in their metadata.
 
     Returns:
         The samples of all datasets, in order.
 
     Raises:
-        ValueError: if no name is given or a dataset is empty.
+        ValueError: if no name is given, a dataset is empty or nothing is left after filtering,
+            or the datasets' ``thing_classes`` differ.
         KeyError: if a name is not registered.
+        NotImplementedError: if ``proposal_files`` is given.
     """
     if isinstance(names, str):
         names = [names]
@@ -72,7 +113,13 @@ def get_detection_dataset_dicts(names: str | Sequence[str]) -> list[dict[str, An
         raise ValueError(
             "No dataset names given (cfg.DATASETS.TRAIN / TEST is empty). HINT: register a dataset "
             "with DatasetCatalog.register(name, func) and list its name in the config, or pass "
-            "dataset= to the loader."
+            "the dataset to the loader."
+        )
+    if proposal_files is not None:
+        raise NotImplementedError(
+            "get_detection_dataset_dicts(proposal_files=...): precomputed proposals belong to "
+            "detectron2's detection models and are not loaded by d2engine. HINT: add the proposals "
+            "to your dataset dicts in the function you register."
         )
     dicts: list[dict[str, Any]] = []
     for name in names:
@@ -80,7 +127,67 @@ def get_detection_dataset_dicts(names: str | Sequence[str]) -> list[dict[str, An
         if not samples:
             raise ValueError(f"Dataset {name!r} is empty: its registered function returned [].")
         dicts.extend(samples)
+    before = len(dicts)
+    if filter_empty:
+        dicts = [d for d in dicts if not _without_instances(d)]
+    if min_keypoints > 0:
+        dicts = [d for d in dicts if _visible_keypoints(d) >= min_keypoints]
+    if len(dicts) < before:
+        removed = before - len(dicts)
+        logger.info("Removed %d samples without usable annotations; %d left.", removed, len(dicts))
+    if not dicts:
+        raise ValueError(
+            f"No samples left in {names} after filtering (filter_empty={filter_empty}, "
+            f"min_keypoints={min_keypoints}). HINT: check the annotations, or set "
+            "DATALOADER.FILTER_EMPTY_ANNOTATIONS False."
+        )
+    if check_consistency and len(names) > 1:
+        _check_thing_classes(names)
     return dicts
+
+
+def _without_instances(d: Any) -> bool:
+    if not isinstance(d, Mapping) or "annotations" not in d:
+        return False
+    return not any(ann.get("iscrowd", 0) == 0 for ann in d["annotations"])
+
+
+def _visible_keypoints(d: Any) -> int:
+    if not isinstance(d, Mapping) or "annotations" not in d:
+        return 1 << 30  # not an annotated sample: never filtered
+    return sum(
+        sum(1 for v in ann["keypoints"][2::3] if v > 0)
+        for ann in d["annotations"]
+        if "keypoints" in ann
+    )
+
+
+def _check_thing_classes(names: list[str]) -> None:
+    classes = {n: MetadataCatalog.get(n).get("thing_classes") for n in names}
+    known = {n: c for n, c in classes.items() if c is not None}
+    if len({tuple(c) for c in known.values()}) > 1:
+        listing = "; ".join(f"{n}: {list(c)}" for n, c in known.items())
+        raise ValueError(
+            f"The datasets {names} have different thing_classes in their metadata ({listing}), so "
+            "a label would mean different classes. HINT: give them the same classes, or train on "
+            "them separately."
+        )
+
+
+# ------------------------------------------------------------------------- helpers
+def _is_config(obj: Any) -> bool:
+    return isinstance(obj, (CfgNode, DictConfig)) or hasattr(obj, "DATASETS")
+
+
+def _cfg_value(cfg: Any, dotted: str, default: Any) -> Any:
+    """``cfg.A.B`` or ``default`` when the config lacks the key (configs made before it existed)."""
+    node = cfg
+    for part in dotted.split("."):
+        try:
+            node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+        except (KeyError, AttributeError):
+            return default
+    return node
 
 
 def _as_map_dataset(dataset: Any, mapper: Callable[[Any], Any] | None, what: str) -> Dataset:
@@ -89,8 +196,8 @@ def _as_map_dataset(dataset: Any, mapper: Callable[[Any], Any] | None, what: str
             f"{what}: an IterableDataset has no indices for the sampler to shard and resume. "
             f"HINT: pass a map-style dataset (with __len__ and __getitem__) or a list."
         )
-    if isinstance(dataset, list):
-        dataset = DatasetFromList(dataset, copy=False)
+    if isinstance(dataset, (list, tuple)):
+        dataset = DatasetFromList(list(dataset), copy=False)
     elif not (hasattr(dataset, "__getitem__") and hasattr(dataset, "__len__")):
         raise TypeError(
             f"{what}: dataset must be a list or a map-style torch Dataset (with __len__ and "
@@ -103,12 +210,27 @@ def _as_map_dataset(dataset: Any, mapper: Callable[[Any], Any] | None, what: str
     return dataset
 
 
-def _seeded_generator(*entropy: int) -> torch.Generator:
-    """A generator seeded from integers, so that DataLoaders never draw from the global torch RNG."""
-    state = np.random.SeedSequence([abs(int(e)) for e in entropy]).generate_state(2, np.uint32)
-    generator = torch.Generator()
-    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return generator
+def _aspect_ratio_buckets(dataset: Any) -> list[int] | None:
+    """Group of each sample from its dict's width and height: 0 landscape, 1 portrait, 2 unknown.
+
+    Looks through a :class:`MapDataset` to the dicts it maps. None when there is nothing to group
+    (not a list of dicts, or every sample in one group).
+    """
+    while isinstance(dataset, MapDataset):
+        dataset = dataset._dataset
+    if isinstance(dataset, DatasetFromList):
+        items: Any = (dataset[i] for i in range(len(dataset)))
+    elif isinstance(dataset, (list, tuple)):
+        items = dataset
+    else:
+        return None
+    buckets = []
+    for d in items:
+        if isinstance(d, Mapping) and "width" in d and "height" in d:
+            buckets.append(0 if d["width"] > d["height"] else 1)
+        else:
+            buckets.append(2)
+    return buckets if len(set(buckets)) > 1 else None
 
 
 class _SkippingCycleSampler(Sampler[int]):
@@ -132,6 +254,38 @@ class _SkippingCycleSampler(Sampler[int]):
         return itertools.islice(self._cycle(), self._skip, None)
 
 
+class _GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices of one aspect-ratio group each, noting the progress after each batch.
+
+    For every batch it yields, it appends ``(indices consumed from the stream, indices waiting in
+    each group)`` to ``progress``, so that the consumer knows the exact state after each batch it
+    hands out (batches are formed ahead of consumption when workers prefetch).
+    """
+
+    def __init__(
+        self,
+        indices: Any,
+        buckets: Sequence[int],
+        batch_size: int,
+        pending: list[list[int]],
+        progress: collections.deque[tuple[int, list[list[int]]]],
+    ) -> None:
+        super().__init__()
+        self._indices, self._buckets, self._batch_size = indices, buckets, batch_size
+        self._pending, self._progress = pending, progress
+
+    def __iter__(self) -> Iterator[list[int]]:
+        groups = [list(group) for group in self._pending]
+        for consumed, index in enumerate(self._indices, start=1):
+            group = groups[self._buckets[index]]
+            group.append(index)
+            if len(group) == self._batch_size:
+                batch = group[:]
+                group.clear()
+                self._progress.append((consumed, [list(g) for g in groups]))
+                yield batch
+
+
 class TrainDataLoader:
     """An infinite stream of batches with a resumable position (see the module docstring).
 
@@ -150,24 +304,39 @@ class TrainDataLoader:
         collate_fn: Callable[[list[Any]], Any] | None = None,
         worker_init_fn: Callable[[int], None] | None = worker_init_reset_seed,
         pin_memory: bool = False,
+        aspect_ratio_buckets: Sequence[int] | None = None,
+        seed: int | None = None,
+        **loader_kwargs: Any,
     ) -> None:
         """Create the loader (no worker starts before the first batch is requested).
 
         Args:
             dataset: a map-style dataset whose items are already mapped.
-            sampler: a :class:`TrainingSampler` (O(1) resume) or any sampler of indices (cycled
-                forever; resume replays its indices, without loading the samples).
+            sampler: a :class:`~d2engine.data.samplers.GlobalStreamSampler` (O(1) resume) or any
+                sampler of indices (cycled forever; resume replays its indices, without loading
+                the samples).
             batch_size: samples per batch on this process.
             num_workers: worker processes (0: load in this process).
             collate_fn: turns a list of samples into a batch (default: keep the list).
             worker_init_fn: called in each worker (default: seed numpy/random per worker).
             pin_memory: pin batches in page-locked memory (for CUDA training).
+            aspect_ratio_buckets: the group of each dataset index; a batch then holds samples of
+                one group (see the module docstring). None: batches in stream order.
+            seed: mixed into the seeds of the worker processes (default: none).
+            **loader_kwargs: other ``torch.utils.data.DataLoader`` arguments, such as
+                ``prefetch_factor``, ``persistent_workers`` or ``timeout``.
 
         Raises:
-            ValueError: if ``batch_size`` or ``num_workers`` is out of range.
+            ValueError: if ``batch_size`` or ``num_workers`` is out of range, or the groups do not
+                match the dataset.
         """
         batch_size = check_positive_int(batch_size, "batch_size", "TrainDataLoader")
         num_workers = check_non_negative_int(num_workers, "num_workers", "TrainDataLoader")
+        if aspect_ratio_buckets is not None and len(aspect_ratio_buckets) != len(dataset):  # type: ignore[arg-type]
+            raise ValueError(
+                f"TrainDataLoader: {len(aspect_ratio_buckets)} aspect-ratio groups for a dataset "
+                f"of {len(dataset)} samples; give one group per sample."  # type: ignore[arg-type]
+            )
         self.dataset = dataset
         self.sampler = sampler
         self.batch_size = batch_size
@@ -175,12 +344,22 @@ class TrainDataLoader:
         self._collate_fn = collate_fn if collate_fn is not None else trivial_batch_collator
         self._worker_init_fn = worker_init_fn
         self._pin_memory = pin_memory
+        self._buckets = list(aspect_ratio_buckets) if aspect_ratio_buckets is not None else None
+        self._seed = seed
+        self._loader_kwargs = loader_kwargs
         self._iterator: Iterator[Any] | None = None
         self._num_batches = 0  # batches handed out, in total (including before a resume)
         self._stream_first_batch = 0  # value of _num_batches when the current stream started
-        self._skip = 0  # indices to skip, for samplers without O(1) resume
-        if isinstance(sampler, TrainingSampler):
-            self._stream_start = sampler.start_position
+        self._skip = 0  # local indices consumed before the current stream (replayed samplers)
+        self._stream_start = sampler.start_position if self._resumable else 0
+        num_groups = 3 if self._buckets is not None else 0
+        self._pending: list[list[int]] = [[] for _ in range(num_groups)]  # at the stream start
+        self._progress: collections.deque[tuple[int, list[list[int]]]] = collections.deque()
+        self._handed: tuple[int, list[list[int]]] = (0, self._pending)  # after the last batch
+
+    @property
+    def _resumable(self) -> bool:
+        return isinstance(self.sampler, GlobalStreamSampler)
 
     @property
     def num_batches(self) -> int:
@@ -188,22 +367,31 @@ class TrainDataLoader:
         return self._num_batches
 
     def _make_iterator(self) -> Iterator[Any]:
-        if isinstance(self.sampler, TrainingSampler):
-            sampler: Any = self.sampler
-            entropy = (self.sampler.seed, self._stream_start, self.sampler.rank)
+        if self._resumable:
+            indices: Any = self.sampler
+            entropy = [self.sampler.seed, self._stream_start, self.sampler.rank]
         else:
-            sampler = _SkippingCycleSampler(self.sampler, self._skip)
-            entropy = (0, self._skip, comm.get_rank())
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            drop_last=True,
+            indices = _SkippingCycleSampler(self.sampler, self._skip)
+            entropy = [0, self._skip, comm.get_rank()]
+        if self._seed is not None:
+            entropy.append(self._seed)
+        common = dict(
             num_workers=self.num_workers,
             collate_fn=self._collate_fn,
             worker_init_fn=self._worker_init_fn,
             pin_memory=self._pin_memory,
-            generator=_seeded_generator(*entropy),
+            generator=_seeded_torch_generator(*entropy),
+            **self._loader_kwargs,
+        )
+        self._progress.clear()
+        self._handed = (0, self._pending)
+        if self._buckets is not None:
+            batches = _GroupedBatchSampler(
+                indices, self._buckets, self.batch_size, self._pending, self._progress
+            )
+            return iter(DataLoader(self.dataset, batch_sampler=batches, **common))
+        loader = DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=indices, drop_last=True, **common
         )
         return iter(loader)
 
@@ -215,33 +403,45 @@ class TrainDataLoader:
             self._iterator = self._make_iterator()
         batch = next(self._iterator)
         self._num_batches += 1
+        if self._buckets is not None:
+            self._handed = self._progress.popleft()
         return batch
 
     def close(self) -> None:
         """Stop the worker processes, if any; the next batch restarts them at the same position."""
         self._rebase()
 
+    def _consumed_and_pending(self) -> tuple[int, list[list[int]]]:
+        """Local indices consumed since the stream start, and the indices waiting in each group."""
+        if self._buckets is not None:
+            consumed, pending = self._handed
+            return consumed, [list(group) for group in pending]
+        return (self._num_batches - self._stream_first_batch) * self.batch_size, []
+
     def _rebase(self) -> None:
         """Drop the current stream; the next one starts at the current position."""
-        if isinstance(self.sampler, TrainingSampler):
-            state = self.state_dict()["sampler"]
-            self.sampler.load_state_dict(state)
-            self._stream_start = self.sampler.start_position
+        consumed, pending = self._consumed_and_pending()
+        if self._resumable:
+            self._stream_start += consumed * self.sampler.world_size
+            self.sampler.load_state_dict(self.sampler.state_at(self._stream_start))
         else:
-            self._skip = self._num_batches * self.batch_size
+            self._skip += consumed
+        self._pending = pending if self._buckets is not None else self._pending
         self._stream_first_batch = self._num_batches
         self._iterator = None  # the DataLoader iterator shuts its workers down when collected
+        self._handed = (0, self._pending)
 
     def state_dict(self) -> dict[str, Any]:
         """The data position: batches handed out so far, and the sampler state matching it."""
+        consumed, pending = self._consumed_and_pending()
         state: dict[str, Any] = {"num_batches": self._num_batches, "batch_size": self.batch_size}
-        if isinstance(self.sampler, TrainingSampler):
-            sampler_state = self.sampler.state_dict()
-            consumed = self._num_batches - self._stream_first_batch
-            sampler_state["position"] = (
-                self._stream_start + consumed * self.batch_size * self.sampler.world_size
-            )
-            state["sampler"] = sampler_state
+        if self._resumable:
+            position = self._stream_start + consumed * self.sampler.world_size
+            state["sampler"] = self.sampler.state_at(position)
+        else:
+            state["consumed"] = self._skip + consumed
+        if self._buckets is not None:
+            state["pending"] = pending
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -251,7 +451,7 @@ class TrainDataLoader:
             state: a dict from :meth:`state_dict`.
 
         Raises:
-            KeyError: if ``state`` lacks "num_batches" (or "sampler" for a TrainingSampler).
+            KeyError: if ``state`` lacks "num_batches" (or "sampler" for a resumable sampler).
         """
         if "num_batches" not in state:
             raise KeyError(
@@ -260,11 +460,12 @@ class TrainDataLoader:
             )
         num_batches = int(state["num_batches"])
         self._iterator = None
-        if isinstance(self.sampler, TrainingSampler):
+        if self._resumable:
             if "sampler" not in state:
                 raise KeyError(
                     "TrainDataLoader.load_state_dict: the state lacks 'sampler', which a loader "
-                    "with a TrainingSampler needs to resume. HINT: save it with state_dict()."
+                    f"with a {type(self.sampler).__name__} needs to resume. HINT: save it with "
+                    "state_dict()."
                 )
             self.sampler.load_state_dict(state["sampler"])
             self._stream_start = self.sampler.start_position
@@ -275,14 +476,127 @@ class TrainDataLoader:
                     type(self.sampler).__name__,
                     num_batches,
                 )
-            self._skip = num_batches * self.batch_size
+            self._skip = int(state.get("consumed", num_batches * self.batch_size))
+        if self._buckets is not None:
+            saved = state.get("pending") or []
+            self._pending = [list(map(int, g)) for g in saved] + [[] for _ in range(3 - len(saved))]
         self._num_batches = self._stream_first_batch = num_batches
+        self._handed = (0, self._pending)
 
     def __repr__(self) -> str:
         return (
             f"TrainDataLoader(batch_size={self.batch_size}, num_workers={self.num_workers}, "
             f"sampler={self.sampler!r}, num_batches={self._num_batches})"
         )
+
+
+# --------------------------------------------------------------------------- builders
+def build_batch_data_loader(
+    dataset: Any,
+    sampler: Any,
+    total_batch_size: int | None,
+    *,
+    aspect_ratio_grouping: bool = False,
+    num_workers: int = 0,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    drop_last: bool = True,
+    single_gpu_batch_size: int | None = None,
+    pin_memory: bool = False,
+    seed: int | None = None,
+    **kwargs: Any,
+) -> TrainDataLoader:
+    """Batch a (mapped) dataset with a sampler into an infinite, resumable train loader.
+
+    detectron2's lower-level builder, which :func:`build_train_loader` calls.
+
+    Args:
+        dataset: a list or map-style dataset whose items are what the model takes.
+        sampler: a sampler of dataset indices (a
+            :class:`~d2engine.data.samplers.GlobalStreamSampler` resumes in O(1)); None: a
+            :class:`~d2engine.data.samplers.TrainingSampler`.
+        total_batch_size: samples per iteration over all processes; each process loads
+            ``total_batch_size // world_size``.
+        aspect_ratio_grouping: batch landscape and portrait samples separately, by the
+            ``"width"``/``"height"`` of the dataset dicts (a list of dicts, or a ``MapDataset``
+            over one).
+        num_workers: worker processes per training process.
+        collate_fn: turns a list of samples into a batch (default: keep the list).
+        drop_last: kept for detectron2's signature: the stream is infinite, so every batch is
+            full.
+        single_gpu_batch_size: the batch size of each process, instead of ``total_batch_size``.
+        pin_memory: pin batches in page-locked memory.
+        seed: mixed into the seeds of the worker processes.
+        **kwargs: other ``torch.utils.data.DataLoader`` arguments (``prefetch_factor``...).
+
+    Returns:
+        A :class:`TrainDataLoader`.
+
+    Raises:
+        ValueError: if both or neither batch size is given, or the total is not a positive
+            multiple of the number of processes.
+    """
+    del drop_last  # infinite stream: no partial batch
+    batch_size = _per_process_batch_size(total_batch_size, single_gpu_batch_size)
+    buckets = _aspect_ratio_buckets(dataset) if aspect_ratio_grouping else None
+    dataset = _as_map_dataset(dataset, None, "build_batch_data_loader")
+    if sampler is None:
+        sampler = TrainingSampler(len(dataset))  # type: ignore[arg-type]
+    return TrainDataLoader(
+        dataset,
+        sampler,
+        batch_size,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        pin_memory=pin_memory,
+        aspect_ratio_buckets=buckets,
+        seed=seed,
+        **kwargs,
+    )
+
+
+def _per_process_batch_size(total: int | None, single_gpu: int | None) -> int:
+    world_size = comm.get_world_size()
+    if single_gpu:
+        if total:
+            raise ValueError(
+                "Give total_batch_size or single_gpu_batch_size, not both (got "
+                f"{total} and {single_gpu})."
+            )
+        return check_positive_int(single_gpu, "single_gpu_batch_size", "the train loader")
+    if isinstance(total, bool) or not isinstance(total, int) or total <= 0 or total % world_size:
+        raise ValueError(
+            f"The total batch size (SOLVER.IMS_PER_BATCH) is {total!r}, but it must be a positive "
+            f"multiple of the number of processes ({world_size}), each of which loads an equal "
+            f"share. HINT: set SOLVER.IMS_PER_BATCH to a multiple of {world_size}."
+        )
+    return total // world_size
+
+
+def _sampler_from_config(cfg: Any, dataset_dicts: Any, size: int) -> GlobalStreamSampler:
+    name = _cfg_value(cfg, "DATALOADER.SAMPLER_TRAIN", "TrainingSampler")
+    seed = cfg.SEED if _cfg_value(cfg, "SEED", -1) >= 0 else None
+    if name == "TrainingSampler":
+        return TrainingSampler(size, seed=seed)
+    if name == "RepeatFactorTrainingSampler":
+        if not isinstance(dataset_dicts, (list, tuple)):
+            raise TypeError(
+                "DATALOADER.SAMPLER_TRAIN RepeatFactorTrainingSampler computes repeat factors from "
+                f"the dataset dicts, but the dataset is a {type(dataset_dicts).__name__}. HINT: pass "
+                "sampler=RepeatFactorTrainingSampler(your_factors) to the loader."
+            )
+        factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+            dataset_dicts,
+            _cfg_value(cfg, "DATALOADER.REPEAT_THRESHOLD", 0.0),
+            sqrt=_cfg_value(cfg, "DATALOADER.REPEAT_SQRT", True),
+        )
+        return RepeatFactorTrainingSampler(factors, seed=seed)
+    if name == "RandomSubsetTrainingSampler":
+        ratio = _cfg_value(cfg, "DATALOADER.RANDOM_SUBSET_RATIO", 1.0)
+        return RandomSubsetTrainingSampler(size, ratio, seed_shuffle=seed, seed_subset=seed)
+    raise ValueError(
+        f"Unknown cfg.DATALOADER.SAMPLER_TRAIN {name!r}; expected one of {list(TRAIN_SAMPLERS)}. "
+        "HINT: for another sampler, pass sampler= to build_detection_train_loader."
+    )
 
 
 def build_train_loader(
@@ -292,25 +606,40 @@ def build_train_loader(
     sampler: Any = None,
     *,
     total_batch_size: int | None = None,
+    aspect_ratio_grouping: bool | None = None,
     num_workers: int | None = None,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     pin_memory: bool = False,
+    **kwargs: Any,
 ) -> TrainDataLoader:
     """Build the infinite, resumable training loader.
 
+    Call forms (detectron2's): ``build_train_loader(cfg)``, ``(cfg, mapper)``,
+    ``(dataset, mapper=..., total_batch_size=...)`` with a list or map-style dataset first, and
+    keyword-only calls (``dataset=...``) from lazy configs.
+
     Args:
-        cfg: a config; provides ``DATASETS.TRAIN`` (when ``dataset`` is None),
-            ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_WORKERS`` and ``SEED`` (the sampler's seed
-            when >= 0). May be None when ``dataset`` and ``total_batch_size`` are given.
+        cfg: a config, providing ``DATASETS.TRAIN`` (when no dataset is given),
+            ``SOLVER.IMS_PER_BATCH``, ``DATALOADER.NUM_WORKERS``, ``DATALOADER.SAMPLER_TRAIN`` (and
+            its options), ``DATALOADER.ASPECT_RATIO_GROUPING``,
+            ``DATALOADER.FILTER_EMPTY_ANNOTATIONS`` and ``SEED`` (the sampler's seed when >= 0).
+            A list or dataset in this place is taken as ``dataset``. May be None when ``dataset``
+            and ``total_batch_size`` are given.
         mapper: called on each sample (e.g. to read and augment an image); None keeps the
             samples as they are. Returning None skips a sample.
         dataset: a list or a map-style torch Dataset to use instead of ``cfg.DATASETS.TRAIN``.
-        sampler: defaults to a :class:`TrainingSampler` over the dataset.
+        sampler: defaults to the config's ``DATALOADER.SAMPLER_TRAIN`` (without a config, a
+            :class:`~d2engine.data.samplers.TrainingSampler`) over the dataset.
         total_batch_size: samples per iteration over all processes (default
             ``cfg.SOLVER.IMS_PER_BATCH``); each process loads ``total_batch_size // world_size``.
-        num_workers: worker processes per process (default ``cfg.DATALOADER.NUM_WORKERS``).
+        aspect_ratio_grouping: batch landscape and portrait samples separately (default
+            ``cfg.DATALOADER.ASPECT_RATIO_GROUPING``, or True as in detectron2); only dicts with
+            ``"width"`` and ``"height"`` are grouped.
+        num_workers: worker processes per process (default ``cfg.DATALOADER.NUM_WORKERS``, or 0).
         collate_fn: turns a list of samples into a batch (default: keep the list).
         pin_memory: pin batches in page-locked memory.
+        **kwargs: as in :func:`build_batch_data_loader`: ``single_gpu_batch_size``, ``seed``,
+            and ``torch.utils.data.DataLoader`` arguments (``prefetch_factor``...).
 
     Returns:
         A :class:`TrainDataLoader` (infinite; its ``state_dict()`` holds the data position).
@@ -320,39 +649,52 @@ def build_train_loader(
             dataset is empty.
         TypeError: if the dataset is not a list or map-style dataset.
     """
-    if cfg is None and (dataset is None or total_batch_size is None):
+    if cfg is not None and not _is_config(cfg):
+        if dataset is not None:
+            raise TypeError(
+                f"build_train_loader got a {type(cfg).__name__} as its first argument and also "
+                "dataset=. HINT: pass either a config or the dataset first, not both."
+            )
+        cfg, dataset = None, cfg
+    if cfg is None and (
+        dataset is None or (total_batch_size is None and not kwargs.get("single_gpu_batch_size"))
+    ):
         raise ValueError(
-            "build_train_loader: without a cfg, pass both dataset= and total_batch_size=."
+            "build_train_loader: without a cfg, pass the dataset and total_batch_size=, e.g. "
+            "build_detection_train_loader(dicts, mapper=mapper, total_batch_size=16)."
         )
     if dataset is None:
-        dataset = get_detection_dataset_dicts(cfg.DATASETS.TRAIN)
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=_cfg_value(cfg, "DATALOADER.FILTER_EMPTY_ANNOTATIONS", True),
+        )
+    raw = dataset
+    if aspect_ratio_grouping is None:
+        aspect_ratio_grouping = (
+            _cfg_value(cfg, "DATALOADER.ASPECT_RATIO_GROUPING", True) if cfg is not None else True
+        )
+    buckets = _aspect_ratio_buckets(raw) if aspect_ratio_grouping else None
     dataset = _as_map_dataset(dataset, mapper, "build_train_loader")
-    if total_batch_size is None:
+    if total_batch_size is None and cfg is not None and not kwargs.get("single_gpu_batch_size"):
         total_batch_size = cfg.SOLVER.IMS_PER_BATCH
     if num_workers is None:
         num_workers = cfg.DATALOADER.NUM_WORKERS if cfg is not None else 0
-    world_size = comm.get_world_size()
-    if (
-        isinstance(total_batch_size, bool)
-        or not isinstance(total_batch_size, int)
-        or total_batch_size <= 0
-        or total_batch_size % world_size != 0
-    ):
-        raise ValueError(
-            f"The total batch size (SOLVER.IMS_PER_BATCH) is {total_batch_size!r}, but it must be "
-            f"a positive multiple of the number of processes ({world_size}), each of which loads "
-            f"an equal share. HINT: set SOLVER.IMS_PER_BATCH to a multiple of {world_size}."
-        )
     if sampler is None:
-        seed = cfg.SEED if cfg is not None and cfg.SEED >= 0 else None
-        sampler = TrainingSampler(len(dataset), seed=seed)
+        if cfg is not None:
+            sampler = _sampler_from_config(cfg, raw, len(dataset))  # type: ignore[arg-type]
+        else:
+            sampler = TrainingSampler(len(dataset))  # type: ignore[arg-type]
+    single_gpu_batch_size = kwargs.pop("single_gpu_batch_size", None)
+    kwargs.pop("drop_last", None)  # infinite stream: no partial batch
     return TrainDataLoader(
         dataset,
         sampler,
-        total_batch_size // world_size,
+        _per_process_batch_size(total_batch_size, single_gpu_batch_size),
         num_workers=num_workers,
         collate_fn=collate_fn,
         pin_memory=pin_memory,
+        aspect_ratio_buckets=buckets,
+        **kwargs,
     )
 
 
@@ -369,9 +711,13 @@ def build_test_loader(
 ) -> DataLoader:
     """Build a loader that visits this process's shard of a test set once, in order.
 
+    Call forms (detectron2's): ``build_test_loader(cfg, "name")``, ``(cfg, "name", mapper)``,
+    ``(dataset, mapper=...)`` with a list or map-style dataset first, and ``dataset=...``.
+
     Args:
-        cfg: a config; provides ``DATALOADER.NUM_WORKERS``. May be None.
-        dataset_name: the registered dataset(s) to load, when ``dataset`` is None.
+        cfg: a config; provides ``DATALOADER.NUM_WORKERS``. A list or dataset in this place is
+            taken as ``dataset``. May be None.
+        dataset_name: the registered dataset(s) to load (unfiltered), when no dataset is given.
         mapper: called on each sample; None keeps the samples as they are.
         dataset: a list or map-style torch Dataset to use instead of ``dataset_name``.
         sampler: defaults to an :class:`InferenceSampler` over the dataset.
@@ -385,18 +731,25 @@ def build_test_loader(
     Raises:
         ValueError: if neither a dataset nor a dataset name is given, or ``batch_size <= 0``.
     """
+    if cfg is not None and not _is_config(cfg):
+        if dataset is not None:
+            raise TypeError(
+                f"build_test_loader got a {type(cfg).__name__} as its first argument and also "
+                "dataset=. HINT: pass either a config or the dataset first, not both."
+            )
+        cfg, dataset = None, cfg
     if dataset is None:
         if dataset_name is None:
             raise ValueError(
                 "build_test_loader: pass dataset_name (a registered dataset) or dataset=."
             )
-        dataset = get_detection_dataset_dicts(dataset_name)
+        dataset = get_detection_dataset_dicts(dataset_name, filter_empty=False)
     dataset = _as_map_dataset(dataset, mapper, "build_test_loader")
     batch_size = check_positive_int(batch_size, "batch_size", "build_test_loader")
     if num_workers is None:
         num_workers = cfg.DATALOADER.NUM_WORKERS if cfg is not None else 0
     if sampler is None:
-        sampler = InferenceSampler(len(dataset))
+        sampler = InferenceSampler(len(dataset))  # type: ignore[arg-type]
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -405,7 +758,7 @@ def build_test_loader(
         num_workers=num_workers,
         collate_fn=collate_fn if collate_fn is not None else trivial_batch_collator,
         worker_init_fn=worker_init_reset_seed,
-        generator=_seeded_generator(0, comm.get_rank()),  # leaves the global torch RNG untouched
+        generator=_seeded_torch_generator(0, comm.get_rank()),  # leaves the global RNG untouched
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 from collections.abc import Iterator
@@ -124,7 +125,7 @@ def test_bad_inputs(datasets: None) -> None:
         build_train_loader(_cfg(), dataset=_Stream())
     with pytest.raises(TypeError, match="must be a list or a map-style torch Dataset.*got int"):
         build_train_loader(_cfg(), dataset=3)
-    with pytest.raises(ValueError, match="without a cfg, pass both dataset= and total_batch_size="):
+    with pytest.raises(ValueError, match="without a cfg, pass the dataset and total_batch_size="):
         build_train_loader(dataset=[{"id": 0}])
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
         TrainDataLoader([1], TrainingSampler(1, seed=0), 0)
@@ -205,7 +206,7 @@ def test_load_state_errors() -> None:
     with pytest.raises(KeyError, match="lacks 'sampler'"):
         loader.load_state_dict({"num_batches": 3})
     other = build_train_loader(_cfg(), dataset=[{"id": 0}, {"id": 1}])
-    with pytest.raises(ValueError, match="saved for a dataset of 1 samples"):
+    with pytest.raises(ValueError, match="saved with size=1, but this sampler has size=2"):
         other.load_state_dict(loader.state_dict())
 
 
@@ -260,3 +261,218 @@ def test_test_loader_shards_by_rank(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_detectron2_aliases() -> None:
     assert build_detection_train_loader is build_train_loader
     assert build_detection_test_loader is build_test_loader
+
+
+# ------------------------------------------------------------------ detectron2's call forms
+def _double(d: dict[str, Any]) -> dict[str, Any]:
+    return {"id": d["id"], "twice": 2 * d["id"]}
+
+
+def test_train_loader_takes_the_dataset_first_as_detectron2_scripts_call_it() -> None:
+    dicts = [{"id": i} for i in range(6)]
+    loader = build_detection_train_loader(dicts, mapper=_double, total_batch_size=3)
+    batch = next(loader)
+    assert len(batch) == 3 and all(b["twice"] == 2 * b["id"] for b in batch)
+    # the same stream as the keyword form with the same sampler
+    a = build_detection_train_loader(
+        dicts, mapper=_double, total_batch_size=2, sampler=TrainingSampler(6, seed=4)
+    )
+    b = build_train_loader(
+        dataset=dicts, mapper=_double, total_batch_size=2, sampler=TrainingSampler(6, seed=4)
+    )
+    assert [ids(next(a)) for _ in range(5)] == [ids(next(b)) for _ in range(5)]
+    with pytest.raises(ValueError, match="without a cfg, pass the dataset and total_batch_size="):
+        build_detection_train_loader(dicts, mapper=_double)
+    with pytest.raises(TypeError, match="either a config or the dataset first, not both"):
+        build_detection_train_loader(dicts, dataset=dicts, total_batch_size=2)
+
+
+def test_train_loader_cfg_with_positional_mapper(datasets: None) -> None:
+    cfg = _cfg(batch=2)
+    cfg.DATASETS.TRAIN = ("_test_a",)
+    batch = next(build_detection_train_loader(cfg, _double))
+    assert [d["twice"] for d in batch] == [2 * d["id"] for d in batch]
+
+
+def test_loaders_from_a_lazy_config(datasets: None) -> None:
+    # detectron2's lazy-config form: every argument a keyword, the dicts from the catalog
+    from d2engine.config import LazyCall as L
+    from d2engine.config import instantiate
+
+    dataloader = {
+        "train": L(build_detection_train_loader)(
+            dataset=L(get_detection_dataset_dicts)(names="_test_a"),
+            mapper=L(_double_factory)(),
+            total_batch_size=2,
+            num_workers=0,
+        ),
+        "test": L(build_detection_test_loader)(
+            dataset=L(get_detection_dataset_dicts)(names="_test_b", filter_empty=False),
+            mapper=L(_double_factory)(),
+            num_workers=0,
+        ),
+    }
+    built = instantiate(dataloader)
+    assert len(next(built["train"])) == 2
+    assert [b[0]["twice"] for b in built["test"]] == [12, 14, 16, 18]
+
+
+def _double_factory() -> Any:
+    return _double
+
+
+def test_test_loader_takes_the_dataset_first(datasets: None) -> None:
+    dicts = [{"id": i} for i in range(3)]
+    loader = build_detection_test_loader(dicts, mapper=_double)
+    assert [b[0]["twice"] for b in loader] == [0, 2, 4]
+    by_name = build_detection_test_loader(_cfg(), "_test_b", _double)
+    assert [b[0]["twice"] for b in by_name] == [12, 14, 16, 18]
+    with pytest.raises(TypeError, match="not both"):
+        build_detection_test_loader(dicts, dataset=dicts)
+
+
+def test_get_detection_dataset_dicts_filters_empty_annotations() -> None:
+    dicts = [
+        {"id": 0, "annotations": [{"iscrowd": 0}]},
+        {"id": 1, "annotations": []},
+        {"id": 2, "annotations": [{"iscrowd": 1}]},
+        {"id": 3},  # not an annotated sample: always kept
+        {"id": 4, "annotations": [{"keypoints": [0, 0, 2, 1, 1, 0]}]},
+    ]
+    DatasetCatalog.register("_test_ann", lambda: dicts)
+    try:
+        assert [d["id"] for d in get_detection_dataset_dicts(["_test_ann"])] == [0, 3, 4]
+        unfiltered = get_detection_dataset_dicts("_test_ann", filter_empty=False)
+        assert [d["id"] for d in unfiltered] == [0, 1, 2, 3, 4]
+        with_kp = get_detection_dataset_dicts("_test_ann", min_keypoints=1)
+        assert [d["id"] for d in with_kp] == [3, 4]
+        with pytest.raises(NotImplementedError, match="proposals"):
+            get_detection_dataset_dicts("_test_ann", proposal_files=["p.pkl"])
+    finally:
+        DatasetCatalog.remove("_test_ann")
+
+
+def test_datasets_with_different_classes_are_refused() -> None:
+    from d2engine.data import MetadataCatalog
+
+    for name, classes in (("_test_c1", ["a", "b"]), ("_test_c2", ["b", "a"])):
+        DatasetCatalog.register(name, lambda: [{"id": 0}])
+        MetadataCatalog.get(name).set(thing_classes=classes)
+    try:
+        with pytest.raises(ValueError, match="different thing_classes"):
+            get_detection_dataset_dicts(["_test_c1", "_test_c2"])
+        assert (
+            len(get_detection_dataset_dicts(["_test_c1", "_test_c2"], check_consistency=False)) == 2
+        )
+    finally:
+        for name in ("_test_c1", "_test_c2"):
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+
+
+# ------------------------------------------------------------------ aspect-ratio grouping
+def _sized(n: int) -> list[dict[str, Any]]:
+    # ids divisible by 3 are landscape, the others portrait
+    return [
+        {"id": i, "width": 20 if i % 3 == 0 else 10, "height": 10 if i % 3 == 0 else 20}
+        for i in range(n)
+    ]
+
+
+def _landscape(batch: list[dict[str, Any]]) -> set[bool]:
+    return {d["width"] > d["height"] for d in batch}
+
+
+def test_aspect_ratio_grouping_batches_one_orientation_at_a_time() -> None:
+    data = _sized(30)
+    loader = build_detection_train_loader(
+        data, total_batch_size=4, sampler=TrainingSampler(30, seed=1), aspect_ratio_grouping=True
+    )
+    batches = [next(loader) for _ in range(20)]
+    assert all(len(_landscape(b)) == 1 for b in batches)
+    assert {True, False} == {next(iter(_landscape(b))) for b in batches}
+    # within a group, samples keep the sampler's order
+    stream = list(itertools.islice(iter(TrainingSampler(30, seed=1)), 200))
+    first_portrait = next(b for b in batches if _landscape(b) == {False})
+    assert ids(first_portrait) == [i for i in stream if i % 3][:4]
+    plain = build_detection_train_loader(
+        data, total_batch_size=4, sampler=TrainingSampler(30, seed=1), aspect_ratio_grouping=False
+    )
+    assert any(len(_landscape(next(plain))) == 2 for _ in range(20))
+
+
+def test_grouping_leaves_data_without_sizes_in_order() -> None:
+    data = [{"id": i} for i in range(9)]
+    grouped = build_detection_train_loader(
+        data, total_batch_size=2, sampler=TrainingSampler(9, seed=2), aspect_ratio_grouping=True
+    )
+    plain = build_detection_train_loader(
+        data, total_batch_size=2, sampler=TrainingSampler(9, seed=2), aspect_ratio_grouping=False
+    )
+    assert [ids(next(grouped)) for _ in range(12)] == [ids(next(plain)) for _ in range(12)]
+    assert "pending" not in grouped.state_dict()  # nothing to group: the plain loader
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_grouped_loader_resumes_exactly(workers: int) -> None:
+    data = _sized(25)
+    cfg = _cfg(batch=4, workers=workers, seed=3)
+    original = build_detection_train_loader(cfg, dataset=data)
+    head = [ids(next(original)) for _ in range(5)]
+    state = original.state_dict()
+    assert any(state["pending"])  # indices were waiting in a group at the checkpoint
+    continuation = [ids(next(original)) for _ in range(8)]
+    original.close()
+    resumed = build_detection_train_loader(_cfg(batch=4, workers=workers, seed=77), dataset=data)
+    resumed.load_state_dict(state)
+    assert [ids(next(resumed)) for _ in range(8)] == continuation
+    resumed.close()
+    again = build_detection_train_loader(cfg, dataset=data)
+    assert [ids(next(again)) for _ in range(13)] == head + continuation
+    again.close()  # closing and reopening keeps the position and the waiting indices
+    closed = build_detection_train_loader(cfg, dataset=data)
+    stream = [ids(next(closed)) for _ in range(5)]
+    closed.close()
+    assert stream + [ids(next(closed)) for _ in range(8)] == head + continuation
+
+
+def test_build_batch_data_loader_detectron2_form() -> None:
+    from d2engine.data import DatasetFromList, MapDataset, build_batch_data_loader
+
+    dataset = MapDataset(DatasetFromList(_sized(12), copy=False), lambda d: d)
+    loader = build_batch_data_loader(
+        dataset, TrainingSampler(12, seed=0), 3, aspect_ratio_grouping=True, num_workers=0
+    )
+    assert all(len(_landscape(next(loader))) == 1 for _ in range(8))
+    per_gpu = build_batch_data_loader(_sized(12), None, None, single_gpu_batch_size=5)
+    assert len(next(per_gpu)) == 5
+    with pytest.raises(ValueError, match="not both"):
+        build_batch_data_loader(_sized(12), None, 4, single_gpu_batch_size=2)
+
+
+# --------------------------------------------------------------------- samplers from cfg
+def test_cfg_selects_the_training_sampler() -> None:
+    from d2engine.data import RandomSubsetTrainingSampler, RepeatFactorTrainingSampler
+
+    data = [{"id": i, "label": i % 2 if i < 8 else 2} for i in range(10)]
+    cfg = _cfg(batch=2)
+    cfg.DATALOADER.SAMPLER_TRAIN = "RepeatFactorTrainingSampler"
+    cfg.DATALOADER.REPEAT_THRESHOLD = 0.5
+    cfg.DATALOADER.REPEAT_SQRT = False  # label 2: factor 2.5, labels 0 and 1: 1.25
+    loader = build_detection_train_loader(cfg, dataset=data)
+    assert isinstance(loader.sampler, RepeatFactorTrainingSampler)
+    counts = collections.Counter(i for _ in range(500) for i in ids(next(loader)))
+    assert counts[8] > 1.5 * counts[0]  # the rare label is oversampled
+    state = loader.state_dict()
+    resumed = build_detection_train_loader(cfg, dataset=data)
+    resumed.load_state_dict(state)
+    assert [ids(next(resumed)) for _ in range(5)] == [ids(next(loader)) for _ in range(5)]
+
+    cfg.DATALOADER.SAMPLER_TRAIN = "RandomSubsetTrainingSampler"
+    cfg.DATALOADER.RANDOM_SUBSET_RATIO = 0.5
+    subset = build_detection_train_loader(cfg, dataset=data)
+    assert isinstance(subset.sampler, RandomSubsetTrainingSampler)
+    assert {i for _ in range(30) for i in ids(next(subset))} == set(subset.sampler.subset)
+    cfg.DATALOADER.SAMPLER_TRAIN = "Nope"
+    with pytest.raises(ValueError, match="Unknown cfg.DATALOADER.SAMPLER_TRAIN 'Nope'"):
+        build_detection_train_loader(cfg, dataset=data)

@@ -1,12 +1,18 @@
-"""d2engine.data.samplers: TrainingSampler and InferenceSampler."""
+"""d2engine.data.samplers: the resumable training samplers and InferenceSampler."""
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import pytest
 
-from d2engine.data import InferenceSampler, TrainingSampler
+from d2engine.data import (
+    InferenceSampler,
+    RandomSubsetTrainingSampler,
+    RepeatFactorTrainingSampler,
+    TrainingSampler,
+)
 
 
 def take(sampler: TrainingSampler, n: int) -> list[int]:
@@ -108,11 +114,11 @@ def test_load_state_errors() -> None:
     sampler = TrainingSampler(5, seed=0)
     with pytest.raises(KeyError, match=r"lacks \['position'\]"):
         sampler.load_state_dict({"seed": 1})
-    with pytest.raises(
-        ValueError, match="saved for a dataset of 6 samples, but this sampler has size 5"
-    ):
+    with pytest.raises(ValueError, match="saved with size=6, but this sampler has size=5"):
         sampler.load_state_dict({"seed": 1, "position": 0, "size": 6})
-    with pytest.raises(ValueError, match="saved with shuffle=False"):
+    with pytest.raises(
+        ValueError, match="saved with shuffle=False, but this sampler has shuffle=True"
+    ):
         sampler.load_state_dict({"seed": 1, "position": 0, "size": 5, "shuffle": False})
     with pytest.raises(ValueError, match="negative position -1"):
         sampler.load_state_dict({"seed": 1, "position": -1})
@@ -129,3 +135,100 @@ def test_inference_sampler_every_index_once(size: int, world: int) -> None:
 
 def test_inference_sampler_single_process() -> None:
     assert list(InferenceSampler(4)) == [0, 1, 2, 3]
+
+
+# ------------------------------------------------------------------ RepeatFactorTrainingSampler
+def test_repeat_factor_passes_repeat_samples_by_their_factor() -> None:
+    factors = [1.0, 2.0, 0.5, 3.0]
+    sampler = RepeatFactorTrainingSampler(factors, seed=3)
+    for epoch in range(20):
+        counts = collections.Counter(sampler.epoch_indices(epoch))
+        assert counts[0] == 1 and counts[1] == 2 and counts[3] == 3 and counts[2] in (0, 1)
+    # stochastic rounding: sample 2 appears in about half of the passes
+    appearances = sum(2 in sampler.epoch_indices(e) for e in range(400))
+    assert 150 < appearances < 250
+    assert sampler.epoch_indices(5) == RepeatFactorTrainingSampler(factors, seed=3).epoch_indices(5)
+
+
+def test_repeat_factor_resume_continues_exactly_and_elastically() -> None:
+    factors = [1.0, 2.5, 1.2, 0.3, 4.0]
+    head_sampler = RepeatFactorTrainingSampler(factors, seed=11)
+    it = iter(head_sampler)
+    head = [next(it) for _ in range(37)]
+    state = head_sampler.state_dict()
+    rest = [next(it) for _ in range(40)]
+    assert state["position"] == 37 and {"epoch", "epoch_start"} <= set(state)
+    resumed = RepeatFactorTrainingSampler(factors, seed=0)  # the seed comes from the state
+    resumed.load_state_dict(state)
+    assert take(resumed, 40) == rest
+    # another number of processes continues the same global stream
+    ranks = [RepeatFactorTrainingSampler(factors, seed=0, rank=r, world_size=3) for r in range(3)]
+    for r in ranks:
+        r.load_state_dict(state)
+    assert [take(r, 13) for r in ranks] == [rest[0:39:3], rest[1:39:3], rest[2:39:3]]
+    assert head + rest == take(RepeatFactorTrainingSampler(factors, seed=11), 77)
+
+
+def test_repeat_factor_resume_computes_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    sampler = RepeatFactorTrainingSampler([1.0] * 50 + [3.0] * 50, seed=2)
+    state = sampler.state_at(0)
+    computed: list[int] = []
+    original = RepeatFactorTrainingSampler._compute_epoch
+
+    def counting(self: RepeatFactorTrainingSampler, epoch: int) -> list[int]:
+        computed.append(epoch)
+        return original(self, epoch)
+
+    monkeypatch.setattr(RepeatFactorTrainingSampler, "_compute_epoch", counting)
+    far = {**state, "position": 10**9 + 5, "epoch": 5 * 10**6, "epoch_start": 10**9}
+    sampler.load_state_dict(far)
+    first = take(sampler, 3)
+    assert computed == [5 * 10**6]  # only the pass of the position, whatever its number
+    assert first == sampler.epoch_indices(5 * 10**6)[5:8]
+
+
+def test_repeat_factors_from_category_frequency() -> None:
+    dicts = [
+        {"annotations": [{"category_id": 0}, {"category_id": 1}]},
+        {"annotations": [{"category_id": 0}]},
+        {"annotations": [{"category_id": 0}]},
+        {"annotations": [{"category_id": 0}]},
+        {"label": 7},  # classification dicts: the label is the category
+        {"annotations": []},
+    ]
+    factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
+        dicts, repeat_thresh=0.5, sqrt=False
+    )
+    # f(0)=4/6 -> 1; f(1)=1/6 -> 3; f(7)=1/6 -> 3; no category -> 1
+    assert factors.tolist() == pytest.approx([3.0, 1.0, 1.0, 1.0, 3.0, 1.0])
+    sqrt = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(dicts, 0.5)
+    assert sqrt[0] == pytest.approx(3**0.5)
+    with pytest.raises(
+        ValueError, match="no sample has 'annotations'.*RepeatFactorTrainingSampler"
+    ):
+        RepeatFactorTrainingSampler.repeat_factors_from_category_frequency([{"x": 1}], 0.5)
+    with pytest.raises(ValueError, match="not all 0"):
+        RepeatFactorTrainingSampler([0.0, 0.0], seed=0)
+    with pytest.raises(ValueError, match="non-finite"):
+        RepeatFactorTrainingSampler([1.0, float("nan")], seed=0)
+
+
+# ----------------------------------------------------------------- RandomSubsetTrainingSampler
+def test_random_subset_draws_from_a_fixed_subset_and_resumes() -> None:
+    sampler = RandomSubsetTrainingSampler(20, 0.3, seed_shuffle=1, seed_subset=2)
+    assert len(sampler.subset) == 6 and sampler.size == 6
+    stream = take(sampler, 18)
+    assert set(stream) == set(sampler.subset)
+    for k in range(3):  # each pass is a permutation of the subset
+        assert sorted(stream[6 * k : 6 * k + 6]) == sampler.subset
+    again = RandomSubsetTrainingSampler(20, 0.3, seed_shuffle=1, seed_subset=2)
+    it = iter(again)
+    _ = [next(it) for _ in range(7)]
+    resumed = RandomSubsetTrainingSampler(20, 0.3, seed_shuffle=9, seed_subset=2)
+    resumed.load_state_dict(again.state_dict())
+    assert take(resumed, 11) == stream[7:18]
+    other_subset = RandomSubsetTrainingSampler(20, 0.3, seed_shuffle=1, seed_subset=3)
+    with pytest.raises(ValueError, match="saved with seed_subset=2"):
+        other_subset.load_state_dict(again.state_dict())
+    with pytest.raises(ValueError, match=r"subset_ratio=0.01\) must be in \(0, 1\]"):
+        RandomSubsetTrainingSampler(20, 0.01, seed_shuffle=1, seed_subset=2)
