@@ -52,7 +52,8 @@ _loading: list[str] = []  # real paths of the config files being executed (cycle
 # load). Objects defined in a config file carry that module name in ``__module__``, which is how
 # LazyConfig.save finds the file(s) to keep a copy of when such an object cannot be written.
 _config_modules: dict[str, tuple[str, list[str]]] = {}
-_current_group: list[list[str]] = []  # the file list of the top-level load in progress
+_current_group: list[list[str]] = []  # the file list of each load in progress (innermost last)
+_in_load_rel = False  # LazyConfig.load is being called by LazyConfig.load_rel
 
 
 class LazyCall:
@@ -260,14 +261,16 @@ class LazyConfig:
         if not os.path.isfile(filename):
             raise FileNotFoundError(f"Lazy config file {filename!r} does not exist.")
         if ext in _PY_SUFFIXES:
-            top_level = not _loading
-            if top_level:
+            # A load starts a new group of files (the config file and those it imports
+            # relatively), except a load_rel, which is a relative import by name.
+            new_group = not (_loading and _in_load_rel)
+            if new_group:
                 _current_group.append([])
             try:
                 with _patch_import():
                     namespace = _exec_config_file(filename)
             finally:
-                if top_level:
+                if new_group:
                     _current_group.pop()
             if keys is not None:
                 # As in detectron2, keys may name any top-level variable (a string too).
@@ -326,7 +329,12 @@ class LazyConfig:
         del frame  # frames hold references to their locals
         if caller_file.startswith("<"):
             raise ValueError("LazyConfig.load_rel must be called from a file; use load() instead.")
-        return LazyConfig.load(os.path.join(os.path.dirname(caller_file), filename), keys)
+        global _in_load_rel
+        outer, _in_load_rel = _in_load_rel, True
+        try:
+            return LazyConfig.load(os.path.join(os.path.dirname(caller_file), filename), keys)
+        finally:
+            _in_load_rel = outer
 
     @staticmethod
     def save(cfg: DictConfig | Mapping[str, Any], filename: str) -> None:
@@ -486,25 +494,39 @@ def _placeholder(path: str, value: Any, reason: str, unsaved: list[tuple[str, An
 
 
 def _defining_files(value: Any) -> list[str]:
-    """The config files loaded together with the one that defines ``value`` (or its class)."""
+    """The config files loaded together with the one that defines ``value`` (or its class).
+
+    The first is the top-level file of that load.
+    """
     module = getattr(value, "__module__", None) or type(value).__module__  # instances: the class's
     entry = _config_modules.get(module if isinstance(module, str) else "")
     return list(entry[1]) if entry else []
+
+
+def _copy_sources(groups: list[list[str]], folder: str) -> None:
+    """Copy the files of each load (a config file and the files it imports relatively or with
+    ``load_rel``), keeping their layout so that relative imports work in the copy."""
+    for group in groups:
+        root = os.path.commonpath([os.path.dirname(f) for f in group])
+        for source in group:
+            target = os.path.join(folder, os.path.relpath(source, root))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            shutil.copyfile(source, target)
 
 
 def _save_what_yaml_cannot_hold(
     cfg: DictConfig, filename: str, unsaved: list[tuple[str, Any, str]]
 ) -> None:
     """Copy the defining config files and pickle the config; warn once about the unsaved keys."""
-    sources = sorted({f for _, value, _ in unsaved for f in _defining_files(value)})
+    groups: list[list[str]] = []
+    for _, value, _ in unsaved:
+        group = _defining_files(value)
+        if group and group not in groups:
+            groups.append(group)
     notes: list[str] = []
-    if sources:
-        root = os.path.commonpath([os.path.dirname(f) for f in sources])
+    if groups:
         folder = os.path.splitext(filename)[0] + "_sources"
-        for source in sources:
-            target = os.path.join(folder, os.path.relpath(source, root))
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.copyfile(source, target)
+        _copy_sources(groups, folder)
         notes.append(f"the config file(s) defining them are copied to {folder}/")
     try:
         try:  # optional dependency: pickles lambdas and classes defined in config files

@@ -11,14 +11,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import sys
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -41,8 +39,9 @@ from d2engine.modeling import build_model
 from d2engine.solver import build_lr_scheduler, build_optimizer
 from d2engine.utils import comm
 from d2engine.utils.collect_env import collect_env_info
+from d2engine.utils.env import seed_all_rng, set_float32_precision
 from d2engine.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
-from d2engine.utils.logger import setup_logger
+from d2engine.utils.logger import PORTED_LOGGER_NAMES, forward_logger, setup_logger
 
 __all__ = [
     "DefaultPredictor",
@@ -154,13 +153,6 @@ def _try_get_key(cfg: Any, *keys: str, default: Any = None) -> Any:
     return default
 
 
-def _seed_all_rng(seed: int) -> None:
-    """Seed python's ``random``, numpy and torch (all devices) with ``seed``."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
 def default_setup(cfg: Any, args: argparse.Namespace) -> None:
     """Prepare a job: output directory, logging, environment report, config backup and seeding.
 
@@ -169,14 +161,17 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
     1. creates the output directory (``OUTPUT_DIR`` of a CfgNode, ``train.output_dir`` or
        ``output_dir`` of a lazy config; nothing when unset or empty);
     2. sets up the ``d2engine`` logger: console on the main process, ``OUTPUT_DIR/log.txt``
-       (``log.txt.rank{N}`` for rank N > 0);
+       (``log.txt.rank{N}`` for rank N > 0), and forwards the ``detectron2`` and ``fvcore``
+       loggers of ported code to it;
     3. logs the rank and world size, :func:`~d2engine.utils.collect_env.collect_env_info`, the
        command line and parsed arguments, the config file's text and the full config;
-    4. on the main process, saves the full config to ``OUTPUT_DIR/config.yaml``;
+    4. on the main process, saves the full config to ``OUTPUT_DIR/config.yaml`` (a lazy config
+       with values YAML cannot hold is saved as far as it can be, see ``LazyConfig.save``);
     5. seeds python, numpy and torch with ``SEED + rank`` (``train.seed`` for lazy configs); a
        negative seed draws a random one, which is logged so that the run can be repeated;
     6. unless ``args.eval_only``, sets ``torch.backends.cudnn.benchmark`` to ``CUDNN_BENCHMARK``
-       (``train.cudnn_benchmark``).
+       (``train.cudnn_benchmark``);
+    7. applies ``FLOAT32_PRECISION`` (``train.float32_precision``) on CUDA when it is set.
 
     Args:
         cfg: the full config, a :class:`~d2engine.config.CfgNode` or an omegaconf ``DictConfig``.
@@ -189,6 +184,8 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
         os.makedirs(output_dir, exist_ok=True)
 
     setup_logger(output_dir or None, distributed_rank=rank)
+    for name in PORTED_LOGGER_NAMES:  # "detectron2" and "fvcore" lines of ported code
+        forward_logger(name)
     logger.info(f"Rank of current process: {rank}. World size: {comm.get_world_size()}")
     logger.info("Environment info:\n" + collect_env_info())
     logger.info(f"Command line: {' '.join(sys.argv)}")
@@ -199,7 +196,7 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
             logger.info(f"Contents of args.config_file={config_file}:\n{f.read()}")
 
     if _is_lazy_config(cfg):
-        logger.info(f"Running with full config:\n{OmegaConf.to_yaml(cfg)}")
+        logger.info(f"Running with full config:\n{LazyConfig.to_py(cfg)}")
     else:
         logger.info(f"Running with full config:\n{cfg.dump()}")
     if comm.is_main_process() and output_dir:
@@ -215,13 +212,16 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
     if seed < 0:
         seed = int.from_bytes(os.urandom(4), "big") % 2**31
         logger.info(f"SEED is negative: using the random seed {seed} (set SEED {seed} to repeat)")
-    _seed_all_rng(seed + rank)
+    seed_all_rng(seed + rank)
     logger.info(f"Seeded python, numpy and torch with {seed + rank} (seed {seed} + rank {rank})")
 
     if not getattr(args, "eval_only", False):
         torch.backends.cudnn.benchmark = bool(
             _try_get_key(cfg, "CUDNN_BENCHMARK", "train.cudnn_benchmark", default=False)
         )
+    precision = _try_get_key(cfg, "FLOAT32_PRECISION", "train.float32_precision", default="")
+    if precision:
+        set_float32_precision(precision)
 
 
 def default_writers(output_dir: str, max_iter: int | None = None) -> list[EventWriter]:

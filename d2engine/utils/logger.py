@@ -1,7 +1,8 @@
 """Logging setup for d2engine jobs and log-rate helpers.
 
 :func:`setup_logger` sends a logger's records to the console (rank 0 only) and to a file (every
-rank, one file each). :func:`log_first_n`, :func:`log_every_n` and :func:`log_every_n_seconds` keep
+rank, one file each); :func:`forward_logger` sends another logger's records (those of code ported
+from detectron2, which logs to ``"detectron2"`` and ``"fvcore"``) to the same places. :func:`log_first_n`, :func:`log_every_n` and :func:`log_every_n_seconds` keep
 repeated messages from flooding the log; :func:`create_small_table` formats a few results.
 """
 
@@ -17,7 +18,9 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
+    "PORTED_LOGGER_NAMES",
     "create_small_table",
+    "forward_logger",
     "log_every_n",
     "log_every_n_seconds",
     "log_first_n",
@@ -124,6 +127,54 @@ def setup_logger(
         setattr(file_handler, _HANDLER_TAG, True)
         logger.addHandler(file_handler)
     return logger
+
+
+PORTED_LOGGER_NAMES = ("detectron2", "fvcore")
+"""The loggers that code written for detectron2 logs to; ``default_setup`` forwards them."""
+
+
+class _ForwardHandler(logging.Handler):
+    """Hand every record to another logger's handlers (the record keeps its own name)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(logging.DEBUG)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger(self.target).handle(record)
+
+
+def forward_logger(name: str, to: str = "d2engine") -> logging.Logger:
+    """Send the records of logger ``name`` (and its children) to the handlers of logger ``to``.
+
+    After ``default_setup`` (which does this for :data:`PORTED_LOGGER_NAMES`), a ported script's
+    ``logging.getLogger("detectron2").info(...)`` appears on the console and in ``log.txt`` like
+    d2engine's own lines, under its own name. Calling it again, or calling
+    :func:`setup_logger` for ``name`` afterwards, replaces the forwarding (no duplicated lines).
+
+    Args:
+        name: the logger whose records to forward.
+        to: the logger whose handlers write them (set up with :func:`setup_logger`).
+
+    Returns:
+        The logger ``name``, at level DEBUG and no longer propagating to the root logger.
+
+    Raises:
+        ValueError: if ``name`` and ``to`` are the same logger.
+    """
+    if name == to:
+        raise ValueError(f"forward_logger: cannot forward logger {name!r} to itself.")
+    source = logging.getLogger(name)
+    source.setLevel(logging.DEBUG)
+    source.propagate = False
+    for handler in list(source.handlers):
+        if getattr(handler, _HANDLER_TAG, False):
+            source.removeHandler(handler)
+            handler.close()
+    forward = _ForwardHandler(to)
+    setattr(forward, _HANDLER_TAG, True)
+    source.addHandler(forward)
+    return source
 
 
 _LOG_COUNTER: Counter[tuple[object, ...]] = Counter()

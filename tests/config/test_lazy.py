@@ -269,13 +269,17 @@ def test_save_of_a_config_defining_its_own_classes_copies_the_files(
     # The shape of detectron2's "train an ImageNet classifier" lazy config: a model class and a
     # loader function defined in the config file itself, an object instance as a value.
     _write(tmp_path / "cfgs" / "common.py", "train = dict(max_iter=10, output_dir='out')\n")
+    _write(tmp_path / "cfgs" / "extra.py", "extra = dict(k=1)\n")
     main = _write(
         tmp_path / "cfgs" / "exp" / "net.py",
         """
         import torch
         from torch import nn
-        from d2engine.config import LazyCall as L
+        from d2engine.config import LazyCall as L, LazyConfig
+        from d2engine.model_zoo import get_config
         from ..common import train
+        extra = LazyConfig.load_rel("../extra.py", "extra")
+        schedule = get_config("common/coco_schedule.py").lr_multiplier_1x
 
         class Net(nn.Module):
             def __init__(self, width):
@@ -298,6 +302,8 @@ def test_save_of_a_config_defining_its_own_classes_copies_the_files(
     copies = tmp_path / "run" / "config_sources"
     assert (copies / "exp" / "net.py").read_text() == Path(main).read_text()
     assert (copies / "common.py").exists()  # the whole load, relative imports included
+    assert (copies / "extra.py").exists()  # and files read with load_rel
+    assert not list(copies.rglob("coco_schedule.py"))  # a separate load (get_config) is not
     (warning,) = [r.message for r in caplog.records if r.levelname == "WARNING"]
     for key in ("cfg.model._target_", "cfg.dataloader.train._target_", "cfg.dataloader.head"):
         assert key in warning

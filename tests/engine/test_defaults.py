@@ -568,3 +568,87 @@ def test_trainer_has_no_reference_cycles(tmp_path, quiet_d2_logger) -> None:
         assert ref() is None, "DefaultTrainer is kept alive by a reference cycle"
     finally:
         gc.enable()
+
+
+# ------------------------------------------------------------- code ported from detectron2
+@pytest.fixture
+def restore_ported_loggers() -> Iterator[None]:
+    saved = {
+        name: (list(lg.handlers), lg.level, lg.propagate)
+        for name in ("detectron2", "fvcore")
+        for lg in [logging.getLogger(name)]
+    }
+    yield
+    for name, (handlers, level, propagate) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate
+
+
+def test_default_setup_shows_detectron2_and_fvcore_log_lines(
+    tmp_path, capsys, quiet_d2_logger, keep_cudnn_benchmark, restore_ported_loggers
+) -> None:
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "out")
+    default_setup(cfg, default_argument_parser().parse_args([]))
+    logging.getLogger("detectron2").info("a line of a ported script")
+    logging.getLogger("fvcore.common.checkpoint").warning("a line of fvcore")
+    log = (tmp_path / "out" / "log.txt").read_text()
+    console = capsys.readouterr().out
+    for text in (log, console):
+        assert "detectron2 INFO: a line of a ported script" in text
+        assert "fvcore.common.checkpoint WARNING: a line of fvcore" in text
+    assert log.count("a line of a ported script") == 1  # not duplicated by a second handler
+
+
+def test_default_setup_with_a_lazy_config_that_defines_classes(
+    tmp_path, quiet_d2_logger, keep_cudnn_benchmark, restore_ported_loggers
+) -> None:
+    # detectron2's "train an ImageNet classifier" config shape: classes and functions defined in
+    # the config file, an object instance as a value. Saving it must not stop the job.
+    from d2engine.config import LazyConfig
+
+    config_file = tmp_path / "cls.py"
+    config_file.write_text(
+        "from torch import nn\n"
+        "from d2engine.config import LazyCall as L\n"
+        "from d2engine.model_zoo import get_config\n"
+        "class ClassificationNet(nn.Module):\n"
+        "    def __init__(self, width):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(width, 2)\n"
+        "def build_data_loader(n):\n"
+        "    return list(range(n))\n"
+        "model = L(ClassificationNet)(width=4)\n"
+        "dataloader = dict(train=L(build_data_loader)(n=2), transform=nn.Identity())\n"
+        "train = get_config('common/train.py').train\n"
+        f"train.output_dir = {str(tmp_path / 'out')!r}\n"
+        "train.seed = 3\n"
+    )
+    cfg = LazyConfig.load(str(config_file))
+    args = default_argument_parser().parse_args(["--config-file", str(config_file)])
+    default_setup(cfg, args)
+    out = tmp_path / "out"
+    saved = LazyConfig.load(str(out / "config.yaml"))
+    assert saved.train.seed == 3 and saved.model.width == 4
+    assert (out / "config_sources" / "cls.py").read_text() == config_file.read_text()
+    log = (out / "log.txt").read_text()
+    assert log.count("LazyConfig.save wrote") == 1  # one warning, in the job's log
+    assert "cfg.model._target_" in log and "cfg.dataloader.transform" in log
+    assert "cfg.model = d2engine._cfg_loader." in log  # the full config, as Python
+
+
+def test_default_setup_float32_precision(
+    tmp_path, quiet_d2_logger, keep_cudnn_benchmark, restore_ported_loggers
+) -> None:
+    cfg = get_cfg()
+    cfg.OUTPUT_DIR = str(tmp_path / "o")
+    cfg.FLOAT32_PRECISION = "fastest"
+    with pytest.raises(ValueError, match="FLOAT32_PRECISION must be one of"):
+        default_setup(cfg, default_argument_parser().parse_args([]))
+    cfg.FLOAT32_PRECISION = "high"
+    precision = torch.get_float32_matmul_precision()
+    default_setup(cfg, default_argument_parser().parse_args([]))  # applied on CUDA only
+    if not torch.cuda.is_available():
+        assert torch.get_float32_matmul_precision() == precision
