@@ -22,9 +22,11 @@ from torch import nn
 from d2engine.checkpoint import file_io
 from d2engine.checkpoint.async_saver import AsyncSaver
 from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
+from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
 from d2engine.checkpoint.state import CollectiveStateful, Stateful, snapshot_to_cpu
 from d2engine.utils import comm
+from d2engine.utils.file_io import PathManager
 from d2engine.utils.validation import check_positive_int
 
 __all__ = ["Checkpointer", "DetectionCheckpointer", "PeriodicCheckpointer"]
@@ -56,6 +58,10 @@ class Checkpointer:
     Attributes:
         last_load_report: what did not fit when the model weights were last loaded (shape
             mismatches, missing and unexpected keys); None before the first load.
+        path_manager: reads the files given to :meth:`load` whose path has the prefix of one of
+            its handlers (d2engine's :data:`~d2engine.utils.file_io.PathManager` by default;
+            an iopath ``PathManager`` with custom handlers may be assigned, as in detectron2).
+            Other paths, and every write, go through fsspec.
     """
 
     def __init__(
@@ -81,6 +87,7 @@ class Checkpointer:
         for key, obj in checkpointables.items():
             self.add_checkpointable(key, obj)
         self.logger = logger
+        self.path_manager: Any = PathManager
         self.last_load_report: LoadReport | None = None
         self._saver: AsyncSaver | None = AsyncSaver() if self.async_save else None
         # CPU copies of the state from the last async save, reused by the next one.
@@ -415,8 +422,12 @@ class Checkpointer:
 
         A bare state dict (no "model" key, only tensors) is accepted as model weights.
         """
+        manager = self.path_manager
+        readable = path
+        if manager is not PathManager or PathManager.handles(path):
+            readable = manager.get_local_path(path)  # a handler's prefix (an iopath manager)
         return self._as_checkpoint(
-            path, file_io.load_checkpoint_file(path, weights_only=weights_only)
+            path, file_io.load_checkpoint_file(readable, weights_only=weights_only)
         )
 
     def _as_checkpoint(self, path: str, loaded: Any) -> dict[str, Any]:
@@ -498,7 +509,8 @@ class PeriodicCheckpointer:
     get to.
 
     Args:
-        checkpointer: the checkpointer that writes the files.
+        checkpointer: the checkpointer that writes the files: d2engine's, or one with fvcore's
+            interface (see :mod:`d2engine.checkpoint.interop`).
         period: save every this many iterations.
         max_iter: the number of iterations of the run (None: never write the final file).
         max_to_keep: keep at most this many periodic files (None: keep all).
@@ -516,7 +528,7 @@ class PeriodicCheckpointer:
         period = check_positive_int(period, "period", "PeriodicCheckpointer")
         if max_to_keep is not None:
             max_to_keep = check_positive_int(max_to_keep, "max_to_keep", "PeriodicCheckpointer")
-        self.checkpointer = checkpointer
+        self.checkpointer = as_checkpointer(checkpointer)
         self.period = period
         self.max_iter = max_iter
         self.max_to_keep = max_to_keep

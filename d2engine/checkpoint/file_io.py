@@ -25,10 +25,13 @@ import secrets
 from collections.abc import Callable
 from typing import IO, Any
 
-import fsspec
 import numpy as np
 import safetensors.torch
 import torch
+
+from d2engine.utils.file_io import PathManager, is_local, join
+from d2engine.utils.file_io import local_path as _local
+from d2engine.utils.file_io import url_to_fs as _fs
 
 __all__ = [
     "CheckpointError",
@@ -61,30 +64,8 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 # --------------------------------------------------------------------------------------------
-# Paths: local or fsspec
+# Paths: local or fsspec (the primitives live in d2engine.utils.file_io, with PathManager)
 # --------------------------------------------------------------------------------------------
-def is_local(path: str) -> bool:
-    """Whether ``path`` is on the local file system (a plain path or a ``file://`` URL)."""
-    protocol, _ = fsspec.core.split_protocol(path)
-    return protocol in (None, "file", "local")
-
-
-def _local(path: str) -> str:
-    return fsspec.core.split_protocol(path)[1] if "://" in path else path
-
-
-def _fs(path: str) -> tuple[Any, str]:
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    return fs, fs_path
-
-
-def join(directory: str, name: str) -> str:
-    """Join a directory (a local path or an fsspec URL) and a file name."""
-    if is_local(directory):
-        return os.path.join(directory, name)
-    return directory.rstrip("/") + "/" + name
-
-
 def _split(path: str) -> tuple[str, str]:
     if is_local(path):
         return os.path.split(path)
@@ -94,40 +75,24 @@ def _split(path: str) -> tuple[str, str]:
 
 def exists(path: str) -> bool:
     """Whether a file or directory exists at ``path``."""
-    if is_local(path):
-        return os.path.exists(_local(path))
-    fs, fs_path = _fs(path)
-    return bool(fs.exists(fs_path))
+    return PathManager.exists(path)
 
 
 def makedirs(directory: str) -> None:
     """Create ``directory`` and its parents if needed."""
-    if is_local(directory):
-        os.makedirs(_local(directory), exist_ok=True)
-    else:
-        fs, fs_path = _fs(directory)
-        fs.makedirs(fs_path, exist_ok=True)
+    PathManager.mkdirs(directory)
 
 
 def remove(path: str) -> None:
     """Delete the file at ``path``; a missing file is not an error."""
-    if is_local(path):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_local(path))
-        return
-    fs, fs_path = _fs(path)
-    if fs.exists(fs_path):
-        fs.rm(fs_path)
+    with contextlib.suppress(FileNotFoundError):
+        PathManager.rm(path)
 
 
 def read_text(path: str) -> str:
     """Read a small text file."""
-    if is_local(path):
-        with open(_local(path), encoding="utf-8") as f:
-            return f.read()
-    fs, fs_path = _fs(path)
-    with fs.open(fs_path, "r", encoding="utf-8") as f:
-        return f.read()
+    with PathManager.open(path, "r", encoding="utf-8") as f:
+        return str(f.read())
 
 
 def modified_time(path: str) -> float:

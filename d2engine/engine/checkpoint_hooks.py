@@ -14,6 +14,7 @@ from typing import Any
 
 from d2engine.checkpoint import Checkpointer, file_io
 from d2engine.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
+from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.engine.train_loop import HookBase
 
 __all__ = ["BestCheckpointer", "PeriodicCheckpointer"]
@@ -49,6 +50,10 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
     trainer found that the ranks' checkpoint hooks differ (``trainer.preemption.collective_saves``).
 
     State: the periodic files kept for ``max_to_keep`` (see the base class).
+
+    Any checkpointer with fvcore's interface works too (``fvcore.common.checkpoint.Checkpointer``
+    and its subclasses, as detectron2's code passes them); it then saves synchronously and has no
+    cross-rank state to gather (see :mod:`d2engine.checkpoint.interop`).
 
     Args:
         checkpointer: the checkpointer that writes the files.
@@ -118,7 +123,9 @@ class BestCheckpointer(HookBase):
     value of ``val_metric`` from the event storage; a missing metric is a warning, a NaN or
     infinite value is never the best, and only a strict improvement saves. The file is written with
     ``save_untagged``, so ``last_checkpoint`` keeps pointing to the latest checkpoint; a small
-    ``{file_prefix}.json`` next to it records the metric, its value and iteration.
+    ``{file_prefix}.json`` next to it records the metric, its value and iteration. A checkpointer
+    with fvcore's interface works too: its save moves ``last_checkpoint``, which is then put back
+    (see :mod:`d2engine.checkpoint.interop`).
 
     State: the best value and its iteration. A resumed run therefore never replaces a better model
     by a worse one; when resumed (``start_iter > 0``) it also reads ``{file_prefix}.json``, which
@@ -148,7 +155,7 @@ class BestCheckpointer(HookBase):
         self._period = eval_period
         self._val_metric = val_metric
         self._mode = mode
-        self.checkpointer = checkpointer
+        self.checkpointer = as_checkpointer(checkpointer)
         self._file_prefix = file_prefix
         self.best_metric: float | None = None
         self.best_iter: int | None = None

@@ -472,12 +472,36 @@ class SimpleTrainer(TrainerBase):
         """Write (or submit) the metrics of this iteration when the period says so."""
         if self._pending_metrics is not None:
             self._collect_pending_metrics()
-        if (self.iter + 1) % self.gather_metric_period != 0:
-            return
-        if self.async_write_metrics:
+        if not self.async_write_metrics:
+            self._write_metrics(loss_dict, data_time)
+        elif (self.iter + 1) % self.gather_metric_period == 0:
             self._submit_metrics(loss_dict, data_time)
-        else:
-            self.write_metrics(loss_dict, data_time, cur_iter=self.iter)
+
+    def _write_metrics(
+        self,
+        loss_dict: Mapping[str, torch.Tensor],
+        data_time: float,
+        prefix: str = "",
+        iter: int | None = None,
+    ) -> None:
+        """Write the metrics of iteration ``iter`` now, if ``gather_metric_period`` says so.
+
+        detectron2's method, which ``run_step`` overrides call with their losses (extra losses
+        under a ``prefix`` too); the standard ``run_step`` calls it after the backward pass
+        (without ``async_write_metrics``).
+
+        Args:
+            loss_dict: scalar losses.
+            data_time: the time spent reading the batch.
+            prefix: prefix of the logged loss names.
+            iter: the iteration (default: the current one).
+
+        Raises:
+            FloatingPointError: if the total loss is infinite or NaN (on every rank).
+        """
+        iter = self.iter if iter is None else iter
+        if (iter + 1) % self.gather_metric_period == 0:
+            self.write_metrics(loss_dict, data_time, iter, prefix)
 
     def _submit_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> None:
         storage = get_event_storage()

@@ -557,8 +557,10 @@ class TensorboardXWriter(EventWriter):
     """Write scalars, images and histograms to TensorBoard event files.
 
     Uses ``torch.utils.tensorboard.SummaryWriter``, created at the first :meth:`write` (no file
-    exists before). Each write adds the scalars newer than the last write at their iteration,
-    then the queued images and histograms, which it removes from the storage.
+    exists before) or when ``_writer`` is first used (detectron2's attribute, which scripts use
+    to log more: ``writer._writer.add_scalar(...)``). Each write adds the scalars newer than the
+    last write at their iteration, then the queued images and histograms, which it removes from
+    the storage.
 
     Args:
         log_dir: the directory of the event files.
@@ -572,18 +574,23 @@ class TensorboardXWriter(EventWriter):
         self._log_dir = os.fspath(log_dir)
         self._window_size = window_size
         self._writer_args = kwargs
-        self._writer: Any = None
+        self._summary_writer: Any = None
         self._summary_cls: Any = None
         self._last_write = -1
 
+    @property
+    def _writer(self) -> Any:
+        """The ``SummaryWriter``, created (with its event file) on first use."""
+        return self._get_writer()
+
     def _get_writer(self) -> Any:
-        if self._writer is None:
+        if self._summary_writer is None:
             from tensorboard.compat.proto.summary_pb2 import Summary
             from torch.utils.tensorboard import SummaryWriter
 
             self._summary_cls = Summary  # imported here: tensorboard is slow to import
-            self._writer = SummaryWriter(self._log_dir, **self._writer_args)
-        return self._writer
+            self._summary_writer = SummaryWriter(self._log_dir, **self._writer_args)
+        return self._summary_writer
 
     def write(self) -> None:
         storage = get_event_storage()
@@ -611,9 +618,9 @@ class TensorboardXWriter(EventWriter):
             storage.clear_histograms()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        if self._summary_writer is not None:
+            self._summary_writer.close()
+            self._summary_writer = None
 
 
 class CommonMetricPrinter(EventWriter):

@@ -100,6 +100,10 @@ class PathManagerBase:
             self._handlers.append((prefix, handler))
         self._handlers.sort(key=lambda item: -len(item[0]))
 
+    def handles(self, path: str) -> bool:
+        """Whether a registered handler takes ``path`` (by its prefix)."""
+        return self._handler(path) is not None
+
     def _handler(self, path: str) -> Any:
         path = os.fspath(path)
         for prefix, handler in self._handlers:

@@ -425,3 +425,35 @@ def test_save_untagged_leaves_last_checkpoint(tmp_path: Path, async_save: bool) 
         ckpt.wait()
         assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000009.pth")
     assert torch.load(tmp_path / "model_best.pth", weights_only=True)["iteration"] == 4
+
+
+def test_path_manager_reads_paths_of_an_iopath_handler(tmp_path) -> None:
+    # detectron2's form: an iopath PathManager with a custom handler, assigned to the
+    # checkpointer's path_manager attribute.
+    from iopath.common.file_io import PathHandler
+    from iopath.common.file_io import PathManager as IopathPathManager
+
+    from d2engine.utils.file_io import PathManager
+
+    class Handler(PathHandler):
+        PREFIX = "d2engine_test://"
+
+        def _get_supported_prefixes(self):
+            return [self.PREFIX]
+
+        def _get_local_path(self, path, **kwargs):
+            return str(tmp_path / path[len(self.PREFIX) :])
+
+        def _open(self, path, mode="r", **kwargs):
+            return open(self._get_local_path(path), mode)
+
+    source = torch.nn.Linear(2, 3)
+    torch.save({"model": source.state_dict()}, tmp_path / "checkpoint.pth")
+    target = torch.nn.Linear(2, 3)
+    checkpointer = Checkpointer(target, str(tmp_path / "out"))
+    assert checkpointer.path_manager is PathManager  # d2engine's, by default
+    manager = IopathPathManager()
+    manager.register_handler(Handler())
+    checkpointer.path_manager = manager
+    checkpointer.load("d2engine_test://checkpoint.pth")
+    assert torch.equal(target.weight, source.weight)

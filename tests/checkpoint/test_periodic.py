@@ -150,3 +150,18 @@ def test_every_save_goes_through_save(tmp_path: Path) -> None:
 def test_arguments_are_checked(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         PeriodicCheckpointer(Checkpointer(nn.Linear(1, 1)), **kwargs)
+
+
+def test_plain_periodic_checkpointer_with_an_fvcore_checkpointer(tmp_path) -> None:
+    # a plain training loop ported from detectron2 keeps its fvcore checkpointer
+    from fvcore.common.checkpoint import Checkpointer as FvcoreCheckpointer
+
+    model = torch.nn.Linear(2, 2)
+    periodic = PeriodicCheckpointer(
+        FvcoreCheckpointer(model, str(tmp_path)), period=2, max_iter=7, max_to_keep=2
+    )
+    for iteration in range(7):
+        periodic.step(iteration)
+    names = sorted(p.name for p in tmp_path.glob("*.pth"))
+    assert names == ["model_0000003.pth", "model_0000005.pth", "model_final.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"

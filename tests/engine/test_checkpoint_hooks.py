@@ -266,3 +266,64 @@ def test_best_checkpointer_not_after_a_crash_in_the_last_iteration(tmp_path: Pat
         trainer.train(0, 4)
     assert (best.best_metric, best.best_iter) == (0.5, 1)  # the crashed run is not the best
     assert json.loads((tmp_path / "model_best.json").read_text())["value"] == 0.5
+
+
+# ------------------------------------------------------------ fvcore checkpointers (detectron2)
+def test_hooks_take_an_fvcore_checkpointer_and_resume(tmp_path: Path) -> None:
+    # detectron2's own tests pass fvcore's Checkpointer to the hooks; the trainer is one of
+    # its checkpointables.
+    from fvcore.common.checkpoint import Checkpointer as FvcoreCheckpointer
+
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 3)
+    trainer = SimpleTrainer(model, itertools.repeat(torch.ones(4, 2)), opt)
+    checkpointer = FvcoreCheckpointer(model, str(tmp_path), opt=opt, trainer=trainer)
+    periodic = hooks.PeriodicCheckpointer(checkpointer, 5, max_to_keep=1)
+    trainer.register_hooks([hooks.LRScheduler(scheduler=scheduler), periodic])
+    trainer.train(0, 12)
+    assert sorted(p.name for p in tmp_path.glob("*.pth")) == [
+        "model_0000009.pth",
+        "model_final.pth",
+    ]
+    assert periodic.checkpointer.wrapped is checkpointer  # adapted, not copied
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2 = _Net()
+    opt2 = torch.optim.SGD(model2.parameters(), lr=999.0)
+    trainer2 = SimpleTrainer(model2, itertools.repeat(torch.ones(4, 2)), opt2)
+    scheduler2 = torch.optim.lr_scheduler.StepLR(opt2, 3)
+    trainer2.register_hooks([hooks.LRScheduler(scheduler=scheduler2)])
+    FvcoreCheckpointer(model2, str(tmp_path), opt=opt2, trainer=trainer2).resume_or_load("none")
+    assert trainer2.iter == 11 and scheduler2.last_epoch == 12
+    assert opt2.param_groups[0]["lr"] == pytest.approx(0.1 * 0.1**4)
+    assert all(torch.equal(v, weights[k]) for k, v in model2.state_dict().items())
+
+
+def test_best_checkpointer_with_fvcore_keeps_last_checkpoint_on_the_latest(
+    tmp_path: Path,
+) -> None:
+    from fvcore.common.checkpoint import Checkpointer as FvcoreCheckpointer
+
+    model = _Net()
+    trainer = SimpleTrainer(
+        model, itertools.repeat(torch.ones(4, 2)), torch.optim.SGD(model.parameters(), lr=0.01)
+    )
+    checkpointer = FvcoreCheckpointer(model, str(tmp_path), trainer=trainer)
+    trainer.register_hooks(
+        [
+            _Metric([0.5, 0.9, 0.7]),
+            hooks.BestCheckpointer(2, checkpointer, "acc"),
+            hooks.PeriodicCheckpointer(checkpointer, 3),
+        ]
+    )
+    trainer.train(0, 6)
+    assert (tmp_path / "model_best.pth").is_file()
+    # fvcore's save moved last_checkpoint to model_best; the hook put it back on the latest
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    assert json.loads((tmp_path / "model_best.json").read_text())["value"] == 0.9
+
+    quiet = FvcoreCheckpointer(model, str(tmp_path / "quiet"), save_to_disk=False)
+    assert hooks.BestCheckpointer(2, quiet, "acc").checkpointer.writes is False
+    with pytest.raises(TypeError, match="fvcore's interface"):
+        hooks.PeriodicCheckpointer(object(), 5)  # type: ignore[arg-type]

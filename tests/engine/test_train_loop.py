@@ -536,3 +536,35 @@ def test_trainer_base_needs_run_step() -> None:
     with pytest.raises(NotImplementedError):
         trainer.train(0, 1)
     assert trainer.iter == 0
+
+
+def test_write_metrics_method_for_run_step_overrides() -> None:
+    # The shape of the custom run_step found in many public detectron2 trainers: compute the
+    # losses, then call self._write_metrics(loss_dict, data_time) (extras under a prefix).
+    class MyTrainer(SimpleTrainer):
+        def run_step(self) -> None:
+            data = next(self._data_loader_iter)
+            loss_dict = self.model(data)
+            losses = sum(loss_dict.values())
+            self.optimizer.zero_grad()
+            losses.backward()
+            self._write_metrics(loss_dict, 0.5)
+            self._write_metrics({"loss_extra": losses.detach() * 2}, 0.5, prefix="val_")
+            self.optimizer.step()
+
+    model = _Model()
+    trainer = MyTrainer(model, _Counting(), torch.optim.SGD(model.parameters(), lr=0.01))
+    trainer.gather_metric_period = 2
+    trainer.train(0, 6)
+    storage = trainer.storage
+    iters = [it for _, it in storage.history("total_loss").values()]
+    assert iters == [1, 3, 5]  # the gather period applies
+    assert storage.history("data_time").latest() == 0.5
+    assert [it for _, it in storage.history("val_total_loss").values()] == [1, 3, 5]
+    a, b = storage.history("loss_a").latest(), storage.history("loss_b").latest()
+    assert storage.history("total_loss").latest() == pytest.approx(a + b)
+    # an explicit iteration writes there
+    with EventStorage(0) as s:
+        trainer.iter = 10
+        trainer._write_metrics({"loss": torch.tensor(1.0)}, 0.1, iter=9)
+        assert s.history("total_loss").values() == [(1.0, 9)]

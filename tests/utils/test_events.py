@@ -238,3 +238,17 @@ def test_common_metric_printer(caplog) -> None:
         "[metric]grad_scaler: 1024",
     ):
         assert part in msg
+
+
+def test_tensorboard_writer_exposes_its_summary_writer_lazily(tmp_path) -> None:
+    # detectron2 scripts log extra things through writer._writer; nothing is created before.
+    from d2engine.utils.events import TensorboardXWriter
+
+    quiet = TensorboardXWriter(str(tmp_path / "quiet"))
+    quiet.close()
+    assert not (tmp_path / "quiet").exists() or not list((tmp_path / "quiet").iterdir())
+    writer = TensorboardXWriter(str(tmp_path / "tb"))
+    writer._writer.add_scalar("testing", 1, 1)
+    assert writer._writer is writer._writer  # one SummaryWriter
+    writer.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
