@@ -6,7 +6,10 @@ checks every key and every type against the values already present, so that a ty
 value fails loudly instead of being ignored.
 
 YAML files are read with a *safe* loader: a tag that would build a Python object
-(``!!python/object/apply:...``) is refused before anything is executed.
+(``!!python/object/apply:...``) is refused before anything is executed, and so is a document whose
+aliases (``&anchor`` / ``*alias``) expand it to more than :data:`MAX_YAML_VALUES` values or refer to
+themselves (:func:`check_yaml_size`), before it is built. Safe loading is not a sandbox: a config
+still decides what a training job does (see "Security" in the README).
 
 This module is the leaf of :mod:`d2engine.config`: it imports nothing else of the package, so
 the defaults (:mod:`d2engine.config.defaults`), ``@configurable`` and the detectron2-compatible
@@ -22,21 +25,26 @@ import difflib
 import io
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import fsspec
 import yaml
 
 __all__ = [
     "BASE_KEY",
+    "MAX_YAML_VALUES",
     "CfgNode",
     "ConfigKeyError",
     "ConfigTypeError",
     "FrozenConfigError",
+    "check_yaml_size",
 ]
 
 #: The key through which a YAML file names the file(s) it inherits from.
 BASE_KEY = "_BASE_"
+
+#: The most values (scalars, lists and mappings) a YAML config may expand to through its aliases.
+MAX_YAML_VALUES = 1_000_000
 
 # Value types a config leaf may hold (besides a nested CfgNode).
 _VALID_TYPES = (tuple, list, str, int, float, bool, type(None))
@@ -568,13 +576,13 @@ def _load_yaml_with_base(filename: str, chain: tuple[str, ...]) -> dict[str, Any
         )
     try:
         with _open_text(filename) as f:
-            loaded = yaml.safe_load(f)
+            loaded = _safe_load(f, filename)
     except yaml.constructor.ConstructorError as e:
         raise ValueError(
             f"Refusing to load {filename}: it contains a YAML tag that is not plain data "
             f"({e.problem}{e.problem_mark or ''}). Config files are read with a safe YAML loader "
-            "that never builds Python objects; use plain values, or a Python lazy config "
-            "(LazyConfig.load) for objects."
+            "that builds no Python object from a tag; use plain values, or a lazy config "
+            "(LazyConfig.load, _target_ entries) for objects."
         ) from None
     if loaded is None:
         loaded = {}
@@ -597,3 +605,84 @@ def _load_yaml_with_base(filename: str, chain: tuple[str, ...]) -> dict[str, Any
         base_path = _resolve_base(base, filename)
         merged = _merge_dicts(merged, _load_yaml_with_base(base_path, (*chain, key)))
     return _merge_dicts(merged, loaded)
+
+
+def _safe_load(stream: str | IO[str], source: str) -> Any:
+    """``yaml.safe_load`` that checks the document's size (:func:`check_yaml_size`) before
+    building it."""
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_node_size(node, source, MAX_YAML_VALUES)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def check_yaml_size(
+    stream: str | IO[str], source: str, *, max_values: int = MAX_YAML_VALUES
+) -> None:
+    """Refuse a YAML document that its aliases would expand beyond ``max_values`` values.
+
+    YAML aliases (``&anchor`` ... ``*anchor``) let a few hundred bytes describe a billion values
+    (nested lists of aliases): building, copying or dumping such a config takes all the memory
+    of the machine. This counts the values (scalars, lists and mappings) of the document with
+    every alias expanded, from its parsed node graph, in time proportional to the file (no value
+    is built). A document that does not use aliases is never refused: its own size bounds it.
+    ``CfgNode`` YAML files are checked when loaded; :class:`~d2engine.config.LazyConfig` checks
+    its YAML files with this function too.
+
+    Args:
+        stream: the YAML text, or a text stream to read it from.
+        source: the file name, for the error message.
+        max_values: the most values the expanded document may hold.
+
+    Raises:
+        ValueError: the expanded document holds more than ``max_values`` values, or an alias
+            refers to a node that contains it (an infinite document).
+        yaml.YAMLError: the text is not valid YAML.
+    """
+    loader = yaml.SafeLoader(stream)
+    try:
+        node = loader.get_single_node()
+    finally:
+        loader.dispose()
+    if node is not None:
+        _check_node_size(node, source, max_values)
+
+
+def _check_node_size(root: yaml.Node, source: str, max_values: int) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> values in its expansion (aliases share nodes)
+    visiting: set[int] = set()
+
+    def expanded(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in visiting:
+            mark = node.start_mark
+            raise ValueError(
+                f"Refusing to load {source}: the YAML node at line {mark.line + 1} refers to "
+                "itself through an alias (an anchor used inside its own value), which makes the "
+                "document infinite. HINT: remove the alias from inside the anchored value."
+            )
+        visiting.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(expanded(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(expanded(k) + expanded(v) for k, v in node.value)
+        visiting.discard(key)
+        sizes[key] = total
+        return total
+
+    total = expanded(root)
+    if total > max_values and total > len(sizes):  # aliases repeat nodes: len(sizes) is unique
+        raise ValueError(
+            f"Refusing to load {source}: its YAML aliases (&anchor / *anchor) expand it to more "
+            f"than {max_values:,} values ({total:,} from {len(sizes):,} written), which would "
+            "exhaust memory when the config is built or dumped. HINT: write the values out, or "
+            "use fewer nested aliases; a config needs far fewer values."
+        )

@@ -17,20 +17,24 @@ from __future__ import annotations
 from ._configurable import configurable
 from .cfg_node import (
     BASE_KEY,
+    MAX_YAML_VALUES,
     CfgNode,
     ConfigKeyError,
     ConfigTypeError,
     FrozenConfigError,
     _rebuild_node,  # noqa: F401  (CfgNode pickles written by d2engine 0.1.0 name it here)
+    check_yaml_size,
 )
 from .defaults import _C
 
 __all__ = [
     "BASE_KEY",
+    "MAX_YAML_VALUES",
     "CfgNode",
     "ConfigKeyError",
     "ConfigTypeError",
     "FrozenConfigError",
+    "check_yaml_size",
     "configurable",
     "get_cfg",
     "global_cfg",

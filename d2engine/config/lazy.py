@@ -35,6 +35,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .cfg_node import check_yaml_size
 from ._pyformat import config_to_py
 from .instantiate import target_to_string
 
@@ -283,12 +284,15 @@ class LazyConfig:
             }
             return DictConfig(content, flags={"allow_objects": True})
         try:
+            with open(filename, encoding="utf-8") as f:
+                check_yaml_size(f, filename)  # bounds what aliases expand to
             loaded = OmegaConf.load(filename)
         except yaml.constructor.ConstructorError as e:
             raise ValueError(
                 f"Refusing to load {filename}: it contains a YAML tag that is not plain data "
-                f"({e.problem}). YAML configs are read with a safe loader that never builds "
-                "Python objects; describe objects with _target_ entries instead."
+                f"({e.problem}). YAML configs are read with a safe loader, which builds no "
+                "Python object from a tag; describe objects with _target_ entries, which "
+                "instantiate() calls (a config is code: load only configs you trust)."
             ) from None
         if not isinstance(loaded, DictConfig):
             raise ValueError(

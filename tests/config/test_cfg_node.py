@@ -108,3 +108,48 @@ def test_a_config_pickled_by_0_1_0_still_loads() -> None:
     assert type(node) is cfg_node.CfgNode
     assert node == {"A": {"B": 1}, "C": "x"} and node.A.B == 1
     assert node.is_frozen() and node.A.is_frozen()
+
+
+# --------------------------------------------------------------------------- YAML size bound
+def _alias_bomb(levels: int = 9) -> str:
+    """A 'billion laughs' YAML document: 10 ** levels strings through nested aliases."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.timeout(30)
+def test_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    path = tmp_path / "bomb.yaml"
+    path.write_text("MODEL:\n  DEVICE: cpu\n" + _alias_bomb())
+    cfg = d2engine.config.get_cfg()
+    cfg.set_new_allowed(True)
+    with pytest.raises(
+        ValueError, match=r"bomb\.yaml.*more than 1,000,000 values.*aliases"
+    ) as info:
+        cfg.merge_from_file(str(path))
+    assert "HINT" in str(info.value)
+    with pytest.raises(ValueError, match="aliases"):
+        cfg_node.check_yaml_size(path.read_text(), str(path))
+
+
+def test_recursive_alias_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "loop.yaml"
+    path.write_text("A: &a {B: *a}\n")
+    with pytest.raises(ValueError, match=r"loop\.yaml.*refers to itself"):
+        cfg_node.CfgNode.load_yaml_with_base(str(path))
+
+
+def test_ordinary_aliases_and_large_plain_lists_load(tmp_path: Path) -> None:
+    path = tmp_path / "ok.yaml"
+    path.write_text("A: &steps [1, 2, 3]\nB: *steps\nC: &base {X: 1, Y: 2}\nD: {<<: *base, Y: 3}\n")
+    loaded = cfg_node.CfgNode.load_yaml_with_base(str(path))
+    assert loaded["B"] == [1, 2, 3] and loaded["D"] == {"X": 1, "Y": 3}
+
+    # Only what aliases add counts: a long plain list is bounded by the file's own size.
+    plain = "BIG: [" + ", ".join(["1"] * 5000) + "]\n"
+    cfg_node.check_yaml_size(plain, "plain.yaml", max_values=1000)
+    cfg_node.check_yaml_size(_alias_bomb(levels=1), "small.yaml", max_values=1000)  # 125 values
+    with pytest.raises(ValueError, match=r"small\.yaml.*more than 1,000 values"):
+        cfg_node.check_yaml_size(_alias_bomb(levels=3), "small.yaml", max_values=1000)

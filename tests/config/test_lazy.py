@@ -198,6 +198,15 @@ def test_load_errors(config_tree: Path, tmp_path: Path) -> None:
     assert builtins.__import__ is __import__
 
 
+@pytest.mark.timeout(30)
+def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    bomb = _write(tmp_path / "bomb.yaml", "\n".join(levels) + "\n")
+    with pytest.raises(ValueError, match=r"bomb\.yaml.*more than 1,000,000 values.*aliases"):
+        LazyConfig.load(bomb)
+
+
 def test_yaml_with_python_tag_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     evil = _write(
