@@ -2,7 +2,9 @@
 
 Mirrors ``detectron2.checkpoint``: :class:`Checkpointer`, :class:`DetectionCheckpointer`,
 :class:`PeriodicCheckpointer`, plus the building blocks exact resume needs (:class:`Stateful`,
-:func:`capture_rng_state`, :func:`restore_rng_state`).
+:func:`capture_rng_state`, :func:`restore_rng_state`). What is guaranteed about the files (atomic
+writes, CRC-32 verification, ``last_checkpoint``): :mod:`d2engine.checkpoint.file_io`,
+:mod:`d2engine.checkpoint.integrity` and ``docs/checkpoints.md``.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from d2engine.checkpoint.checkpointer import (
     PeriodicCheckpointer,
 )
 from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
-from d2engine.checkpoint.model_loading import LoadReport, ShapeMismatch
+from d2engine.checkpoint.integrity import NonFiniteCheckpointError
+from d2engine.checkpoint.model_loading import IncompatibleCheckpointError, LoadReport, ShapeMismatch
 from d2engine.checkpoint.state import (
     RNGState,
     Stateful,
@@ -30,7 +33,9 @@ __all__ = [
     "CheckpointError",
     "Checkpointer",
     "DetectionCheckpointer",
+    "IncompatibleCheckpointError",
     "LoadReport",
+    "NonFiniteCheckpointError",
     "PeriodicCheckpointer",
     "RNGState",
     "ShapeMismatch",

@@ -88,7 +88,8 @@ class AsyncSaver:
         if error is not None:
             description, exc = error
             raise AsyncSaveError(
-                f"Asynchronous checkpoint task failed: {description}: {type(exc).__name__}: {exc}. "
+                f"Asynchronous checkpoint task failed: {description}: {type(exc).__name__}: "
+                f"{str(exc).rstrip('.')}. "
                 f"Tasks queued after it were dropped; no file was left half-written."
             ) from exc
 

@@ -4,14 +4,15 @@ A checkpoint is one file ``{save_dir}/{name}.pth`` holding ``{"model": model.sta
 <name>: checkpointable.state_dict() for each checkpointable, **extra}``; the text file
 ``{save_dir}/last_checkpoint`` holds the base name of the newest complete checkpoint. Both are
 written atomically (see :mod:`d2engine.checkpoint.file_io`), the checkpoint first, so a job killed at
-any moment leaves ``last_checkpoint`` pointing to a file that loads. Files are read with
-``torch.load(weights_only=True)`` unless the checkpointer is built with ``weights_only=False``.
+any moment leaves ``last_checkpoint`` pointing to a file that loads; it never names a checkpoint
+whose weights are not finite, nor a file outside ``save_dir`` (:mod:`d2engine.checkpoint.integrity`).
+Files are verified against their CRC-32s and read with ``torch.load(weights_only=True)`` unless
+the checkpointer is built with ``weights_only=False``.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,11 +20,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from d2engine.checkpoint import file_io
+from d2engine.checkpoint import file_io, integrity
 from d2engine.checkpoint.async_saver import AsyncSaver
 from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
 from d2engine.checkpoint.interop import as_checkpointer
-from d2engine.checkpoint.model_loading import LoadReport, load_model_state, unwrap_model
+from d2engine.checkpoint.integrity import LAST_CHECKPOINT
+from d2engine.checkpoint.model_loading import (
+    IncompatibleCheckpointError,
+    LoadReport,
+    check_optimizer_state,
+    load_model_state,
+    unwrap_model,
+)
 from d2engine.checkpoint.state import CollectiveStateful, Stateful, snapshot_to_cpu
 from d2engine.utils import comm
 from d2engine.utils.file_io import PathManager
@@ -33,8 +41,8 @@ __all__ = ["Checkpointer", "DetectionCheckpointer", "PeriodicCheckpointer"]
 
 logger = logging.getLogger(__name__)
 
-LAST_CHECKPOINT = "last_checkpoint"
-_TRAILING_NUMBER = re.compile(r"(\d+)$")
+# Errors after which resume_or_load does not try an older checkpoint: they are not about the file.
+_NO_FALLBACK = (UnsafeCheckpointError, IncompatibleCheckpointError)
 
 
 class Checkpointer:
@@ -62,6 +70,8 @@ class Checkpointer:
             its handlers (d2engine's :data:`~d2engine.utils.file_io.PathManager` by default;
             an iopath ``PathManager`` with custom handlers may be assigned, as in detectron2).
             Other paths, and every write, go through fsspec.
+        resumed_from: the checkpoint the last :meth:`resume_or_load` resumed from (``""`` when it
+            did not resume: nothing to resume, ``resume=False``, or before the first call).
     """
 
     def __init__(
@@ -89,6 +99,7 @@ class Checkpointer:
         self.logger = logger
         self.path_manager: Any = PathManager
         self.last_load_report: LoadReport | None = None
+        self.resumed_from = ""
         self._saver: AsyncSaver | None = AsyncSaver() if self.async_save else None
         # CPU copies of the state from the last async save, reused by the next one.
         self._snapshot_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -157,8 +168,15 @@ class Checkpointer:
             name: the file name without ``.pth``, e.g. ``"model_0000999"``.
             extra: more entries for the checkpoint (e.g. ``iteration=999``).
 
+        The model's parameters must be finite: NaN or infinite values raise
+        :class:`~d2engine.checkpoint.integrity.NonFiniteCheckpointError` and nothing is written
+        (with ``async_save``, from the next :meth:`save` or :meth:`wait`).
+
         Raises:
             KeyError: an extra key is "model" or a checkpointable's name.
+            NonFiniteCheckpointError: the model's parameters hold NaN or infinite values.
+            CheckpointError: the file system refused the write (e.g. "No space left on device");
+                ``last_checkpoint`` and the checkpoint it names were not changed.
             AsyncSaveError: the previous asynchronous save failed.
         """
         self._save(name, extra, tag=True)
@@ -167,7 +185,7 @@ class Checkpointer:
         """Like :meth:`save`, but leave ``last_checkpoint`` alone.
 
         For side copies such as a best-model checkpoint: a resumed run must continue from the
-        latest state, not from the best one.
+        latest state, not from the best one. Parameters are not checked for finite values.
 
         Args:
             name: the file name without ``.pth``, e.g. ``"model_best"``.
@@ -195,26 +213,24 @@ class Checkpointer:
             data[key] = obj.state_dict()
         data.update(extra)
         path = self.checkpoint_path(name)
-        basename = f"{name}.pth"
-        last = self._last_checkpoint_path()
         self._prepare_dir()
         self.logger.info("Saving checkpoint to %s", path)
         if self._saver is None:
-            file_io.atomic_save(data, path)
-            if tag:
-                file_io.atomic_write_text(last, basename)
+            self._write(data, path, tag=tag)
             return
         # The previous write is complete (waited for above), so its CPU buffers can be reused.
         snapshot = snapshot_to_cpu(data, buffers=self._snapshot_buffers)
         del data
 
         def write() -> None:
-            file_io.atomic_save(snapshot, path)
-            if tag:
-                file_io.atomic_write_text(last, basename)
+            self._write(snapshot, path, tag=tag)  # the finite check runs here, off the loop
             self.logger.info("Finished writing checkpoint %s", path)
 
         self._saver.submit(write, f"write checkpoint {path}")
+
+    def _write(self, data: dict[str, Any], path: str, *, tag: bool) -> None:
+        parameters = [name for name, _ in self.model.named_parameters()] if tag else []
+        integrity.write_checkpoint(data, path, self.save_dir, parameters=parameters, tag=tag)
 
     def _prepare_dir(self) -> None:
         if self._prepared_dir:
@@ -297,14 +313,17 @@ class Checkpointer:
         return bool(self.save_dir) and file_io.exists(self._last_checkpoint_path())
 
     def get_checkpoint_file(self) -> str:
-        """The path of the newest complete checkpoint in ``save_dir``, or ``""`` if none."""
+        """The path of the checkpoint ``last_checkpoint`` names, or ``""`` if none.
+
+        ``""`` too when ``last_checkpoint`` does not hold a file name inside ``save_dir`` (see
+        :func:`~d2engine.checkpoint.integrity.resolve_last_checkpoint`).
+        """
         if not self.save_dir:
             return ""
         try:
-            name = file_io.read_text(self._last_checkpoint_path()).strip()
-        except (FileNotFoundError, OSError):
+            return integrity.resolve_last_checkpoint(self.save_dir)
+        except (OSError, CheckpointError):
             return ""
-        return file_io.join(self.save_dir, name) if name else ""
 
     def get_all_checkpoint_files(self) -> list[str]:
         """All checkpoint files in ``save_dir`` (``.pth``, ``.pt``, ``.safetensors``), by name."""
@@ -318,9 +337,12 @@ class Checkpointer:
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
         """Resume from ``save_dir``'s last checkpoint if ``resume`` and one exists, else load ``path``.
 
-        Resuming loads everything (model and all checkpointables). When the last checkpoint is
-        corrupt or missing, the newest other checkpoint in ``save_dir`` that loads is used, with a
-        warning naming the bad file. Otherwise only the model weights of ``path`` are loaded.
+        Resuming loads everything (model and all checkpointables) from the file
+        ``last_checkpoint`` names, and sets :attr:`resumed_from`. When that file is corrupt (a
+        CRC-32 mismatch, truncated), missing, or ``last_checkpoint`` itself does not name a file
+        inside ``save_dir`` (empty, not UTF-8, ``../x.pth``, an absolute path), the newest other
+        checkpoint of ``save_dir`` that loads is used, with a warning naming what was bad.
+        Without a ``last_checkpoint`` only the model weights of ``path`` are loaded.
 
         Args:
             path: weights to start from when not resuming (``""``: none).
@@ -331,38 +353,53 @@ class Checkpointer:
 
         Raises:
             CheckpointError: no checkpoint in ``save_dir`` loads.
+            UnsafeCheckpointError: the checkpoint needs arbitrary pickled objects.
+            IncompatibleCheckpointError: the checkpoint's optimizer state does not fit the model
+                (its shapes changed); no fallback is tried.
         """
-        if resume and self.has_checkpoint():
-            last = self.get_checkpoint_file()
-            try:
-                return self.load(last)
-            except UnsafeCheckpointError:
-                raise
-            except (CheckpointError, FileNotFoundError) as exc:
-                self.logger.warning(
-                    "The last checkpoint %s cannot be loaded (%s); falling back to the newest "
-                    "checkpoint in %s that loads.",
-                    last,
-                    exc,
-                    self.save_dir,
-                )
-                return self._load_newest_valid(exclude=last, first_error=exc)
-        return self.load(path, checkpointables=[])
+        self.resumed_from = ""
+        if not (resume and self.has_checkpoint()):
+            return self.load(path, checkpointables=[])
+        try:
+            last = integrity.resolve_last_checkpoint(self.save_dir)
+        except (OSError, CheckpointError) as exc:
+            self.logger.warning("%s; falling back to the newest checkpoint that loads.", exc)
+            return self._load_newest_valid(exclude="", first_error=exc)
+        try:
+            result = self.load(last)
+        except _NO_FALLBACK:
+            raise
+        except (CheckpointError, FileNotFoundError) as exc:
+            self.logger.warning(
+                "The last checkpoint %s cannot be loaded (%s); falling back to the newest "
+                "checkpoint in %s that loads.",
+                last,
+                exc,
+                self.save_dir,
+            )
+            return self._load_newest_valid(exclude=last, first_error=exc)
+        self.resumed_from = last
+        return result
 
     def _load_newest_valid(self, exclude: str, first_error: BaseException) -> dict[str, Any]:
-        candidates = [p for p in self.get_all_checkpoint_files() if p != exclude]
-        candidates.sort(key=_recency, reverse=True)
-        errors = [f"{exclude}: {first_error}"]
+        """Load the newest checkpoint of ``save_dir`` other than ``exclude`` that loads."""
+        candidates = integrity.newest_first(
+            p for p in self.get_all_checkpoint_files() if p != exclude
+        )
+        errors = [f"{exclude or LAST_CHECKPOINT}: {first_error}"]
         for candidate in candidates:
             try:
                 result = self.load(candidate)
-            except UnsafeCheckpointError:
+            except _NO_FALLBACK:
                 raise
             except (CheckpointError, FileNotFoundError) as exc:
                 self.logger.warning("Checkpoint %s cannot be loaded either: %s", candidate, exc)
                 errors.append(f"{candidate}: {exc}")
                 continue
-            self.logger.warning("Resumed from %s instead of the bad %s.", candidate, exclude)
+            self.logger.warning(
+                "Resumed from %s instead of the bad %s.", candidate, exclude or LAST_CHECKPOINT
+            )
+            self.resumed_from = candidate
             return result
         raise CheckpointError(
             f"No checkpoint in {self.save_dir!r} can be loaded:\n  "
@@ -391,7 +428,10 @@ class Checkpointer:
         Raises:
             FileNotFoundError: no file at ``path``.
             UnsafeCheckpointError: the file needs arbitrary pickled objects (see ``weights_only``).
-            CheckpointError: the file is corrupt, truncated or has no model weights.
+            CheckpointError: the file is corrupt (its CRC-32s do not match), truncated or has no
+                model weights.
+            IncompatibleCheckpointError: a restored optimizer holds state for parameters whose
+                shape changed (see :func:`~d2engine.checkpoint.model_loading.stale_optimizer_state`).
             KeyError: a name in ``checkpointables`` is not registered.
         """
         if not path:
@@ -411,10 +451,13 @@ class Checkpointer:
         report = self._load_model(checkpoint)
         report.log(self.logger)
         self.last_load_report = report
+        restored = []
         for name in names:
             if name in checkpoint:
                 self.logger.info("Loading %s from %s ...", name, path)
                 self.checkpointables[name].load_state_dict(checkpoint.pop(name))
+                restored.append(self.checkpointables[name])
+        check_optimizer_state(restored, self.model, report.shape_mismatches, path)
         return checkpoint
 
     def _load_file(self, path: str, *, weights_only: bool = True) -> dict[str, Any]:
@@ -449,16 +492,6 @@ class Checkpointer:
     def _load_model(self, checkpoint: dict[str, Any]) -> LoadReport:
         """Load ``checkpoint.pop("model")`` into the model leniently and report what did not fit."""
         return load_model_state(self.model, checkpoint.pop("model"))
-
-
-def _recency(path: str) -> tuple[float, float]:
-    stem = path.rsplit("/", 1)[-1].rsplit(".", 1)[0]
-    if stem.endswith("_final"):
-        number = math.inf
-    else:
-        match = _TRAILING_NUMBER.search(stem)
-        number = float(match.group(1)) if match else -1.0
-    return number, file_io.modified_time(path)
 
 
 class DetectionCheckpointer(Checkpointer):

@@ -3,7 +3,8 @@
 :func:`load_model_state` strips a ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix
 when every key has it, skips tensors whose shape differs from the model's, loads the rest
 non-strictly and returns a :class:`LoadReport`. The report formats the skipped tensors as one
-table and the missing/unexpected keys grouped by module.
+table and the missing/unexpected keys grouped by module. :func:`stale_optimizer_state` finds the
+optimizer state that a shape change left behind (resuming it would crash the first step).
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from d2engine.checkpoint.file_io import CheckpointError
+
 __all__ = [
+    "IncompatibleCheckpointError",
     "LoadReport",
     "ShapeMismatch",
+    "check_optimizer_state",
     "group_keys",
     "load_model_state",
+    "stale_optimizer_state",
     "strip_prefix_if_present",
     "unwrap_model",
 ]
@@ -30,6 +36,14 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class IncompatibleCheckpointError(CheckpointError):
+    """A checkpoint's training state (e.g. the optimizer's) does not fit the model being resumed.
+
+    Raised when resuming, not for loading weights: the file is fine, another checkpoint of the
+    same run would not fit either, so no fallback is tried.
+    """
 
 
 @dataclass(frozen=True)
@@ -205,3 +219,74 @@ def _with_metadata(state: dict[str, Any], metadata: Any) -> dict[str, Any]:
     out: dict[str, Any] = OrderedDict(state)
     out._metadata = metadata  # type: ignore[attr-defined]
     return out
+
+
+def stale_optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module, mismatches: Iterable[ShapeMismatch]
+) -> list[ShapeMismatch]:
+    """The shape mismatches of a load for which ``optimizer`` holds per-parameter state.
+
+    After the model skipped a checkpoint tensor whose shape differs, the optimizer state loaded
+    from the same checkpoint (momentum, Adam's moments, ...) still has the checkpoint's shape for
+    that parameter, and the first ``optimizer.step()`` fails ("The size of tensor a (16) must
+    match the size of tensor b (8)"). A parameter without tensor state (plain SGD) is fine.
+
+    Args:
+        optimizer: the optimizer, after loading its state.
+        model: the model the optimizer updates (wrappers are unwrapped).
+        mismatches: the load's :attr:`LoadReport.shape_mismatches`.
+
+    Returns:
+        The mismatches of parameters that have non-scalar tensors in the optimizer's state.
+    """
+    parameters = dict(unwrap_model(model).named_parameters())
+    stale = []
+    for mismatch in mismatches:
+        param = parameters.get(mismatch.key)
+        state = optimizer.state.get(param, {}) if param is not None else {}
+        if any(isinstance(v, torch.Tensor) and v.dim() > 0 for v in state.values()):
+            stale.append(mismatch)
+    return stale
+
+
+def check_optimizer_state(
+    restored: Iterable[Any], model: nn.Module, mismatches: Iterable[ShapeMismatch], path: str
+) -> None:
+    """Refuse a resume whose restored optimizer state does not fit the model's shapes.
+
+    Called after a checkpoint's model weights and checkpointables were loaded. The optimizers
+    checked are those among ``restored`` and their ``optimizer`` attributes (a trainer's).
+
+    Args:
+        restored: the checkpointables just restored.
+        model: the model (wrappers are unwrapped).
+        mismatches: the load's :attr:`LoadReport.shape_mismatches`.
+        path: the checkpoint, for the message.
+
+    Raises:
+        IncompatibleCheckpointError: an optimizer holds state for a parameter whose shape changed
+            (see :func:`stale_optimizer_state`).
+    """
+    mismatches = list(mismatches)
+    if not mismatches:
+        return
+    optimizers = []
+    for obj in restored:
+        for candidate in (obj, getattr(obj, "optimizer", None)):
+            if isinstance(candidate, torch.optim.Optimizer):
+                optimizers.append(candidate)
+    stale = {m.key: m for opt in optimizers for m in stale_optimizer_state(opt, model, mismatches)}
+    if not stale:
+        return
+    rows = "; ".join(
+        f"{m.key}: {_fmt_shape(m.checkpoint_shape)} in the checkpoint, "
+        f"{_fmt_shape(m.model_shape)} in the model"
+        for m in stale.values()
+    )
+    raise IncompatibleCheckpointError(
+        f"Cannot resume from {path!r}: the checkpoint's optimizer state does not match the model, "
+        f"whose parameter shapes changed ({rows}); its first step would fail. HINT: to start a "
+        f"new run from these weights, load the weights only: set MODEL.WEIGHTS {path} and run "
+        "without --resume (resume_or_load(path, resume=False)), in a new OUTPUT_DIR, so that a "
+        "fresh optimizer is built."
+    )

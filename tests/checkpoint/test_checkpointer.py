@@ -17,6 +17,7 @@ from d2engine.checkpoint import (
     Checkpointer,
     CheckpointError,
     DetectionCheckpointer,
+    IncompatibleCheckpointError,
     UnsafeCheckpointError,
 )
 
@@ -457,3 +458,75 @@ def test_path_manager_reads_paths_of_an_iopath_handler(tmp_path) -> None:
     checkpointer.path_manager = manager
     checkpointer.load("d2engine_test://checkpoint.pth")
     assert torch.equal(target.weight, source.weight)
+
+
+def _adam_run(out: int, save_dir: Path) -> None:
+    model = Net(out=out)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    model.head(model.backbone(torch.randn(8, 4))).sum().backward()
+    optimizer.step()
+    Checkpointer(model, str(save_dir), optimizer=optimizer).save("model_0000009", iteration=9)
+
+
+def test_changed_shapes_crash_the_first_step_without_the_check(tmp_path: Path) -> None:
+    """The failure being detected: loading the old optimizer state 'works', the step crashes."""
+    _adam_run(2, tmp_path)
+    model = Net(out=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    checkpoint = torch.load(tmp_path / "model_0000009.pth", weights_only=True)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    model.head(model.backbone(torch.randn(8, 4))).sum().backward()
+    with pytest.raises(RuntimeError, match="must match the size"):
+        optimizer.step()
+
+
+def test_resume_into_changed_shapes_is_refused_at_load(tmp_path: Path) -> None:
+    _adam_run(2, tmp_path)
+    model = Net(out=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    ckpt = Checkpointer(model, str(tmp_path), optimizer=optimizer)
+    with pytest.raises(IncompatibleCheckpointError) as info:
+        ckpt.resume_or_load("", resume=True)
+    message = str(info.value)
+    assert "model_0000009.pth" in message and "optimizer" in message
+    assert "head.weight" in message and "(2, 4)" in message and "(3, 4)" in message
+    assert "head.bias" in message and "MODEL.WEIGHTS" in message and "--resume" in message
+    assert "backbone" not in message  # only the parameters that changed
+
+    # The documented way out, in a new process: the weights only (MODEL.WEIGHTS, no --resume).
+    model = Net(out=3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    rest = Checkpointer(model, str(tmp_path / "new_run"), optimizer=optimizer).resume_or_load(
+        str(tmp_path / "model_0000009.pth"), resume=True
+    )
+    assert set(rest) == {"optimizer", "iteration"}  # not restored
+    model.head(model.backbone(torch.randn(8, 4))).sum().backward()
+    optimizer.step()
+
+
+def test_changed_shapes_inside_a_trainer_state_are_refused(tmp_path: Path) -> None:
+    from d2engine.engine.train_loop import SimpleTrainer
+
+    def job(out: int) -> tuple[SimpleTrainer, Checkpointer]:
+        model = Net(out=out)
+        model.forward = lambda x: model.head(model.backbone(x)).sum()  # type: ignore[method-assign]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        trainer = SimpleTrainer(model, [torch.randn(8, 4)] * 3, optimizer)
+        return trainer, Checkpointer(model, str(tmp_path), trainer=trainer)
+
+    trainer, ckpt = job(2)
+    trainer.train(0, 2)
+    ckpt.save("model_0000001", iteration=1)
+    _, ckpt2 = job(5)
+    with pytest.raises(IncompatibleCheckpointError, match=r"head\.weight.*\(2, 4\).*\(5, 4\)"):
+        ckpt2.resume_or_load("", resume=True)
+
+
+def test_changed_shapes_without_optimizer_state_still_resume(tmp_path: Path) -> None:
+    model = Net(out=2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # no per-parameter state
+    Checkpointer(model, str(tmp_path), optimizer=optimizer).save("model_0000001", iteration=1)
+    model2 = Net(out=3)
+    optimizer2 = torch.optim.SGD(model2.parameters(), lr=0.1)
+    rest = Checkpointer(model2, str(tmp_path), optimizer=optimizer2).resume_or_load("")
+    assert rest == {"iteration": 1}
