@@ -40,7 +40,12 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
     ``step(trainer.iter)`` (``{file_prefix}_{iter:07d}.pth`` when ``(iter + 1) % period == 0``,
     ``{file_prefix}_final.pth`` after the last iteration); ``after_train`` waits for pending
     asynchronous saves. When training stops for a preemption signal the trainer calls
-    :meth:`save_for_preemption`. The files hold what the checkpointer's checkpointables hold:
+    :meth:`save_for_preemption`.
+
+    A run resumed when it had already finished its iterations (killed after the last periodic
+    checkpoint, before the final one: ``start_iter >= max_iter``) still gets its final file:
+    ``after_train`` then writes ``{file_prefix}_final.pth`` from the state it resumed (unless it
+    resumed from that very file) and logs that it did. The files hold what the checkpointer's checkpointables hold:
     register the trainer as one (``Checkpointer(model, dir, trainer=trainer)``, as DefaultTrainer
     does) for exact resume.
 
@@ -112,7 +117,34 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         return self._saved[1] if self._saved and self.checkpointer.writes else ""
 
     def after_train(self) -> None:
+        if not self._final_is_missing():
+            self.checkpointer.wait()
+            return
+        trainer, name = self.trainer, f"{self.file_prefix}_final"
+        last_done = trainer.start_iter - 1  # the iteration of the checkpoint it resumed from
+        iteration, trainer.iter = trainer.iter, last_done  # save the state as of that iteration
+        try:
+            self.save(name, iteration=last_done)
+        finally:
+            trainer.iter = iteration
         self.checkpointer.wait()
+        logger.info(
+            "Training was already complete (resumed after iteration %d, max_iter %d): wrote the "
+            "missing final checkpoint %s.",
+            last_done,
+            self.max_iter,
+            self.checkpointer.checkpoint_path(name),
+        )
+
+    def _final_is_missing(self) -> bool:
+        """Whether this run resumed a finished run whose final file was never written."""
+        trainer = self.trainer
+        if self.max_iter is None or not trainer.completed or self._saved is not None:
+            return False
+        if not 0 < self.max_iter <= trainer.start_iter:
+            return False  # iterations ran (and saved the final file), or nothing to finish
+        resumed = self.checkpointer.resumed_from.rsplit("/", 1)[-1]  # a path or a URL
+        return resumed != f"{self.file_prefix}_final.pth"
 
 
 class BestCheckpointer(HookBase):

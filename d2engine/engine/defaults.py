@@ -356,16 +356,25 @@ class DefaultTrainer(TrainerBase):
 
         With ``resume=True`` and a ``last_checkpoint`` in ``OUTPUT_DIR``, everything is restored
         (model, optimizer, scheduler, hooks, iteration, ...) and training continues at the saved
-        iteration + 1; ``MODEL.WEIGHTS`` is not used. Otherwise only the model weights are loaded
-        from ``MODEL.WEIGHTS`` (when set) and training starts at iteration 0.
+        iteration + 1; ``MODEL.WEIGHTS`` is not used. A bad last checkpoint falls back to the
+        newest one that loads (see :meth:`~d2engine.checkpoint.Checkpointer.resume_or_load`). A
+        run resumed after its last iteration trains nothing: :meth:`train` writes the final
+        checkpoint if it is missing and runs the final evaluation. Otherwise only the model weights
+        are loaded from ``MODEL.WEIGHTS`` (when set) and training starts at iteration 0.
 
         Args:
             resume: whether to resume from ``OUTPUT_DIR``.
         """
         self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
-        if resume and self.checkpointer.has_checkpoint():
+        if self.checkpointer.resumed_from:  # not merely a last_checkpoint file: a checkpoint
             # The checkpoint's "iteration" is the last finished one: continue with the next.
             self.start_iter = self.iter + 1
+            if self.start_iter >= self.max_iter:
+                logger.info(
+                    f"Resumed after iteration {self.iter}: training is already complete "
+                    f"(SOLVER.MAX_ITER {self.max_iter}); train() only finishes the final "
+                    "artefacts (the final checkpoint if it is missing, the final evaluation)."
+                )
 
     def build_hooks(self) -> list[HookBase | None]:
         """The default hooks, in this order.

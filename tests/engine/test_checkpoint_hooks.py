@@ -180,6 +180,74 @@ def test_periodic_hook_save_for_preemption(tmp_path: Path) -> None:
     assert files == [["model_0000002.pth"], ["model_0000004.pth"]]
 
 
+class _Killed(Exception):
+    pass
+
+
+class _DiesBeforeTheFinalSave(Checkpointer):
+    """Fails like a job killed between the last periodic checkpoint and the final one."""
+
+    def save(self, name: str, **extra: Any) -> None:
+        if name.endswith("_final"):
+            raise _Killed("killed before model_final.pth")
+        super().save(name, **extra)
+
+
+def _run_to(out: Path, max_iter: int, *, resume: bool, checkpointer_cls: type = Checkpointer):
+    model = _Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    trainer = SimpleTrainer(model, itertools.repeat(torch.ones(4, 2)), opt)
+    ckpt = checkpointer_cls(model, str(out), trainer=trainer)
+    evals: list[int] = []
+    trainer.register_hooks(
+        [
+            hooks.PeriodicCheckpointer(ckpt, period=5),
+            hooks.EvalHook(0, lambda: evals.append(trainer.iter) or {"acc": 1.0}),
+        ]
+    )
+    if resume:
+        ckpt.resume_or_load("", resume=True)
+    trainer.train(trainer.start_iter, max_iter)
+    return trainer, ckpt, evals
+
+
+def test_resumed_complete_run_writes_the_missing_final_checkpoint(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The demo's layout (MAX_ITER a multiple of CHECKPOINT_PERIOD): the job dies after
+    # model_0000009.pth was written, before model_final.pth.
+    with pytest.raises(_Killed):
+        _run_to(tmp_path, 10, resume=False, checkpointer_cls=_DiesBeforeTheFinalSave)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000009.pth"
+    assert not (tmp_path / "model_final.pth").exists()
+
+    with caplog.at_level(logging.INFO, logger="d2engine"):
+        trainer, ckpt, evals = _run_to(tmp_path, 10, resume=True)
+    assert trainer.start_iter == 10 and trainer.completed
+    assert (tmp_path / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(tmp_path / "model_final.pth", weights_only=True)
+    periodic = torch.load(tmp_path / "model_0000009.pth", weights_only=True)
+    assert final["iteration"] == final["trainer"]["iteration"] == 9
+    assert torch.equal(final["model"]["linear.weight"], periodic["model"]["linear.weight"])
+    assert evals == [10]  # the final evaluation ran too
+    assert "already complete" in caplog.text and "model_final.pth" in caplog.text
+
+    # Resuming the finished run again changes nothing and trains nothing.
+    mtime = (tmp_path / "model_final.pth").stat().st_mtime_ns
+    trainer2, _, _ = _run_to(tmp_path, 10, resume=True)
+    assert trainer2.start_iter == 10
+    assert (tmp_path / "model_final.pth").stat().st_mtime_ns == mtime
+    # ... and a resume from the final file continues at the next iteration when extended.
+    trainer3, _, _ = _run_to(tmp_path, 12, resume=True)
+    assert trainer3.start_iter == 10 and trainer3.iter == 12
+    assert torch.load(tmp_path / "model_final.pth", weights_only=True)["iteration"] == 11
+
+
+def test_fresh_run_with_nothing_to_do_writes_no_final_checkpoint(tmp_path: Path) -> None:
+    trainer, _, _ = _run_to(tmp_path, 0, resume=True)
+    assert trainer.completed and not (tmp_path / "model_final.pth").exists()
+
+
 # ------------------------------------------------------------------ BestCheckpointer
 def _best_run(
     out: Path, values: list[float], max_iter: int, *, mode: str = "max", resume: bool = False

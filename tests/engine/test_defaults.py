@@ -443,6 +443,32 @@ def test_resume_continues_at_next_iteration(
     assert fresh.start_iter == 0
 
 
+@pytest.mark.parametrize("content", [b"", b"\n  ", b"\xff\xfe"], ids=["empty", "blank", "binary"])
+def test_unusable_last_checkpoint_resumes_from_the_newest_file(
+    trained: dict[str, Any], tmp_path, quiet_d2_logger, content: bytes
+) -> None:
+    import shutil
+
+    out = tmp_path / "resume"
+    shutil.copytree(trained["out"], out)
+    (out / "last_checkpoint").write_bytes(content)
+    trainer = ToyTrainer(_toy_cfg(str(out), **{"SOLVER.MAX_ITER": 22}))
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 20  # model_final.pth (iteration 19), not a restart at 1
+    for a, b in zip(trainer.model.parameters(), trained["trainer"].model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_fresh_start_is_iteration_zero(tmp_path, quiet_d2_logger) -> None:
+    trainer = ToyTrainer(_toy_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 2}))
+    recorder = Recorder()
+    trainer.register_hooks([recorder])
+    trainer.resume_or_load(resume=True)
+    assert trainer.start_iter == 0
+    trainer.train()
+    assert recorder.iters == [0, 1]
+
+
 def test_eval_only_with_model_weights(trained: dict[str, Any], tmp_path, quiet_d2_logger) -> None:
     weights = os.path.join(trained["out"], "model_final.pth")
     cfg = _toy_cfg(str(tmp_path / "eval"), **{"MODEL.WEIGHTS": weights})

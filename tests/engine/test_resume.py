@@ -9,6 +9,7 @@ of a chosen iteration (after the backward pass, before the optimizer step).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -370,3 +371,52 @@ def test_default_trainer_preempted_and_resumed_is_bit_identical(
     assert resumed.start_iter == 13
     assert resumed.train() == ref_results
     assert_bit_identical(_weights(resumed), _weights(reference))
+
+
+def test_default_trainer_killed_before_the_final_checkpoint_finishes_on_resume(
+    tmp_path: Path, _restore_d2_logger: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGKILL after model_0000019.pth, before model_final.pth (MAX_ITER a multiple of the
+    period): --resume writes model_final.pth and runs the final evaluation."""
+    reference = _default_trainer(str(tmp_path / "reference"))
+    reference.resume_or_load(resume=True)
+    ref_results = reference.train()
+
+    out = tmp_path / "run"
+    code = (
+        "import os, signal, sys; sys.path.insert(0, sys.argv[1]); import test_resume as t; "
+        "tr = t._default_trainer(sys.argv[2]); tr.resume_or_load(resume=True); "
+        "save = tr.checkpointer.save; "
+        "kill = lambda: os.kill(os.getpid(), signal.SIGKILL); "
+        "tr.checkpointer.save = lambda name, **kw: kill() if name == 'model_final' "
+        "else save(name, **kw); "
+        "tr.train()"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(HERE), str(out)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stdout + proc.stderr
+    assert (out / "last_checkpoint").read_text() == "model_0000019.pth"
+    assert not (out / "model_final.pth").exists()
+
+    resumed = _default_trainer(str(out))
+    d2_logger = logging.getLogger("d2engine")  # set up by the trainer: it does not propagate
+    d2_logger.addHandler(caplog.handler)
+    try:
+        resumed.resume_or_load(resume=True)
+        assert resumed.start_iter == MAX_ITER
+        results = resumed.train()
+    finally:
+        d2_logger.removeHandler(caplog.handler)
+    assert results == ref_results  # the final evaluation ran
+    assert (out / "last_checkpoint").read_text() == "model_final.pth"
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["iteration"] == final["trainer"]["iteration"] == MAX_ITER - 1
+    assert_bit_identical(final["model"], _weights(reference))
+    assert "already complete" in caplog.text
+    assert "wrote the missing final checkpoint" in caplog.text
