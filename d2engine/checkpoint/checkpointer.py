@@ -359,6 +359,14 @@ class Checkpointer:
         """
         self.resumed_from = ""
         if not (resume and self.has_checkpoint()):
+            if resume and self.get_all_checkpoint_files():
+                self.logger.warning(
+                    "%s holds checkpoint files but no %s: not resuming. HINT: to resume, write "
+                    "the file name of one of them into %s.",
+                    self.save_dir,
+                    LAST_CHECKPOINT,
+                    self._last_checkpoint_path(),
+                )
             return self.load(path, checkpointables=[])
         try:
             last = integrity.resolve_last_checkpoint(self.save_dir)

@@ -126,6 +126,10 @@ def instantiate(cfg: Any) -> Any:
     instantiated. Other values (numbers, strings, objects) are returned unchanged. A
     structured (dataclass-typed) ``DictConfig`` becomes its dataclass.
 
+    Any importable callable can be a target (``os.system`` too), whether the config came from a
+    ``.py`` or a YAML file: instantiating a config runs code it chooses. Instantiate only configs
+    from sources you trust (see "Security" in the README).
+
     Args:
         cfg: a ``DictConfig`` / ``ListConfig`` / dict / list (typically made with
             :class:`~d2engine.config.LazyCall`), or any value.

@@ -170,6 +170,32 @@ def test_empty_last_checkpoint_without_any_checkpoint_is_an_error(tmp_path: Path
         Checkpointer(Net(), str(tmp_path)).resume_or_load("", resume=True)
 
 
+def test_no_last_checkpoint_is_not_a_resume_but_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _save_series(tmp_path, (4,))
+    (tmp_path / "last_checkpoint").unlink()
+    with caplog.at_level(logging.WARNING, logger="d2engine.checkpoint"):
+        value, rest = _resumed_value(tmp_path)
+    assert (value, rest) == (-1.0, {})
+    assert "no last_checkpoint: not resuming" in caplog.text
+
+
+def test_last_checkpoint_on_an_fsspec_url() -> None:
+    fs = fsspec.filesystem("memory")
+    try:
+        fs.pipe_file("/d2e-resolve/last_checkpoint", b"model_0000004.pth\n")
+        assert integrity.resolve_last_checkpoint("memory://d2e-resolve") == (
+            "memory://d2e-resolve/model_0000004.pth"
+        )
+        fs.pipe_file("/d2e-resolve/last_checkpoint", b"s3://elsewhere/model.pth")
+        with pytest.raises(CheckpointError, match="not a file name inside"):
+            integrity.resolve_last_checkpoint("memory://d2e-resolve")
+    finally:
+        if fs.exists("/d2e-resolve"):
+            fs.rm("/d2e-resolve", recursive=True)
+
+
 def test_get_checkpoint_file_never_leaves_save_dir(tmp_path: Path) -> None:
     (tmp_path / "last_checkpoint").write_text("../x.pth")
     assert Checkpointer(Net(), str(tmp_path)).get_checkpoint_file() == ""
