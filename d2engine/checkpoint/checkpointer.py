@@ -164,13 +164,13 @@ class Checkpointer:
         write happens on a background thread; ``last_checkpoint`` is updated once the file is
         complete. :meth:`wait` blocks until then.
 
-        Args:
-            name: the file name without ``.pth``, e.g. ``"model_0000999"``.
-            extra: more entries for the checkpoint (e.g. ``iteration=999``).
-
         The model's parameters must be finite: NaN or infinite values raise
         :class:`~d2engine.checkpoint.integrity.NonFiniteCheckpointError` and nothing is written
         (with ``async_save``, from the next :meth:`save` or :meth:`wait`).
+
+        Args:
+            name: the file name without ``.pth``, e.g. ``"model_0000999"``.
+            extra: more entries for the checkpoint (e.g. ``iteration=999``).
 
         Raises:
             KeyError: an extra key is "model" or a checkpointable's name.

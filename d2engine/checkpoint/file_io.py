@@ -187,7 +187,7 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: str, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic_write(path: str, write: Callable[[IO[bytes]], object]) -> None:
     """Write through ``write(file)`` to a temporary file, then move it over ``path``.
 
     Local writes go through a Python file object, so that an error of the operating system
@@ -217,7 +217,7 @@ def _write_hint(exc: OSError) -> str:
     return "check that the directory exists, is writable and its file system is healthy."
 
 
-def _atomic_write_local(target: str, tmp: str, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic_write_local(target: str, tmp: str, write: Callable[[IO[bytes]], object]) -> None:
     os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     try:
         with open(tmp, "wb") as f:
@@ -232,7 +232,7 @@ def _atomic_write_local(target: str, tmp: str, write: Callable[[IO[bytes]], None
     _fsync_dir(os.path.dirname(target))
 
 
-def _atomic_write_fsspec(path: str, tmp: str, write: Callable[[IO[bytes]], None]) -> None:
+def _atomic_write_fsspec(path: str, tmp: str, write: Callable[[IO[bytes]], object]) -> None:
     fs, fs_tmp = _fs(tmp)
     _, fs_target = _fs(path)
     fs.makedirs(_split(fs_target)[0], exist_ok=True)

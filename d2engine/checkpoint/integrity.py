@@ -129,21 +129,34 @@ def non_finite_tensors(tensors: Mapping[str, Any]) -> list[str]:
     """
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
     for name, value in tensors.items():
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+        if (
+            isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and value.numel()
+            and value.device.type != "meta"
+        ):
             by_device.setdefault(value.device, []).append((name, value.detach()))
     suspects: set[str] = set()
     for items in by_device.values():
         sums = torch.stack([_sum(t).float() for _, t in items])
         finite = torch.isfinite(sums).tolist()  # the one host read of this device
         suspects.update(name for (name, _), ok in zip(items, finite) if not ok)
-    bad = {name for name in suspects if not bool(torch.isfinite(tensors[name]).all())}
+    bad = {name for name in suspects if not _all_finite(tensors[name])}
     return [name for name in tensors if name in bad]
 
 
 def _sum(tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.dtype in (torch.float32, torch.float64):
+        return tensor.sum()
     if tensor.dtype in (torch.float16, torch.bfloat16):
-        return tensor.sum(dtype=torch.float32)
-    return tensor.sum()
+        return tensor.sum(dtype=torch.float32)  # a half-precision sum overflows early
+    return tensor.float().sum()  # e.g. float8, which has no sum of its own
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor).all())
 
 
 def write_checkpoint(

@@ -607,7 +607,7 @@ def _load_yaml_with_base(filename: str, chain: tuple[str, ...]) -> dict[str, Any
     return _merge_dicts(merged, loaded)
 
 
-def _safe_load(stream: str | IO[str], source: str) -> Any:
+def _safe_load(stream: Any, source: str) -> Any:
     """``yaml.safe_load`` that checks the document's size (:func:`check_yaml_size`) before
     building it."""
     loader = yaml.SafeLoader(stream)

@@ -302,6 +302,8 @@ def test_non_finite_tensors() -> None:
         "ninf": torch.tensor([float("-inf")]),
         "int": torch.arange(3),
         "empty": torch.zeros(0),
+        "meta": torch.empty(3, device="meta"),
+        "fp8": torch.tensor([1.0, float("nan")]).to(torch.float8_e5m2),
     }
-    assert integrity.non_finite_tensors(tensors) == ["nan", "ninf"]
+    assert integrity.non_finite_tensors(tensors) == ["nan", "ninf", "fp8"]
     assert integrity.non_finite_tensors({}) == []
