@@ -23,8 +23,8 @@ from torch import nn
 from d2engine.checkpoint import file_io, integrity
 from d2engine.checkpoint.async_saver import AsyncSaver
 from d2engine.checkpoint.file_io import CheckpointError, UnsafeCheckpointError
-from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.checkpoint.integrity import LAST_CHECKPOINT
+from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.checkpoint.model_loading import (
     IncompatibleCheckpointError,
     LoadReport,

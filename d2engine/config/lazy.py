@@ -35,8 +35,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .cfg_node import check_yaml_size
 from ._pyformat import config_to_py
+from .cfg_node import check_yaml_size
 from .instantiate import target_to_string
 
 __all__ = ["LazyCall", "LazyConfig"]
@@ -288,6 +288,11 @@ class LazyConfig:
                 check_yaml_size(f, filename)  # bounds what aliases expand to
             loaded = OmegaConf.load(filename)
         except yaml.constructor.ConstructorError as e:
+            if "tag" not in str(e.problem):  # omegaconf's own bound on alias expansion
+                raise ValueError(
+                    f"Refusing to load {filename}: its YAML aliases expand to too many values "
+                    f"({e.problem}). HINT: write the values out, or use a Python config."
+                ) from None
             raise ValueError(
                 f"Refusing to load {filename}: it contains a YAML tag that is not plain data "
                 f"({e.problem}). YAML configs are read with a safe loader, which builds no "

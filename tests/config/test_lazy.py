@@ -207,6 +207,17 @@ def test_yaml_alias_bomb_is_refused(tmp_path: Path) -> None:
         LazyConfig.load(bomb)
 
 
+def test_yaml_between_omegaconfs_bound_and_ours_is_not_called_a_tag(tmp_path: Path) -> None:
+    # 20,000 expanded values: under our 1,000,000 bound, over omegaconf's own 10,000.
+    levels = ["l0: &l0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 4)]
+    levels.append("top: [*l3, *l3]")
+    big = _write(tmp_path / "big.yaml", "\n".join(levels) + "\n")
+    with pytest.raises(ValueError, match=r"big\.yaml: its YAML aliases expand to too many") as e:
+        LazyConfig.load(big)
+    assert "tag" not in str(e.value).split("(")[0]
+
+
 def test_yaml_with_python_tag_is_refused(tmp_path: Path) -> None:
     marker = tmp_path / "executed"
     evil = _write(
