@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from d2engine.utils import comm
+from d2engine.utils.progress import console_logs_above_bars, progress_bar, progress_bar_enabled
 
 __all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_context", "inference_on_dataset"]
 
@@ -132,18 +133,27 @@ def _check_callbacks(callbacks: Mapping[str, Callable[[], None]] | None) -> dict
     return callbacks
 
 
+def _eval_bar(total: int | None) -> Any:
+    """The evaluation's bar (a context manager): erased when done, below a training bar."""
+    return progress_bar(total=total, desc="eval", leave=False, unit="batch")
+
+
 def inference_on_dataset(
     model: Callable[[Any], Any],
     data_loader: Iterable[Any],
     evaluator: DatasetEvaluator | list[DatasetEvaluator] | None,
     callbacks: Mapping[str, Callable[[], None]] | None = None,
+    *,
+    progress_bar: bool = True,
 ) -> dict[str, Any]:
     """Run ``model`` on every batch of ``data_loader`` and evaluate the outputs.
 
     An ``nn.Module`` is put in eval mode for the call (each submodule's mode is restored afterwards,
     also on an exception), and the whole call runs under ``torch.no_grad()``. The timing reported at
     the end leaves out the first ``min(5, len(data_loader) - 1)`` warm-up batches; a progress line
-    with an ETA is logged every few seconds.
+    with an ETA is logged every few seconds. On a terminal a progress bar over the batches is
+    shown too (erased at the end; see :func:`d2engine.utils.progress.progress_bar_enabled`), with
+    the log lines printed above it.
 
     Args:
         model: a callable (usually an ``nn.Module``) taking one batch of the loader.
@@ -152,6 +162,7 @@ def inference_on_dataset(
         evaluator: a :class:`DatasetEvaluator`, a list of them, or None to only run the model.
         callbacks: optional functions without arguments under the keys "on_start",
             "before_inference", "after_inference" and "on_end".
+        progress_bar: (d2engine) False never shows the bar (e.g. ``cfg.OUTPUT.PROGRESS_BAR``).
 
     Returns:
         The evaluator's results (``{}`` when there is no evaluator or it returned None).
@@ -185,6 +196,10 @@ def inference_on_dataset(
         if isinstance(model, nn.Module):
             stack.enter_context(inference_context(model))
         stack.enter_context(torch.no_grad())
+        bar = None
+        if progress_bar_enabled(progress_bar):
+            stack.enter_context(console_logs_above_bars())
+            bar = stack.enter_context(_eval_bar(total))
         if "on_start" in cbs:
             cbs["on_start"]()
         start_data_time = time.perf_counter()
@@ -208,6 +223,8 @@ def inference_on_dataset(
             start_eval_time = time.perf_counter()
             evaluator.process(inputs, outputs)
             total_eval_time += time.perf_counter() - start_eval_time
+            if bar is not None:
+                bar.update(1)
 
             now = time.perf_counter()
             iters_after_start = idx + 1 - num_warmup * int(idx >= num_warmup)

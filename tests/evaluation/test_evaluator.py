@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 from types import SimpleNamespace
 from typing import Any
 
@@ -163,3 +165,36 @@ def test_timing_skips_warmup(
     # 7 timed batches of 1 s each; the 500 s of warm-up are left out.
     assert "Total inference time: 0:00:07 (1.000000 s / iter per device" in caplog.text
     assert "pure compute time: 0:00:07 (1.000000 s / iter per device" in caplog.text
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    tty = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.delenv("D2ENGINE_PROGRESS", raising=False)
+    bars = []
+
+    def unthrottled(total: int | None) -> Any:  # redraw at every update, to see each count
+        bar = make_bar(total)
+        bar.mininterval, bar.miniters = 0, 1
+        bars.append(bar)
+        return bar
+
+    make_bar = evaluator_module._eval_bar
+    monkeypatch.setattr(evaluator_module, "_eval_bar", unthrottled)
+    rec = _Recorder()
+    assert inference_on_dataset(lambda b: b, [[i] for i in range(7)], rec) == {"rec": {"n": 7}}
+    out = tty.getvalue()
+    assert "eval: 100%" in out and "7/7" in out
+    assert out.endswith(" \r") and bars[0].disable  # erased and closed at the end
+    tty.seek(0)
+    tty.truncate()
+    inference_on_dataset(lambda b: b, [[1], [2]], None, progress_bar=False)
+    assert tty.getvalue() == ""
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal: no bar
+    inference_on_dataset(lambda b: b, [[1], [2]], None)
+    assert sys.stderr.getvalue() == ""
