@@ -4,7 +4,8 @@ A training loop opens an :class:`EventStorage`; code anywhere in the loop logs i
 :func:`get_event_storage`. :class:`EventWriter` objects (usually run by the
 :class:`~d2engine.engine.hooks.PeriodicWriter` hook) read what was logged and write it out:
 :class:`JSONWriter` (JSON lines), :class:`TensorboardXWriter` (TensorBoard event files) and
-:class:`CommonMetricPrinter` (one log line).
+:class:`CommonMetricPrinter` (one log line), and for experiment trackers :class:`CSVWriter`,
+:class:`MLflowWriter` and :class:`WandbWriter` (defined in :mod:`d2engine.utils.trackers`).
 
 Scalars may be logged as tensors, on any device. The storage keeps them as they are and converts
 them to ``float`` only when they are read, so logging a CUDA tensor never forces a host-device
@@ -26,20 +27,39 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:  # at run time they come from __getattr__ below (trackers imports this module)
+    from d2engine.utils.trackers import CSVWriter, MLflowWriter, WandbWriter
+
 __all__ = [
+    "CSVWriter",
     "CommonMetricPrinter",
     "EventStorage",
     "EventWriter",
     "HistoryBuffer",
     "JSONWriter",
+    "MLflowWriter",
     "TensorboardXWriter",
+    "WandbWriter",
     "get_event_storage",
     "has_event_storage",
 ]
+
+_TRACKER_WRITERS = ("CSVWriter", "MLflowWriter", "WandbWriter")
+
+
+def __getattr__(name: str) -> Any:
+    """The tracker writers, imported from :mod:`d2engine.utils.trackers` on first use (that
+    module subclasses :class:`EventWriter`, so it cannot be imported at the top: a cycle)."""
+    if name in _TRACKER_WRITERS:
+        from d2engine.utils import trackers  # cycle: trackers imports this module
+
+        return getattr(trackers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 _CURRENT_STORAGE_STACK: list[EventStorage] = []
 """Open storages, innermost last. Global (not thread-local) so that a background metric writer
