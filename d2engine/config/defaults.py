@@ -205,3 +205,39 @@ _C.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
 # torch.set_float32_matmul_precision on CUDA ("highest", "high" or "medium"); "" leaves
 # torch's default. default_setup applies it.
 _C.FLOAT32_PRECISION = ""
+
+# -----------------------------------------------------------------------------
+# (d2engine) What a run shows and where it reports: event writers, experiment trackers,
+# progress bar, curves. Read by DefaultTrainer (build_writers, build_hooks, test).
+# -----------------------------------------------------------------------------
+_C.OUTPUT = CN()
+# Event writers run every 20 iterations on the main process, by name: "console" (one log line),
+# "json" (OUTPUT_DIR/metrics.json), "tensorboard" (event files in OUTPUT_DIR), "csv"
+# (OUTPUT_DIR/metrics.csv), "mlflow" (pip install 'd2engine[mlflow]'), "wandb"
+# (pip install 'd2engine[wandb]').
+_C.OUTPUT.WRITERS = ["console", "json", "tensorboard"]
+# A live progress bar while training and evaluating; drawn only on the main process when stderr
+# is a terminal, and never when the environment variable D2ENGINE_PROGRESS is 0
+# (d2engine-train --no-progress sets this to False).
+_C.OUTPUT.PROGRESS_BAR = True
+# Draw OUTPUT_DIR/curves.png from metrics.json after each evaluation and at the end of training
+# (needs matplotlib: pip install 'd2engine[plot]'; the "json" writer must be on).
+_C.OUTPUT.PLOT = True
+# The "mlflow" writer: MLflowWriter(experiment_name, run_name, tracking_uri, config=cfg).
+_C.OUTPUT.MLFLOW = CN()
+# Where runs are stored: "http://host:5000", "sqlite:///mlflow.db", "databricks", ...;
+# "" uses MLflow's default (the MLFLOW_TRACKING_URI environment variable, else a local store).
+_C.OUTPUT.MLFLOW.TRACKING_URI = ""
+_C.OUTPUT.MLFLOW.EXPERIMENT_NAME = "d2engine"
+# "" lets MLflow choose a run name.
+_C.OUTPUT.MLFLOW.RUN_NAME = ""
+# The "wandb" writer: WandbWriter(project, entity, name, mode, dir=OUTPUT_DIR, config=cfg).
+_C.OUTPUT.WANDB = CN()
+_C.OUTPUT.WANDB.PROJECT = "d2engine"
+# The user or team; "" uses the default entity of the logged-in account.
+_C.OUTPUT.WANDB.ENTITY = ""
+# "" lets W&B choose a run name.
+_C.OUTPUT.WANDB.RUN_NAME = ""
+# "online", "offline" (upload later with `wandb sync`) or "disabled"; "" uses W&B's default
+# (the WANDB_MODE environment variable, else online).
+_C.OUTPUT.WANDB.MODE = ""

@@ -28,6 +28,7 @@ from d2engine.engine import hooks
 from d2engine.engine.ddp import create_ddp_model
 from d2engine.engine.predictor import DefaultPredictor
 from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from d2engine.engine.writers import writers_from_config
 from d2engine.evaluation import (
     DatasetEvaluator,
     ResultsVerificationError,
@@ -224,17 +225,23 @@ def default_setup(cfg: Any, args: argparse.Namespace) -> None:
         set_float32_precision(precision)
 
 
-def default_writers(output_dir: str, max_iter: int | None = None) -> list[EventWriter]:
+def default_writers(
+    output_dir: str, max_iter: int | None = None, cfg: CfgNode | None = None
+) -> list[EventWriter]:
     """The default event writers: console, ``metrics.json`` and TensorBoard.
 
     Args:
         output_dir: directory for ``metrics.json`` and the TensorBoard event files (created).
         max_iter: the total number of iterations, for the console ETA.
+        cfg: (d2engine) a config: then the writers named by its ``OUTPUT.WRITERS`` (csv, mlflow,
+            wandb too), see :func:`d2engine.engine.writers.writers_from_config`.
 
     Returns:
         ``[CommonMetricPrinter(max_iter), JSONWriter(output_dir/metrics.json),
-        TensorboardXWriter(output_dir)]``.
+        TensorboardXWriter(output_dir)]`` without ``cfg``.
     """
+    if cfg is not None:
+        return writers_from_config(cfg, output_dir, max_iter)
     os.makedirs(output_dir, exist_ok=True)
     return [
         CommonMetricPrinter(max_iter),
@@ -264,6 +271,9 @@ def _amp_dtype(name: str | None) -> torch.dtype:
             "'bfloat16' on CPU."
         )
     return dtypes[key]
+
+
+_CURVES_FILES = ("metrics.json", "curves.png")  # what PlotCurves reads and draws
 
 
 class _InnerHookDispatch(HookBase):
@@ -382,8 +392,9 @@ class DefaultTrainer(TrainerBase):
         IterationTimer; LRScheduler; PreciseBN (when ``TEST.PRECISE_BN.ENABLED`` and the model has
         BN layers in training mode); PeriodicCheckpointer (every process: only the main process
         writes, but all take part in gathering the RNG states); EvalHook (every process:
-        evaluation is collective); PeriodicWriter (main process, last so that it writes what the
-        other hooks logged).
+        evaluation is collective); PeriodicWriter (main process, after them so that it writes what
+        the other hooks logged); then on the main process ProgressBar (``OUTPUT.PROGRESS_BAR``,
+        drawn only on a terminal) and PlotCurves (``OUTPUT.PLOT``: ``OUTPUT_DIR/curves.png``).
 
         Returns:
             The hooks (``None`` entries are skipped by ``register_hooks``).
@@ -419,15 +430,22 @@ class DefaultTrainer(TrainerBase):
         ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+            # (d2engine) What a person watches: the live bar and the curves, after the writers.
+            bar = hooks.ProgressBar(period=20, enabled=cfg.OUTPUT.PROGRESS_BAR)
+            ret.append(bar if bar.enabled else None)
+            if cfg.OUTPUT.PLOT:
+                metrics, curves = (os.path.join(cfg.OUTPUT_DIR, f) for f in _CURVES_FILES)
+                ret.append(hooks.PlotCurves(metrics, curves, cfg.TEST.EVAL_PERIOD, write_period=20))
         return ret
 
     def build_writers(self) -> list[EventWriter]:
-        """The event writers of the PeriodicWriter hook: :func:`default_writers`.
+        """The event writers of the PeriodicWriter hook: :func:`default_writers` of the config
+        (``OUTPUT.WRITERS``).
 
         Returns:
             The writers, writing to ``OUTPUT_DIR``.
         """
-        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter)
+        return default_writers(self.cfg.OUTPUT_DIR, self.max_iter, cfg=self.cfg)
 
     def train(self) -> OrderedDict | dict | None:  # type: ignore[override]  # detectron2's API
         """Train from ``start_iter`` to ``max_iter``.
@@ -633,7 +651,8 @@ class DefaultTrainer(TrainerBase):
                 results[dataset_name] = {}
                 continue
             data_loader = cls.build_test_loader(cfg, dataset_name)
-            results_i = inference_on_dataset(model, data_loader, evaluator)
+            show_bar = bool(_try_get_key(cfg, "OUTPUT.PROGRESS_BAR", default=True))
+            results_i = inference_on_dataset(model, data_loader, evaluator, progress_bar=show_bar)
             results[dataset_name] = results_i
             if comm.is_main_process():
                 if not isinstance(results_i, Mapping):

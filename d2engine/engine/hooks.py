@@ -3,8 +3,9 @@
 Each hook is a small class; its docstring says when it runs and what state it saves. Hooks reach
 the trainer through ``self.trainer`` (a weak proxy set at registration). The checkpointing hooks
 (:class:`PeriodicCheckpointer`, :class:`BestCheckpointer`) live in
-:mod:`d2engine.engine.checkpoint_hooks` and the profiling hooks in :mod:`d2engine.engine.profiling`;
-both are re-exported here.
+:mod:`d2engine.engine.checkpoint_hooks`, the profiling hooks in :mod:`d2engine.engine.profiling`
+and the progress bar and curves (:class:`ProgressBar`, :class:`PlotCurves`) in
+:mod:`d2engine.engine.monitoring`; all are re-exported here.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from d2engine.engine.checkpoint_hooks import (
     PeriodicCheckpointer,
     _is_periodic_eval_step,
 )
+from d2engine.engine.monitoring import PlotCurves, ProgressBar
 from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
 from d2engine.solver.lr_scheduler import LRMultiplier
@@ -43,7 +45,9 @@ __all__ = [
     "LRScheduler",
     "PeriodicCheckpointer",
     "PeriodicWriter",
+    "PlotCurves",
     "PreciseBN",
+    "ProgressBar",
     "TorchMemoryStats",
     "TorchProfiler",
 ]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import io
 import json
 import logging
 import os
 import random
 import re
+import sys
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -288,6 +290,56 @@ def test_default_writers(tmp_path) -> None:
         w.close()
 
 
+def test_trainer_draws_curves_and_uses_the_configured_writers(
+    tmp_path: Path, quiet_d2_logger: None
+) -> None:
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    cfg = _toy_cfg(str(tmp_path), **{"OUTPUT.WRITERS": ["json", "csv"]})
+    trainer = ToyTrainer(cfg)
+    trainer.resume_or_load(resume=False)
+    trainer.train()
+    names = set(os.listdir(tmp_path))
+    assert {"metrics.json", "metrics.csv", "curves.png"} <= names
+    assert not any(n.startswith("events.out.tfevents") for n in names)  # no "tensorboard"
+    with Image.open(tmp_path / "curves.png") as img:
+        assert img.format == "PNG" and img.size[0] > 0
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[0] == "iteration" and "accuracy/top1" in header
+
+
+def test_trainer_without_plot_or_bar(tmp_path: Path, quiet_d2_logger: None) -> None:
+    cfg = _toy_cfg(str(tmp_path), **{"OUTPUT.PLOT": False, "OUTPUT.PROGRESS_BAR": False})
+    trainer = ToyTrainer(cfg)
+    names = [type(h).__name__ for h in trainer._hooks]
+    assert "PlotCurves" not in names and "ProgressBar" not in names
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_trainer_shows_bars_on_a_terminal(
+    tmp_path: Path, quiet_d2_logger: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tty = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", tty)
+    monkeypatch.delenv("D2ENGINE_PROGRESS", raising=False)
+    cfg = _toy_cfg(str(tmp_path), **{"SOLVER.MAX_ITER": 5, "OUTPUT.PLOT": False})
+    trainer = ToyTrainer(cfg)
+    assert [type(h).__name__ for h in trainer._hooks][-1] == "ProgressBar"
+    trainer.train()
+    out = tty.getvalue()
+    assert "train: 100%" in out and "5/5" in out and "eval:" in out  # training, then evaluation
+    tty.seek(0)
+    tty.truncate()
+    off = _toy_cfg(str(tmp_path), **{"OUTPUT.PROGRESS_BAR": False})
+    ToyTrainer.test(off, trainer.model)
+    assert "eval:" not in tty.getvalue()  # the config switch reaches inference_on_dataset
+
+
 def test_create_ddp_model_is_reexported() -> None:
     from d2engine.engine.ddp import create_ddp_model as original
 
@@ -380,9 +432,10 @@ def test_hooks_order_and_after_backward(trained: dict[str, Any]) -> None:
         "PeriodicCheckpointer",
         "EvalHook",
         "PeriodicWriter",
+        "PlotCurves",  # after the writers: it draws what they wrote (no ProgressBar: no terminal)
     ]
     expected.append("Recorder")
-    assert names == expected  # PeriodicWriter is the last built-in hook
+    assert names == expected
     assert recorder.iters == list(range(20))
     # after_backward of a hook registered on the DefaultTrainer fires once per step.
     assert recorder.backward_calls == 20
