@@ -157,6 +157,9 @@ def test_wheel_from_sdist_installs_into_a_fresh_venv_and_trains_the_demo(tmp_pat
     assert "accuracy/top1" in log, log[-2000:]
     assert (work / "out" / "model_final.pth").is_file()
     assert (work / "out" / "metrics.json").is_file()
+    assert (work / "out" / "curves.png").is_file()  # drawn by the trainer (matplotlib is here)
+    plotted = _run([str(venv / "bin" / "d2engine-plot"), "out", "--out", "again.png"], work, 120)
+    assert plotted.strip() == "again.png" and (work / "again.png").is_file()
     # The environment table at the start of the log names the d2engine that ran.
     assert re.search(rf"^d2engine\s+\| {re.escape(VERSION)} @{re.escape(str(venv))}/", log, re.M)
 
