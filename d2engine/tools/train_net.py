@@ -6,6 +6,7 @@ In the form of detectron2's ``tools/train_net.py``::
     d2engine-train --config-file cfg.yaml --num-gpus 2                 # 2 processes (gloo on CPU)
     d2engine-train --config-file cfg.yaml --resume                     # continue in OUTPUT_DIR
     d2engine-train --config-file cfg.yaml --eval-only MODEL.WEIGHTS output/demo/model_final.pth
+    d2engine-train --config-file cfg.yaml --no-progress                # no progress bar
 
 It uses :func:`~d2engine.engine.launch.launch`, :func:`~d2engine.engine.defaults.default_setup`
 and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chosen from the
@@ -36,7 +37,7 @@ from d2engine.evaluation import ClassificationEvaluator, DatasetEvaluator, verif
 from d2engine.modeling.classifier import add_classifier_config
 from d2engine.utils import comm
 
-__all__ = ["Trainer", "cli", "format_results", "main", "setup"]
+__all__ = ["Trainer", "build_parser", "cli", "format_results", "main", "setup"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +72,11 @@ class Trainer(DefaultTrainer):
 def setup(args: argparse.Namespace) -> CfgNode:
     """Build the frozen config from the command line and run :func:`default_setup`.
 
+    ``--no-progress`` sets ``OUTPUT.PROGRESS_BAR`` to False.
+
     Args:
-        args: parsed by :func:`~d2engine.engine.defaults.default_argument_parser`.
+        args: parsed by :func:`build_parser` (or
+            :func:`~d2engine.engine.defaults.default_argument_parser`).
 
     Returns:
         The config.
@@ -82,6 +86,8 @@ def setup(args: argparse.Namespace) -> CfgNode:
     if args.config_file:
         cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts or [])
+    if getattr(args, "no_progress", False):
+        cfg.OUTPUT.PROGRESS_BAR = False
     cfg.freeze()
     default_setup(cfg, args)
     return cfg
@@ -161,6 +167,23 @@ def main(args: argparse.Namespace) -> Any:
     return results
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: :func:`~d2engine.engine.defaults.default_argument_parser` and
+    ``--no-progress``.
+
+    Returns:
+        The parser.
+    """
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="never draw a progress bar (also: OUTPUT.PROGRESS_BAR False, or the environment "
+        "variable D2ENGINE_PROGRESS=0); without a terminal none is drawn anyway",
+    )
+    return parser
+
+
 def cli(argv: Sequence[str] | None = None) -> None:
     """The ``d2engine-train`` entry point.
 
@@ -170,7 +193,7 @@ def cli(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).
     """
-    args = default_argument_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     print("Command Line Args:", args, flush=True)
     # Refer to main by its module path so that spawned workers can unpickle it, also when this
     # file runs as __main__ (python -m d2engine.tools.train_net).

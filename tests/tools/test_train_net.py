@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -218,6 +219,26 @@ def test_build_evaluator_follows_metadata() -> None:
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)
+
+
+def test_no_progress_turns_the_bar_off_in_the_config(tmp_path: Path) -> None:
+    from d2engine.tools.train_net import build_parser, setup
+
+    log = logging.getLogger("d2engine")
+    handlers, level, propagate = list(log.handlers), log.level, log.propagate
+    try:
+        for flag, expected in (([], True), (["--no-progress"], False)):
+            args = build_parser().parse_args(
+                [*flag, "--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / str(expected))]
+            )
+            assert setup(args).OUTPUT.PROGRESS_BAR is expected
+    finally:
+        for h in log.handlers:
+            if h not in handlers:
+                h.close()
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 def test_format_results() -> None:
