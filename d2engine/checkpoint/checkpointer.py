@@ -8,13 +8,19 @@ any moment leaves ``last_checkpoint`` pointing to a file that loads; it never na
 whose weights are not finite, nor a file outside ``save_dir`` (:mod:`d2engine.checkpoint.integrity`).
 Files are verified against their CRC-32s and read with ``torch.load(weights_only=True)`` unless
 the checkpointer is built with ``weights_only=False``.
+
+When the model is sharded (DTensor parameters, FSDP2) a checkpoint is the directory
+``{save_dir}/{name}/`` in ``torch.distributed.checkpoint`` format instead, written by every rank
+(:mod:`d2engine.checkpoint.sharded`); loading accepts either kind into either kind of model.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Iterable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -104,6 +110,7 @@ class Checkpointer:
         # CPU copies of the state from the last async save, reused by the next one.
         self._snapshot_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._prepared_dir = False
+        self._sharded_saver: Any = None  # a sharded.ShardedSaver, from the first sharded save
 
     # ----------------------------------------------------------------------------------------
     # registration
@@ -152,7 +159,10 @@ class Checkpointer:
                 obj.gather_state()
 
     def checkpoint_path(self, name: str) -> str:
-        """The path :meth:`save` writes for ``name``: ``{save_dir}/{name}.pth``."""
+        """The path :meth:`save` writes for ``name``: ``{save_dir}/{name}.pth``, or the directory
+        ``{save_dir}/{name}`` when the model is sharded."""
+        if comm.is_sharded_module(self.model):
+            return file_io.join(self.save_dir, name)
         return file_io.join(self.save_dir, f"{name}.pth")
 
     def save(self, name: str, **extra: Any) -> None:
@@ -198,7 +208,8 @@ class Checkpointer:
         self._save(name, extra, tag=False)
 
     def _save(self, name: str, extra: dict[str, Any], *, tag: bool) -> None:
-        if not self.writes:
+        sharded = bool(self.save_dir) and comm.is_sharded_module(self.model)
+        if not (self.writes or sharded):  # a sharded save needs every rank
             return
         clashes = sorted(set(extra) & {"model", *self.checkpointables})
         if clashes:
@@ -213,6 +224,9 @@ class Checkpointer:
             data[key] = obj.state_dict()
         data.update(extra)
         path = self.checkpoint_path(name)
+        if sharded:
+            self._save_sharded(data, path, tag=tag)
+            return
         self._prepare_dir()
         self.logger.info("Saving checkpoint to %s", path)
         if self._saver is None:
@@ -231,6 +245,28 @@ class Checkpointer:
     def _write(self, data: dict[str, Any], path: str, *, tag: bool) -> None:
         parameters = [name for name, _ in self.model.named_parameters()] if tag else []
         integrity.write_checkpoint(data, path, self.save_dir, parameters=parameters, tag=tag)
+
+    def _save_sharded(self, data: dict[str, Any], path: str, *, tag: bool) -> None:
+        """Write the checkpoint directory ``path`` with every rank (rank 0 completes it).
+
+        ``save_to_disk`` is not consulted: every rank writes its own shards. See
+        :mod:`d2engine.checkpoint.sharded`.
+        """
+        if self._sharded_saver is None:
+            self._sharded_saver = _sharded().ShardedSaver(async_save=self.async_save)
+        commit = comm.is_main_process()
+        last, basename = self._last_checkpoint_path(), _basename(path)
+
+        def on_commit() -> None:
+            if tag:
+                file_io.atomic_write_text(last, basename)
+
+        if commit:
+            self.logger.info("Saving sharded checkpoint to %s", path)
+        parameters = [name for name, _ in self.model.named_parameters()] if tag else []
+        self._sharded_saver.save(
+            data, path, commit=commit, on_commit=on_commit, saver=self._saver, parameters=parameters
+        )
 
     def _prepare_dir(self) -> None:
         if self._prepared_dir:
@@ -270,7 +306,10 @@ class Checkpointer:
             if path == self.get_checkpoint_file():
                 self.logger.warning("Not deleting %s: last_checkpoint points to it.", path)
                 return
-            file_io.remove(path)
+            if _is_local_dir(path):
+                _sharded().remove_sharded_checkpoint(path)
+            else:
+                file_io.remove(path)
 
         if self._saver is not None and self._saver.pending:
             self._saver.submit(remove, f"delete {path}")
@@ -295,6 +334,8 @@ class Checkpointer:
         if self._saver is not None:
             self._saver.close()
             self._snapshot_buffers.clear()
+        if self._sharded_saver is not None:
+            self._sharded_saver.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -326,10 +367,14 @@ class Checkpointer:
             return ""
 
     def get_all_checkpoint_files(self) -> list[str]:
-        """All checkpoint files in ``save_dir`` (``.pth``, ``.pt``, ``.safetensors``), by name."""
+        """All checkpoints in ``save_dir`` (``.pth``, ``.pt``, ``.safetensors`` files and sharded
+        checkpoint directories), by name."""
         if not self.save_dir:
             return []
-        return file_io.list_checkpoint_files(self.save_dir)
+        found = file_io.list_checkpoint_files(self.save_dir)
+        if _has_subdirectories(self.save_dir):
+            found += _sharded().list_sharded_checkpoints(self.save_dir)
+        return sorted(found)
 
     # ----------------------------------------------------------------------------------------
     # loading
@@ -455,7 +500,7 @@ class Checkpointer:
             )
         self.logger.info("[Checkpointer] Loading from %s ...", path)
         only_weights = self.weights_only if weights_only is None else bool(weights_only)
-        checkpoint = self._load_file(path, weights_only=only_weights)
+        checkpoint = self._read_checkpoint(path, weights_only=only_weights)
         report = self._load_model(checkpoint)
         report.log(self.logger)
         self.last_load_report = report
@@ -465,7 +510,19 @@ class Checkpointer:
                 self.logger.info("Loading %s from %s ...", name, path)
                 self.checkpointables[name].load_state_dict(checkpoint.pop(name))
                 restored.append(self.checkpointables[name])
+        if comm.is_sharded_module(self.model):  # full optimizer states of a .pth: shard them
+            _sharded().shard_optimizer_states(_optimizers(restored))
         check_optimizer_state(restored, self.model, report.shape_mismatches, path)
+        return checkpoint
+
+    def _read_checkpoint(self, path: str, *, weights_only: bool) -> dict[str, Any]:
+        """Read a checkpoint file or sharded directory, laid out for this checkpointer's model."""
+        if _is_local_dir(path) or _replaced_sharded_dir(path):
+            loaded = _sharded().load_sharded_checkpoint(path, self.model, weights_only=weights_only)
+            return self._as_checkpoint(path, loaded)
+        checkpoint = self._load_file(path, weights_only=weights_only)
+        if comm.is_sharded_module(self.model) and isinstance(checkpoint.get("model"), dict):
+            checkpoint["model"] = _sharded().distribute_like_model(checkpoint["model"], self.model)
         return checkpoint
 
     def _load_file(self, path: str, *, weights_only: bool = True) -> dict[str, Any]:
@@ -500,6 +557,48 @@ class Checkpointer:
     def _load_model(self, checkpoint: dict[str, Any]) -> LoadReport:
         """Load ``checkpoint.pop("model")`` into the model leniently and report what did not fit."""
         return load_model_state(self.model, checkpoint.pop("model"))
+
+
+def _sharded() -> ModuleType:
+    """:mod:`d2engine.checkpoint.sharded`, imported when a sharded model or directory is met:
+    ``torch.distributed.checkpoint`` would add over a second to every ``import d2engine``."""
+    from d2engine.checkpoint import sharded
+
+    return sharded
+
+
+def _is_local_dir(path: str) -> bool:
+    return file_io.is_local(path) and os.path.isdir(path.split("://", 1)[-1])
+
+
+def _replaced_sharded_dir(path: str) -> bool:
+    """Whether ``path`` is a sharded checkpoint that an interrupted save moved aside."""
+    if not file_io.is_local(path) or file_io.exists(path):
+        return False
+    parent, name = os.path.split(path.split("://", 1)[-1].rstrip(os.sep))
+    return os.path.isdir(os.path.join(parent, f".{name}.dcp-old"))
+
+
+def _has_subdirectories(directory: str) -> bool:
+    if not _is_local_dir(directory):
+        return False
+    with os.scandir(directory.split("://", 1)[-1]) as entries:
+        return any(e.is_dir() and not e.name.startswith(".") for e in entries)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _optimizers(objects: Iterable[Any]) -> list[torch.optim.Optimizer]:
+    """The optimizers among ``objects`` or held by them as ``optimizer`` (a trainer's)."""
+    found = []
+    for obj in objects:
+        if not isinstance(obj, torch.optim.Optimizer):
+            obj = getattr(obj, "optimizer", None)
+        if isinstance(obj, torch.optim.Optimizer):
+            found.append(obj)
+    return found
 
 
 class DetectionCheckpointer(Checkpointer):
@@ -578,7 +677,8 @@ class PeriodicCheckpointer:
         self.recent_checkpoints: list[str] = []
         # base names dropped from recent_checkpoints, not yet deleted
         self._to_delete: list[str] = []
-        self._periodic_name = re.compile(re.escape(file_prefix) + r"_\d{7,}\.pth")
+        # files, or directories of sharded checkpoints
+        self._periodic_name = re.compile(re.escape(file_prefix) + r"_\d{7,}(\.pth)?")
 
     def step(self, iteration: int, **kwargs: Any) -> None:
         """Save if ``iteration`` is due (see the class docstring).
@@ -609,7 +709,8 @@ class PeriodicCheckpointer:
         name = f"{self.file_prefix}_{iteration:07d}"
         keep = self.max_to_keep if self.checkpointer.writes else None
         if keep is not None:
-            self._track(f"{name}.pth", keep)  # before saving: the saved state names the file
+            # before saving: the saved state names the file
+            self._track(_basename(self.checkpointer.checkpoint_path(name)), keep)
         self.save(name, **{"iteration": iteration, **kwargs})
         if keep is not None:
             self._delete_dropped()

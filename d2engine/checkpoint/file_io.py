@@ -61,6 +61,7 @@ __all__ = [
     "read_text",
     "remove",
     "remove_stale_temp_files",
+    "verify_checkpoint_bytes",
     "verify_checkpoint_file",
 ]
 
@@ -413,6 +414,23 @@ def verify_checkpoint_file(path: str) -> bool:
             return False
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return _verify_zip(mapped, path)
+
+
+def verify_checkpoint_bytes(data: bytes, name: str) -> bool:
+    """:func:`verify_checkpoint_file` for a ``torch.save`` archive held in memory (e.g. one record
+    of a sharded checkpoint's shard file).
+
+    Args:
+        data: the archive's bytes.
+        name: where they come from, for the error message.
+
+    Returns:
+        True if every record was checked, False if there is nothing to check.
+
+    Raises:
+        CheckpointError: a record's bytes do not match its CRC-32.
+    """
+    return _verify_zip(data, name)
 
 
 def load_checkpoint_file(path: str, *, weights_only: bool = True, verify: bool = True) -> Any:

@@ -16,6 +16,7 @@ and are not captured.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import random
 from collections import OrderedDict
@@ -33,6 +34,7 @@ __all__ = [
     "RankRNGStates",
     "Stateful",
     "capture_rng_state",
+    "derive_rng_state",
     "gather_rng_states",
     "restore_rng_state",
     "snapshot_to_cpu",
@@ -168,6 +170,38 @@ def restore_rng_state(state: Mapping[str, Any]) -> None:
         torch.cuda.set_rng_state(torch.as_tensor(cuda_state, dtype=torch.uint8), device)
 
 
+def derive_rng_state(states: Sequence[Any], rank: int) -> None:
+    """Seed this process's generators for ``rank`` from saved RNG states that have no entry for it.
+
+    For a job resumed on more processes than wrote the checkpoint: the new ranks get generators
+    that depend only on the checkpoint and the rank (a hash of the first saved state's torch
+    generator, mixed with ``rank``), so a resumed run is repeatable. Python's, numpy's, torch's
+    CPU and (when CUDA is in use) every CUDA generator are seeded.
+
+    Args:
+        states: the saved states (one :func:`capture_rng_state` dict or None per saved rank).
+        rank: the rank to derive generators for.
+
+    Raises:
+        ValueError: no saved state to derive from.
+    """
+    base = next((s for s in states if isinstance(s, Mapping) and "torch" in s), None)
+    if base is None:
+        raise ValueError(
+            "derive_rng_state needs at least one saved RNG state (a capture_rng_state() dict); "
+            f"got {len(states)} entries without one."
+        )
+    digest = hashlib.sha256(torch.as_tensor(base["torch"]).numpy().tobytes()).digest()
+    entropy = [int.from_bytes(digest[:8], "little"), int(rank)]
+    seeds = np.random.SeedSequence(entropy).generate_state(4, dtype=np.uint32)
+    random.seed(int(seeds[0]))
+    np.random.seed(seeds[1:3])
+    torch_seed = (int(seeds[3]) << 32) | int(seeds[0])
+    torch.manual_seed(torch_seed)  # also seeds every CUDA device
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.manual_seed_all(torch_seed)
+
+
 def gather_rng_states(*, cuda: bool | None = None) -> list[dict[str, Any]]:
     """:func:`capture_rng_state` of every rank, in rank order (a collective: call on all ranks).
 
@@ -264,25 +298,36 @@ class RankRNGStates:
     def restore(self, states: Sequence[Any]) -> None:
         """Set this rank's generators from its entry of ``states``.
 
-        A different number of entries than ranks, or no entry for this rank, is a warning.
+        A job resumed on another number of processes than wrote the checkpoint ("elastic"
+        resume): ranks that have an entry restore it, the others get generators derived from the
+        checkpoint and their rank (:func:`derive_rng_state`: deterministic); the main process logs
+        this once. A saved rank whose entry is missing (not gathered) is a warning.
 
         Args:
             states: the list returned by :meth:`states` (possibly after a save and load).
         """
         rank, world_size = comm.get_rank(), comm.get_world_size()
         states = list(states)
-        if len(states) != world_size:
+        saved = len(states)
+        if saved != world_size and comm.is_main_process():
+            derived = f"ranks {saved}-{world_size - 1}" if saved < world_size else "no rank"
+            unused = f"ranks {world_size}-{saved - 1}" if saved > world_size else "none"
             logger.warning(
-                "The checkpoint holds the RNG states of %d rank(s); this job has %d. Ranks "
-                "without a saved state keep their current generators.",
-                len(states),
+                "The checkpoint holds the RNG states of %d rank(s); this job has %d: ranks that "
+                "have one restore it, %s get generators derived from the checkpoint and their rank "
+                "(deterministic); the states of %s are not used.",
+                saved,
                 world_size,
+                derived,
+                unused,
             )
-        state = states[rank] if rank < len(states) else None
-        if state is None:
+        state = states[rank] if rank < saved else None
+        if state is not None:
+            restore_rng_state(state)
+        elif rank >= saved and saved > 0:
+            derive_rng_state(states, rank)
+        else:
             logger.warning("The checkpoint has no RNG state for rank %d; not restored.", rank)
-            return
-        restore_rng_state(state)
 
 
 # --------------------------------------------------------------------------------------------

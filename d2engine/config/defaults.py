@@ -42,6 +42,22 @@ _C.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
 # the model reads len(MetadataCatalog.get(DATASETS.TRAIN[0]).thing_classes).
 _C.MODEL.NUM_CLASSES = 0
 
+# (d2engine) Sharded data-parallel training with FSDP2 (docs/scale.md). DefaultTrainer shards the
+# model across the processes (d2engine.engine.create_fsdp_model) instead of wrapping it in DDP;
+# its checkpoints are then sharded directories.
+_C.MODEL.FSDP = CN()
+# Whether the model is sharded (a one-process job trains it unchanged).
+_C.MODEL.FSDP.ENABLED = False
+# Class names of the submodules sharded as units (e.g. ["TransformerBlock"]); [] shards only the
+# whole model as one unit.
+_C.MODEL.FSDP.SHARD_MODULES = []
+# Free each unit's gathered parameters after its forward pass (less memory, one more all-gather
+# in the backward pass).
+_C.MODEL.FSDP.RESHARD_AFTER_FORWARD = True
+# Recompute the activations of the SHARD_MODULES units in the backward pass instead of keeping
+# them.
+_C.MODEL.FSDP.ACTIVATION_CHECKPOINTING = False
+
 # -----------------------------------------------------------------------------
 # Input
 # -----------------------------------------------------------------------------

@@ -432,9 +432,14 @@ class TrainDataLoader:
         self._handed = (0, self._pending)
 
     def state_dict(self) -> dict[str, Any]:
-        """The data position: batches handed out so far, and the sampler state matching it."""
+        """The data position: batches handed out so far, and the sampler state matching it, with
+        the batch size and number of processes that made it."""
         consumed, pending = self._consumed_and_pending()
-        state: dict[str, Any] = {"num_batches": self._num_batches, "batch_size": self.batch_size}
+        state: dict[str, Any] = {
+            "num_batches": self._num_batches,
+            "batch_size": self.batch_size,
+            "world_size": self._world_size,
+        }
         if self._resumable:
             position = self._stream_start + consumed * self.sampler.world_size
             state["sampler"] = self.sampler.state_at(position)
@@ -444,8 +449,17 @@ class TrainDataLoader:
             state["pending"] = pending
         return state
 
+    @property
+    def _world_size(self) -> int:
+        return int(self.sampler.world_size) if self._resumable else comm.get_world_size()
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position: the next batch is the one after the last one handed out.
+
+        With a resumable sampler the position counts global samples, so a job resumed on another
+        number of processes continues at the same sample: what its processes read next together is
+        what the processes that saved the state would have read. A different global batch size
+        (``batch_size`` times the number of processes) than the saved one is a warning.
 
         Args:
             state: a dict from :meth:`state_dict`.
@@ -459,6 +473,7 @@ class TrainDataLoader:
                 f"{sorted(state)}. HINT: pass a dict made by TrainDataLoader.state_dict()."
             )
         num_batches = int(state["num_batches"])
+        self._check_global_batch(state)
         self._iterator = None
         if self._resumable:
             if "sampler" not in state:
@@ -482,6 +497,36 @@ class TrainDataLoader:
             self._pending = [list(map(int, g)) for g in saved] + [[] for _ in range(3 - len(saved))]
         self._num_batches = self._stream_first_batch = num_batches
         self._handed = (0, self._pending)
+
+    def _check_global_batch(self, state: Mapping[str, Any]) -> None:
+        if "world_size" not in state or "batch_size" not in state:
+            return  # saved before the world size was recorded
+        saved_world, saved_batch = int(state["world_size"]), int(state["batch_size"])
+        world = self._world_size
+        saved_total, total = saved_world * saved_batch, world * self.batch_size
+        if saved_world != world and self._resumable:
+            logger.info(
+                "Resuming the data stream of %d process(es) on %d at the same global sample.",
+                saved_world,
+                world,
+            )
+        if saved_total != total:
+            logger.warning(
+                "The data position was saved with a global batch of %d samples (%d process(es) x "
+                "%d); this loader makes batches of %d (%d x %d). Training continues at the same "
+                "sample, but an iteration now covers %d samples, so an iteration-based schedule "
+                "(MAX_ITER, STEPS, CHECKPOINT_PERIOD) no longer matches the data seen. HINT: to keep "
+                "the run's schedule, set SOLVER.IMS_PER_BATCH to %d and SOLVER.REFERENCE_WORLD_SIZE "
+                "to 0 (each process then loads IMS_PER_BATCH // number of processes).",
+                saved_total,
+                saved_world,
+                saved_batch,
+                total,
+                world,
+                self.batch_size,
+                total,
+                saved_total,
+            )
 
     def __repr__(self) -> str:
         return (

@@ -144,7 +144,8 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         if not 0 < self.max_iter <= trainer.start_iter:
             return False  # iterations ran (and saved the final file), or nothing to finish
         resumed = self.checkpointer.resumed_from.rsplit("/", 1)[-1]  # a path or a URL
-        return resumed != f"{self.file_prefix}_final.pth"
+        final = f"{self.file_prefix}_final"
+        return resumed not in (f"{final}.pth", final)  # a file, or a sharded directory
 
 
 class BestCheckpointer(HookBase):

@@ -25,7 +25,7 @@ from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.config import CfgNode, LazyConfig
 from d2engine.data import build_detection_test_loader, build_detection_train_loader
 from d2engine.engine import hooks
-from d2engine.engine.ddp import create_ddp_model
+from d2engine.engine.ddp import create_ddp_model, create_fsdp_model
 from d2engine.engine.predictor import DefaultPredictor
 from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
 from d2engine.engine.writers import writers_from_config
@@ -276,6 +276,47 @@ def _amp_dtype(name: str | None) -> torch.dtype:
 _CURVES_FILES = ("metrics.json", "curves.png")  # what PlotCurves reads and draws
 
 
+# --------------------------------------------------------------------------- sharding (FSDP2)
+def _fsdp_from_config(cfg: CfgNode, model: nn.Module) -> nn.Module:
+    """:func:`create_fsdp_model` as ``MODEL.FSDP`` says; ``SOLVER.AMP`` becomes FSDP2's mixed
+    precision (parameters in the AMP dtype for compute, gradients reduced in float32)."""
+    mp_policy = None
+    if cfg.SOLVER.AMP.ENABLED:
+        from torch.distributed.fsdp import MixedPrecisionPolicy  # only FSDP jobs pay its import
+
+        dtype = _amp_dtype(cfg.SOLVER.AMP.get("PRECISION"))
+        mp_policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    fsdp = cfg.MODEL.FSDP
+    return create_fsdp_model(
+        model,
+        shard_modules=list(fsdp.SHARD_MODULES),
+        mp_policy=mp_policy,
+        reshard_after_forward=bool(fsdp.RESHARD_AFTER_FORWARD),
+        activation_checkpointing=bool(fsdp.ACTIVATION_CHECKPOINTING),
+    )
+
+
+def _check_elastic_schedule(cfg: CfgNode, data_state: Any) -> None:
+    """Refuse a resume on another number of processes when ``auto_scale_workers`` scaled the
+    schedule to the world size: the saved iteration would mean another point of it."""
+    if not isinstance(data_state, Mapping) or "world_size" not in data_state:
+        return
+    saved_world, world = int(data_state["world_size"]), comm.get_world_size()
+    if saved_world == world or int(cfg.SOLVER.REFERENCE_WORLD_SIZE) <= 0:
+        return  # the same job shape, or IMS_PER_BATCH fixed: the data loader checks the batch
+    saved_batch = saved_world * int(data_state.get("batch_size", 0))
+    raise ValueError(
+        f"The checkpoint was written by {saved_world} process(es) with a global batch of "
+        f"{saved_batch}; this job has {world}, and SOLVER.REFERENCE_WORLD_SIZE "
+        f"(auto_scale_workers) scales the config to it: SOLVER.IMS_PER_BATCH "
+        f"{cfg.SOLVER.IMS_PER_BATCH}, MAX_ITER {cfg.SOLVER.MAX_ITER}, so the saved iteration would "
+        f"mean another point of the schedule. HINT: resume with SOLVER.REFERENCE_WORLD_SIZE 0 and "
+        f"SOLVER.IMS_PER_BATCH {saved_batch} (and the BASE_LR, MAX_ITER, STEPS, WARMUP_ITERS, "
+        f"CHECKPOINT_PERIOD and TEST.EVAL_PERIOD the checkpointed run used: see its config.yaml), "
+        f"or on {saved_world} process(es)."
+    )
+
+
 class _InnerHookDispatch(HookBase):
     """Forwards the inner trainer's ``after_backward`` to the hooks of a :class:`DefaultTrainer`.
 
@@ -299,7 +340,7 @@ class DefaultTrainer(TrainerBase):
 
     1. builds the model, optimizer, LR scheduler and data loader from the config (the ``build_*``
        class methods; override them to change one part), wraps the model for DDP when there are
-       several processes, and trains with a :class:`SimpleTrainer` (an :class:`AMPTrainer` when
+       several processes (or shards it with FSDP2 when ``MODEL.FSDP.ENABLED``), and trains with a :class:`SimpleTrainer` (an :class:`AMPTrainer` when
        ``SOLVER.AMP.ENABLED``) held as ``self._trainer``;
     2. loads the last checkpoint of ``OUTPUT_DIR`` or ``MODEL.WEIGHTS`` in :meth:`resume_or_load`;
     3. registers the hooks of :meth:`build_hooks`: timing, LR schedule, precise BN, checkpoints,
@@ -337,6 +378,10 @@ class DefaultTrainer(TrainerBase):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        if _try_get_key(cfg, "MODEL.FSDP.ENABLED", default=False):
+            # Sharding replaces the parameters by DTensors: before the optimizer is built. The
+            # sharded model is not wrapped in DDP below.
+            model = _fsdp_from_config(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         model = create_ddp_model(model, broadcast_buffers=False)
@@ -509,9 +554,17 @@ class DefaultTrainer(TrainerBase):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`.
 
+        A state saved by another number of processes resumes (see "Elastic resume" in
+        ``docs/resume.md``) unless ``auto_scale_workers`` would change the global batch for it.
+
         Args:
             state_dict: the saved state.
+
+        Raises:
+            ValueError: the state was saved by another number of processes and
+                ``SOLVER.REFERENCE_WORLD_SIZE`` scales the schedule to the world size.
         """
+        _check_elastic_schedule(self.cfg, state_dict.get("_trainer", {}).get("data"))
         super().load_state_dict(state_dict)
         self._trainer.load_state_dict(state_dict["_trainer"])
 

@@ -138,6 +138,37 @@ def _eval_bar(total: int | None) -> Any:
     return progress_bar(total=total, desc="eval", leave=False, unit="batch")
 
 
+def _lockstep_batches(model: Any, total: int | None) -> int:
+    """The number of forward passes every rank makes: the most batches of any rank when the model
+    is sharded (its forward is a collective) in a multi-process job, else 0 (no padding)."""
+    if comm.get_world_size() == 1 or not (
+        isinstance(model, nn.Module) and comm.is_sharded_module(model)
+    ):
+        return 0
+    if total is None:
+        raise TypeError(
+            "inference_on_dataset: the model is sharded (FSDP), so every rank must run as many "
+            "forward passes, but the data loader has no len(). HINT: use a loader with a length "
+            "(d2engine.data.build_test_loader)."
+        )
+    return max(int(n) for n in comm.all_gather(total))
+
+
+def _first_sample_batch(data_loader: Any) -> Any:
+    """A batch to run on a rank whose shard of the test set is empty (never evaluated)."""
+    dataset, collate = (
+        getattr(data_loader, "dataset", None),
+        getattr(data_loader, "collate_fn", None),
+    )
+    if dataset is None or collate is None:
+        raise TypeError(
+            "inference_on_dataset: this rank has no test batch, but the sharded model needs a "
+            "forward pass on every rank, and the data loader has no dataset/collate_fn to take "
+            "one sample from. HINT: use a torch DataLoader (d2engine.data.build_test_loader)."
+        )
+    return collate([dataset[0]])
+
+
 def inference_on_dataset(
     model: Callable[[Any], Any],
     data_loader: Iterable[Any],
@@ -149,7 +180,11 @@ def inference_on_dataset(
     """Run ``model`` on every batch of ``data_loader`` and evaluate the outputs.
 
     An ``nn.Module`` is put in eval mode for the call (each submodule's mode is restored afterwards,
-    also on an exception), and the whole call runs under ``torch.no_grad()``. The timing reported at
+    also on an exception), and the whole call runs under ``torch.no_grad()``. A sharded model
+    (FSDP2: every forward pass is a collective) runs as many forward passes on every rank: a rank
+    whose shard of the data has fewer batches repeats its last batch (the first sample of the
+    dataset when it has none) and the outputs of these extra passes are not evaluated, so each
+    sample still counts once. The timing reported at
     the end leaves out the first ``min(5, len(data_loader) - 1)`` warm-up batches; a progress line
     with an ETA is logged every few seconds. On a terminal a progress bar over the batches is
     shown too (erased at the end; see :func:`d2engine.utils.progress.progress_bar_enabled`), with
@@ -169,6 +204,7 @@ def inference_on_dataset(
 
     Raises:
         ValueError: for an unknown callback name.
+        TypeError: the model is sharded and the data loader has no ``len()``.
     """
     cbs = _check_callbacks(callbacks)
     num_devices = comm.get_world_size()
@@ -176,6 +212,7 @@ def inference_on_dataset(
         total: int | None = len(data_loader)  # type: ignore[arg-type]
     except TypeError:
         total = None
+    lockstep = _lockstep_batches(model, total)
     logger.info(
         "Start inference on %s batches", total if total is not None else "an unknown number of"
     )
@@ -203,6 +240,7 @@ def inference_on_dataset(
         if "on_start" in cbs:
             cbs["on_start"]()
         start_data_time = time.perf_counter()
+        inputs = None
         for idx, inputs in enumerate(data_loader):
             num_batches = idx + 1
             total_data_time += time.perf_counter() - start_data_time
@@ -248,6 +286,8 @@ def inference_on_dataset(
                     eta,
                 )
             start_data_time = time.perf_counter()
+        for _ in range(num_batches, lockstep):  # keep in step with ranks that have more batches
+            model(inputs if num_batches else _first_sample_batch(data_loader))
         if "on_end" in cbs:
             cbs["on_end"]()
 

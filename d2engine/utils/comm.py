@@ -10,11 +10,13 @@ group, so they work for any picklable object whatever the main backend is.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from d2engine.utils.cluster import local_rank_from_env, local_world_size_from_env
 
@@ -30,6 +32,7 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "is_main_process",
+    "is_sharded_module",
     "reduce_dict",
     "shared_random_seed",
     "synchronize",
@@ -185,6 +188,25 @@ def get_local_size() -> int:
 def is_main_process() -> bool:
     """Whether this process has global rank 0."""
     return get_rank() == 0
+
+
+def is_sharded_module(module: nn.Module) -> bool:
+    """Whether ``module`` has DTensor parameters (e.g. sharded by FSDP2's ``fully_shard``).
+
+    Its forward pass is then a collective (the parameters are gathered from every rank), and so
+    is saving it (:mod:`d2engine.checkpoint.sharded`): every rank must take part.
+
+    Args:
+        module: any module.
+
+    Returns:
+        True when a parameter is a ``torch.distributed.tensor.DTensor``.
+    """
+    dtensor_module = sys.modules.get("torch.distributed.tensor")
+    if dtensor_module is None:  # never imported: no tensor can be a DTensor (and no import cost)
+        return False
+    dtensor = dtensor_module.DTensor
+    return any(isinstance(p, dtensor) for p in module.parameters())
 
 
 def synchronize() -> None:

@@ -19,6 +19,7 @@ from d2engine.checkpoint.state import (
     RNGState,
     Stateful,
     capture_rng_state,
+    derive_rng_state,
     gather_rng_states,
     restore_rng_state,
     snapshot_to_cpu,
@@ -161,6 +162,34 @@ def test_rank_rng_states_as_rank_1_of_2(
     expected = _draws()
     rng.restore(gathered)  # rank 1 takes its own entry
     assert _draws() == expected
+
+
+@pytest.mark.usefixtures("_restore_global_rngs")
+def test_ranks_without_a_saved_state_derive_one(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job resumed on more processes: the new ranks' generators depend on the checkpoint only."""
+    torch.manual_seed(1)
+    saved = [capture_rng_state()]  # written by one process
+    monkeypatch.setattr(state_module.comm, "get_world_size", lambda: 2)
+    draws = {}
+    for rank in (0, 1):
+        monkeypatch.setattr(state_module.comm, "get_rank", lambda rank=rank: rank)
+        torch.manual_seed(100 + rank)  # whatever the process had before
+        with caplog.at_level("WARNING"):
+            RankRNGStates().restore(saved)
+        draws[rank] = _draws()
+    restore_rng_state(saved[0])
+    assert draws[0] == _draws()  # rank 0 restores its own
+    derive_rng_state(saved, 1)
+    assert draws[1] == _draws() != draws[0]  # rank 1's is derived, the same every time
+    derive_rng_state(saved, 2)
+    assert _draws() != draws[1]  # and depends on the rank
+    # Logged once, by the main process, saying what happened.
+    assert caplog.text.count("RNG states of 1 rank(s); this job has 2") == 1
+    assert "ranks 1-1 get generators derived from the checkpoint" in caplog.text
+    with pytest.raises(ValueError, match="at least one saved RNG state"):
+        derive_rng_state([None], 1)
 
 
 def test_snapshot_is_independent_of_later_updates() -> None:

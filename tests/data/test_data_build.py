@@ -476,3 +476,53 @@ def test_cfg_selects_the_training_sampler() -> None:
     cfg.DATALOADER.SAMPLER_TRAIN = "Nope"
     with pytest.raises(ValueError, match="Unknown cfg.DATALOADER.SAMPLER_TRAIN 'Nope'"):
         build_detection_train_loader(cfg, dataset=data)
+
+
+def _rank_loaders(data: list[dict[str, int]], world: int, total: int) -> list[TrainDataLoader]:
+    """The loaders the ``world`` ranks of a job would build (global batch ``total``)."""
+    return [
+        TrainDataLoader(
+            data, TrainingSampler(len(data), seed=11, rank=r, world_size=world), total // world
+        )
+        for r in range(world)
+    ]
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 4)])
+def test_resume_on_another_number_of_processes_reads_the_same_samples(
+    before: int, after: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What the new ranks read together, batch by batch, is what the old ranks would have read."""
+    data = [{"id": i} for i in range(13)]  # passes do not align with batches
+    old = _rank_loaders(data, before, 4)
+    for loader in old:
+        for _ in range(5):
+            next(loader)
+    state = old[0].state_dict()  # the main process's state is the one saved
+    assert state["world_size"] == before and state["batch_size"] == 4 // before
+    would_read = [sorted(i for lo in old for i in ids(next(lo))) for _ in range(6)]
+    new = _rank_loaders(data, after, 4)
+    with caplog.at_level("INFO"):
+        for loader in new:
+            loader.load_state_dict(state)
+    read = [sorted(i for lo in new for i in ids(next(lo))) for _ in range(6)]
+    assert read == would_read
+    assert f"data stream of {before} process(es) on {after}" in caplog.text
+    assert "global batch" not in caplog.text  # 4 samples per iteration in both
+
+
+def test_resume_with_another_global_batch_warns_what_to_change(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = [{"id": i} for i in range(13)]
+    old = _rank_loaders(data, 2, 8)
+    next(old[0])
+    next(old[1])
+    resumed = _rank_loaders(data, 1, 4)[0]  # IMS_PER_BATCH auto-scaled from 8 to 4
+    with caplog.at_level("WARNING"):
+        resumed.load_state_dict(old[0].state_dict())
+    assert "global batch of 8 samples (2 process(es) x 4)" in caplog.text
+    assert "set SOLVER.IMS_PER_BATCH to 8 and SOLVER.REFERENCE_WORLD_SIZE to 0" in caplog.text
+    position = old[0].state_dict()["sampler"]["position"]
+    stream = list(itertools.islice(iter(TrainingSampler(13, seed=11)), position + 4))
+    assert ids(next(resumed)) == stream[position:]  # the next samples, 4 at a time now

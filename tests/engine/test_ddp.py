@@ -63,3 +63,25 @@ def test_two_processes_wrap_in_ddp_with_optional_fp16_compression(tmp_path: Path
         torch.testing.assert_close(torch.tensor(report["grad_fp16=False"]), exact_mean)
         assert torch.equal(torch.tensor(report["grad_fp16=True"]), fp16_mean)
         assert report["wrapped_again"]
+
+
+def test_create_fsdp_model_in_one_process_and_its_errors() -> None:
+    from d2engine.engine.ddp import create_fsdp_model
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(2, 2)
+
+    model = nn.Sequential(Block(), Block())
+    assert create_fsdp_model(model, shard_modules=[Block]) is model  # one process: unchanged
+    assert create_fsdp_model(model, shard_modules=["Block"], activation_checkpointing=True) is model
+    assert not comm.is_sharded_module(model)
+    with pytest.raises(ValueError, match=r"of the class\(es\) \['Blok'\].*classes are \['Block'"):
+        create_fsdp_model(model, shard_modules=["Blok"])
+    with pytest.raises(TypeError, match="takes nn.Module classes or class names, got 3"):
+        create_fsdp_model(model, shard_modules=[3])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="none were given. HINT: list the model's blocks"):
+        create_fsdp_model(model, activation_checkpointing=True)
+    with pytest.raises(TypeError, match="expects a torch.nn.Module, got function"):
+        create_fsdp_model(lambda x: x)  # type: ignore[arg-type]

@@ -1,0 +1,791 @@
+"""Sharded checkpoints: one directory per checkpoint, in ``torch.distributed.checkpoint`` (DCP)
+format, for models whose parameters are DTensors (FSDP2).
+
+A checkpoint ``{save_dir}/{name}/`` holds what a ``.pth`` checkpoint holds, split in two:
+
+- every DTensor (the model's sharded parameters, the optimizer state of those parameters, ...)
+  is written by DCP: each rank writes its own shards (``__{rank}_0.distcp``) and rank 0 writes
+  ``.metadata``, the index of the shards;
+- everything else (non-sharded tensors such as buffers, numbers, strings, the trainer's hooks,
+  RNG states, data position, ...) is written by rank 0 with ``torch.save`` into
+  :data:`STATE_FILE`, where each DTensor is replaced by a reference to its DCP entry
+  (``{"dcp": key, "placements": [...]}``).
+
+Saving is a collective: every rank calls :meth:`ShardedSaver.save` at the same point. The
+directory is written under a temporary name (``.{name}.dcp-tmp``) and renamed to ``{name}`` only
+after every rank's shards and the metadata are complete (DCP's own commit step, a collective),
+so a job killed at any moment leaves the previous checkpoint intact; temporary directories of
+killed saves are removed at the next save. Asynchronous saves use DCP's ``async_save`` on a
+process group of their own (a collective on the default group while FSDP trains on it would
+interleave with FSDP's and break gloo): the shards are staged into CPU memory, reused from save to
+save, and written in the background.
+
+Loading (:func:`load_sharded_checkpoint`) makes no collective. Each DTensor entry is read as a
+DTensor laid out on the target model's device mesh when that model is sharded (each rank reads
+only its shards, whatever the number of ranks that wrote them: DCP reshards), and as a full
+tensor otherwise (one process, an unsharded model, :func:`consolidate_checkpoint`). Nothing is
+unpickled beyond what ``torch.load(weights_only=True)`` allows: the state file is read with it;
+only tensor entries are requested from DCP (an entry the metadata declares as pickled data is
+refused, so DCP's ``torch.load(weights_only=False)`` of such data never runs), and DCP reads
+tensors with ``weights_only=True``; ``.metadata``, which DCP writes with plain ``pickle``, is read
+by an unpickler that only builds DCP's own metadata records. ``weights_only=False`` reads the
+state file and ``.metadata`` with plain pickle, for trusted directories only.
+
+Only local paths are supported: the commit is a directory rename.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import pickle
+import re
+import shutil
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from typing import IO, Any
+
+import safetensors.torch
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import empty as dtensor_empty
+
+from d2engine.checkpoint import file_io
+from d2engine.checkpoint.async_saver import AsyncSaver
+from d2engine.checkpoint.file_io import (
+    CheckpointError,
+    UnsafeCheckpointError,
+    verify_checkpoint_bytes,
+)
+from d2engine.checkpoint.integrity import NonFiniteCheckpointError, non_finite_tensors
+from d2engine.checkpoint.state import snapshot_to_cpu
+from d2engine.utils import comm
+
+__all__ = [
+    "METADATA_FILE",
+    "STATE_FILE",
+    "ShardedSaver",
+    "consolidate_checkpoint",
+    "distribute_like_model",
+    "is_sharded_checkpoint",
+    "list_sharded_checkpoints",
+    "load_sharded_checkpoint",
+    "remove_sharded_checkpoint",
+    "remove_stale_temp_dirs",
+    "restore_replaced_checkpoint",
+    "shard_optimizer_states",
+]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+"""The file of a sharded checkpoint that holds everything but the DTensors (written by rank 0)."""
+
+METADATA_FILE = ".metadata"
+"""DCP's index of the shards (written by rank 0 once every rank wrote its shards)."""
+
+_REF = "dcp"  # the key of a reference to a DCP entry in the state file
+_TMP_SUFFIX = ".dcp-tmp"
+_OLD_SUFFIX = ".dcp-old"
+_TMP_DIR = re.compile(r"^\..+(\.dcp-tmp|\.dcp-old)$")
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+def _local_dir(path: str, what: str) -> str:
+    if not file_io.is_local(path):
+        raise CheckpointError(
+            f"{what}: sharded (DCP) checkpoints are written and read on the local file system only, "
+            f"got {path!r}. HINT: use a local or network-mounted directory for OUTPUT_DIR, or copy "
+            f"the checkpoint directory there first."
+        )
+    return path.split("://", 1)[1] if "://" in path else path
+
+
+def is_sharded_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a sharded checkpoint directory (it holds ``.metadata``).
+
+    Args:
+        path: a path (a file, a directory, or nothing).
+
+    Returns:
+        True for a directory with DCP's ``.metadata`` (a complete DCP checkpoint).
+    """
+    if not path or not file_io.is_local(path):
+        return False
+    local = _local_dir(path, "is_sharded_checkpoint")
+    return os.path.isdir(local) and os.path.isfile(os.path.join(local, METADATA_FILE))
+
+
+def list_sharded_checkpoints(directory: str) -> list[str]:
+    """The sharded checkpoint directories in ``directory``, sorted by name.
+
+    Hidden entries (the temporary directories of unfinished saves among them) are left out.
+    """
+    if not file_io.is_local(directory):
+        return []
+    local = _local_dir(directory, "list_sharded_checkpoints")
+    try:
+        names = sorted(os.listdir(local))
+    except FileNotFoundError:
+        return []
+    return [
+        file_io.join(directory, name)
+        for name in names
+        if not name.startswith(".") and is_sharded_checkpoint(file_io.join(directory, name))
+    ]
+
+
+def remove_sharded_checkpoint(path: str) -> None:
+    """Delete a sharded checkpoint directory; a missing one is not an error.
+
+    It is renamed to a hidden temporary name first, so a deletion killed halfway never leaves a
+    partial checkpoint under its name (the rest goes at the next save).
+    """
+    local = _local_dir(path, "remove_sharded_checkpoint")
+    if not os.path.isdir(local):
+        return
+    parent, name = os.path.split(local.rstrip(os.sep))
+    doomed = os.path.join(parent, f".{name}{_OLD_SUFFIX}")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(local, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _replaced_path(path: str) -> str:
+    parent, name = os.path.split(path.rstrip(os.sep))
+    return os.path.join(parent, f".{name}{_OLD_SUFFIX}")
+
+
+def restore_replaced_checkpoint(path: str) -> bool:
+    """Put back the checkpoint directory ``path`` when a save that replaced it was killed.
+
+    Saving a checkpoint under the name of an existing one moves the old directory aside
+    (``.{name}.dcp-old``) just before moving the new one in; a job killed between the two renames
+    leaves no directory under the name. Then the old one is moved back.
+
+    Args:
+        path: a checkpoint directory that may be missing.
+
+    Returns:
+        Whether ``path`` was restored.
+    """
+    local = _local_dir(path, "restore_replaced_checkpoint")
+    old = _replaced_path(local)
+    if os.path.exists(local) or not is_sharded_checkpoint(old):
+        return False
+    try:
+        os.replace(old, local)
+    except FileNotFoundError:  # another rank restored it first
+        return os.path.isdir(local)
+    logger.warning("Restored %s, which an interrupted save was replacing.", path)
+    return True
+
+
+def remove_stale_temp_dirs(directory: str) -> list[str]:
+    """Delete the temporary directories that killed saves left in ``directory``.
+
+    A checkpoint that an interrupted save was replacing is put back instead
+    (:func:`restore_replaced_checkpoint`). Call it only when no save of this job is in progress
+    (the checkpointer does, on rank 0, before its first save).
+
+    Returns:
+        The paths deleted.
+    """
+    local = _local_dir(directory, "remove_stale_temp_dirs")
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(local)):
+            path = os.path.join(local, name)
+            if not (_TMP_DIR.match(name) and os.path.isdir(path)):
+                continue
+            if name.endswith(_OLD_SUFFIX):
+                original = os.path.join(local, name[1 : -len(_OLD_SUFFIX)])
+                if restore_replaced_checkpoint(original):
+                    continue
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------
+# Splitting a checkpoint into DTensors (DCP) and the rest (the state file)
+# --------------------------------------------------------------------------------------------
+def _encode_placements(placements: tuple[Placement, ...], key: str) -> list[str]:
+    codes = []
+    for p in placements:
+        if type(p) is Shard:
+            codes.append(f"S{p.dim}")
+        elif type(p) is Replicate:
+            codes.append("R")
+        else:
+            raise CheckpointError(
+                f"Cannot save {key!r}: its DTensor placement {p!r} is not supported by sharded "
+                f"checkpoints (only Shard(dim) and Replicate()). HINT: shard the model with "
+                f"d2engine.engine.create_fsdp_model (FSDP2 over a 1-D or 2-D mesh)."
+            )
+    return codes
+
+
+def _decode_placements(codes: Any, key: str) -> list[Placement]:
+    out: list[Placement] = []
+    for code in codes if isinstance(codes, (list, tuple)) else [None]:
+        if code == "R":
+            out.append(Replicate())
+        elif isinstance(code, str) and re.fullmatch(r"S\d+", code):
+            out.append(Shard(int(code[1:])))
+        else:
+            raise CheckpointError(
+                f"The state file's reference to {key!r} has placements {codes!r}; expected a list "
+                f"of 'S<dim>' and 'R'. HINT: the checkpoint is corrupt; load an older one."
+            )
+    return out
+
+
+def _split(obj: Any, path: tuple[str, ...], flat: dict[str, DTensor]) -> Any:
+    """``obj`` with each DTensor replaced by a reference; the DTensors go into ``flat``."""
+    if isinstance(obj, DTensor):
+        key = "/".join(path)
+        if key in flat and flat[key] is not obj:
+            raise CheckpointError(
+                f"Two entries of the checkpoint map to the same key {key!r}. HINT: avoid '/' in "
+                f"state dict keys."
+            )
+        flat[key] = obj
+        return {_REF: key, "placements": _encode_placements(tuple(obj.placements), key)}
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = _split(v, (*path, str(k)), flat)
+        metadata = getattr(obj, "_metadata", None)  # module versions in a model's state_dict
+        if metadata is not None:
+            out._metadata = metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_split(v, (*path, str(i)), flat) for i, v in enumerate(obj)]
+        if isinstance(obj, list):
+            return items
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def _is_ref(obj: Any) -> bool:
+    return isinstance(obj, dict) and set(obj) == {_REF, "placements"} and isinstance(obj[_REF], str)
+
+
+def _refs(obj: Any) -> Iterator[dict[str, Any]]:
+    if _is_ref(obj):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _refs(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _refs(v)
+
+
+def _join(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if _is_ref(obj):
+        return tensors[obj[_REF]]
+    if isinstance(obj, dict):
+        out: dict[Any, Any] = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for k, v in obj.items():
+            out[k] = _join(v, tensors)
+        metadata = getattr(obj, "_metadata", None)
+        if metadata is not None:
+            out._metadata = metadata  # type: ignore[attr-defined]
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [_join(v, tensors) for v in obj]
+        if isinstance(obj, list):
+            return items
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+class ShardedSaver:
+    """Writes sharded checkpoints for one :class:`~d2engine.checkpoint.Checkpointer`.
+
+    It owns what is kept between saves: the process group of the saves (created by the first
+    save, a collective) and, for asynchronous saves, DCP's stager with its CPU buffers. Call
+    :meth:`close` when done (the checkpointer's ``close()`` does).
+
+    Args:
+        async_save: stage the shards into CPU memory and write them in the background
+            (``torch.distributed.checkpoint.async_save``).
+    """
+
+    def __init__(self, *, async_save: bool = False) -> None:
+        self.async_save = bool(async_save)
+        self._group: dist.ProcessGroup | None = None
+        self._stager: DefaultStager | None = None
+        self._state_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._cleaned: set[str] = set()
+
+    def _process_group(self) -> dist.ProcessGroup:
+        if self._group is None:
+            # Created at the first save, which every rank makes at the same point.
+            self._group = dist.new_group(backend="gloo")
+        return self._group
+
+    def save(
+        self,
+        data: dict[str, Any],
+        path: str,
+        *,
+        commit: bool,
+        on_commit: Callable[[], None],
+        saver: AsyncSaver | None,
+        parameters: Iterable[str] = (),
+    ) -> None:
+        """Write ``data`` as the sharded checkpoint directory ``path`` (a collective).
+
+        Every rank calls it at the same point, with the same ``path``. The rank that ``commit``
+        s (rank 0, which is also DCP's coordinator) removes a leftover temporary directory of
+        ``path`` first, and, once every rank's shards and DCP's metadata are written, writes the
+        state file, renames the directory into place and calls ``on_commit`` (which points
+        ``last_checkpoint`` to it). With ``async_save`` the shards are staged into CPU memory
+        before this returns and the rest runs on ``saver``'s thread.
+
+        Args:
+            data: the checkpoint (``{"model": ..., <checkpointable>: ..., **extra}``).
+            path: the checkpoint directory.
+            commit: whether this process completes the save (rank 0).
+            on_commit: called after the directory is in place (on the committing rank only).
+            saver: the checkpointer's background writer (required with ``async_save``).
+            parameters: names of ``data["model"]`` entries that must be finite (each rank checks
+                its shards; the ranks agree before anything is written).
+
+        Raises:
+            NonFiniteCheckpointError: a rank's shard of ``parameters`` holds NaN or infinite
+                values (raised on every rank; nothing written).
+            CheckpointError: a DTensor placement that cannot be saved, a remote path, or a write
+                that failed (the previous checkpoints are intact).
+        """
+        local = _local_dir(path, "ShardedSaver.save")
+        parent, name = os.path.split(local.rstrip(os.sep))
+        tmp = os.path.join(parent, f".{name}{_TMP_SUFFIX}")
+        group = self._process_group()
+        if commit:
+            if parent not in self._cleaned:
+                self._cleaned.add(parent)
+                os.makedirs(parent, exist_ok=True)
+                for stale in remove_stale_temp_dirs(parent):
+                    logger.info("Removed a directory left by an interrupted save: %s", stale)
+            shutil.rmtree(tmp, ignore_errors=True)
+        model_state = data.get("model", {})
+        local_shards = {n: _local(model_state[n]) for n in parameters if n in model_state}
+        bad_here = non_finite_tensors(local_shards)
+        # Also a barrier: no rank writes into the temporary directory before it was cleaned.
+        gathered: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, bad_here, group=group)
+        bad = sorted({n for names in gathered for n in names})
+        if bad:
+            raise NonFiniteCheckpointError(
+                f"Not saving checkpoint {path!r}: the model's parameters hold NaN or infinite "
+                f"values ({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}); the previous "
+                f"checkpoints and last_checkpoint are unchanged. HINT: training diverged; resume "
+                f"from the last checkpoint with a lower learning rate (or gradient clipping)."
+            )
+
+        flat: dict[str, DTensor] = {}
+        structure = _split(data, (), flat)
+        writer = FileSystemWriter(tmp, sync_files=True)
+        planner = DefaultSavePlanner()
+
+        def finish() -> None:
+            file_io.atomic_save(structure, os.path.join(tmp, STATE_FILE))
+            _commit_dir(tmp, local)
+            on_commit()
+
+        if not self.async_save:
+            try:
+                dcp.save(flat, storage_writer=writer, planner=planner, process_group=group)
+            except CheckpointException as exc:  # every rank gets it
+                raise _write_failed(path, exc) from exc
+            if commit:
+                finish()
+            return
+        if saver is None:
+            raise ValueError("ShardedSaver.save(async_save=True) needs the checkpointer's saver.")
+        if self._stager is None:
+            self._stager = DefaultStager(
+                StagingOptions(
+                    use_pinned_memory=torch.cuda.is_available(),
+                    use_shared_memory=False,
+                    use_async_staging=False,
+                    use_non_blocking_copy=False,
+                )
+            )
+        response = dcp.async_save(
+            flat,
+            storage_writer=writer,
+            planner=planner,
+            process_group=group,
+            async_stager=self._stager,
+        )
+        upload: Future[Any] = getattr(response, "upload_completion", response)
+        if commit:
+            # The state file's own tensors (buffers, RNG states, ...) are copied now too.
+            structure = snapshot_to_cpu(structure, buffers=self._state_buffers)
+
+        def write() -> None:
+            try:
+                upload.result()
+            except CheckpointException as exc:
+                raise _write_failed(path, exc) from exc
+            if commit:
+                finish()
+                logger.info("Finished writing checkpoint %s", path)
+
+        saver.submit(write, f"write sharded checkpoint {path}")
+
+    def close(self) -> None:
+        """Release the staging buffers (the next asynchronous save allocates them again)."""
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
+        self._state_buffers.clear()
+
+
+def _local(tensor: Any) -> Any:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _write_failed(path: str, exc: BaseException) -> CheckpointError:
+    first = str(exc).strip().splitlines()
+    causes = [line.strip() for line in first if "Error" in line][-1:] or first[:1]
+    return CheckpointError(
+        f"Could not write sharded checkpoint {path!r}: {'; '.join(causes)[:300]}; the previous "
+        f"checkpoints and last_checkpoint are unchanged. HINT: check the free space and "
+        f"permissions of the directory on every machine."
+    )
+
+
+def _commit_dir(tmp: str, target: str) -> None:
+    """Move the complete directory ``tmp`` to ``target`` (replacing an older one), durably."""
+    parent = os.path.dirname(target) or "."
+    _fsync_dir(tmp)
+    if os.path.exists(target):
+        old = _replaced_path(target)  # restored if the job dies before the next rename
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    _fsync_dir(parent)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "TensorStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "BytesStorageMetadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"Path", "PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds DCP's metadata records and nothing else (no arbitrary callable can run)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"global '{module}.{name}' is not a DCP metadata record")
+
+
+class _Reader(FileSystemReader):
+    """DCP's file system reader, checking each shard record against its CRC-32, and with
+    ``safe``, reading ``.metadata`` with :class:`_MetadataUnpickler`."""
+
+    def __init__(self, path: str, *, safe: bool) -> None:
+        super().__init__(path)
+        self.safe = safe
+
+    def _slice_file(self, file: Any, sinfo: Any) -> IO[bytes]:
+        data = super()._slice_file(file, sinfo).read()
+        where = f"{os.path.join(str(self.path), sinfo.relative_path)} at byte {sinfo.offset}"
+        if len(data) != sinfo.length:
+            raise CheckpointError(
+                f"Sharded checkpoint file {where}: {len(data)} of {sinfo.length} bytes; it is "
+                f"truncated. HINT: load an older checkpoint."
+            )
+        verify_checkpoint_bytes(data, where)  # each tensor is a torch.save archive with CRCs
+        return io.BytesIO(data)
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if not self.safe:
+            return super().read_metadata(*args, **kwargs)
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with open(path, "rb") as f:
+            try:
+                metadata = _MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as exc:
+                raise UnsafeCheckpointError(
+                    f"The DCP metadata {str(path)!r} holds objects that are not DCP metadata "
+                    f"records ({exc}); nothing in it was executed. HINT: if you trust this "
+                    f"directory, load it with weights_only=False."
+                ) from exc
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(
+                f"{str(path)!r} holds a {type(metadata).__name__}, not DCP metadata. HINT: the "
+                f"checkpoint is corrupt; load an older one."
+            )
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+def _model_mesh(model: nn.Module | None) -> DeviceMesh | None:
+    if model is None:
+        return None
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return p.device_mesh
+    return None
+
+
+def _template(
+    ref: dict[str, Any], metadata: Metadata, mesh: DeviceMesh | None, path: str
+) -> torch.Tensor:
+    key = ref[_REF]
+    entry = metadata.state_dict_metadata.get(key)
+    if not isinstance(entry, TensorStorageMetadata):
+        raise CheckpointError(
+            f"Checkpoint {path!r}: the state file refers to the tensor {key!r}, which the DCP "
+            f"metadata {'does not list' if entry is None else 'lists as non-tensor data'}. "
+            f"HINT: the checkpoint is corrupt or mixed from two saves; load an older one."
+        )
+    size, dtype = tuple(entry.size), entry.properties.dtype
+    placements = _decode_placements(ref["placements"], key)
+    if mesh is not None and mesh.ndim == len(placements):
+        return dtensor_empty(size, dtype=dtype, device_mesh=mesh, placements=placements)
+    return torch.empty(size, dtype=dtype)
+
+
+def load_sharded_checkpoint(
+    path: str, model: nn.Module | None = None, *, weights_only: bool = True
+) -> dict[str, Any]:
+    """Read a sharded checkpoint directory into a dict like a ``.pth`` checkpoint's (no collective).
+
+    Args:
+        path: the checkpoint directory.
+        model: the model the checkpoint will be loaded into. When its parameters are DTensors,
+            DTensor entries are read as DTensors on its device mesh (each rank reads its shards
+            only); otherwise (or None) as full tensors on the CPU.
+        weights_only: read safely (see the module docstring); False for trusted directories only.
+
+    Returns:
+        ``{"model": ..., <checkpointable>: ..., **extra}`` as it was saved.
+
+    Raises:
+        FileNotFoundError: no checkpoint directory at ``path``.
+        UnsafeCheckpointError: the state file or ``.metadata`` holds objects safe loading refuses.
+        CheckpointError: the directory is incomplete or corrupt.
+    """
+    local = _local_dir(path, "load_sharded_checkpoint")
+    if not os.path.isdir(local) and not restore_replaced_checkpoint(local):
+        raise FileNotFoundError(f"Sharded checkpoint directory {path!r} does not exist.")
+    for required in (METADATA_FILE, STATE_FILE):
+        if not os.path.isfile(os.path.join(local, required)):
+            raise CheckpointError(
+                f"Sharded checkpoint {path!r} has no {required}: it is incomplete or not written "
+                f"by d2engine. HINT: load an older checkpoint; a DCP directory written by other "
+                f"tools can be read with torch.distributed.checkpoint directly."
+            )
+    structure = file_io.load_checkpoint_file(
+        os.path.join(local, STATE_FILE), weights_only=weights_only
+    )
+    if not isinstance(structure, dict):
+        raise CheckpointError(
+            f"Sharded checkpoint {path!r}: {STATE_FILE} holds a {type(structure).__name__}, not a "
+            f"dict. HINT: the checkpoint is corrupt; load an older one."
+        )
+    reader = _Reader(local, safe=weights_only)
+    try:
+        metadata = reader.read_metadata()
+        mesh = _model_mesh(model)
+        templates = {ref[_REF]: _template(ref, metadata, mesh, path) for ref in _refs(structure)}
+        if templates:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*assuming the intent is to load")
+                dcp.load(templates, storage_reader=reader, no_dist=True)
+    except (CheckpointError, FileNotFoundError, MemoryError):
+        raise
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        message = str(exc).split("\n")[0][:300]
+        raise CheckpointError(
+            f"Sharded checkpoint {path!r} cannot be read: {type(exc).__name__}: {message}. HINT: "
+            f"a shard file is missing or truncated; load an older checkpoint."
+        ) from exc
+    return _join(structure, templates)
+
+
+# --------------------------------------------------------------------------------------------
+# Full tensors into a sharded model (a .pth loaded by an FSDP job)
+# --------------------------------------------------------------------------------------------
+def _distribute(value: Any, like: DTensor) -> Any:
+    full = isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+    if full and tuple(value.shape) == tuple(like.shape):
+        # Every rank holds the full tensor: each keeps its part, no communication.
+        return distribute_tensor(
+            value.to(like.device), like.device_mesh, like.placements, src_data_rank=None
+        )
+    return value
+
+
+def distribute_like_model(state: dict[str, Any], model: nn.Module) -> dict[str, Any]:
+    """Turn the full tensors of a model state dict into DTensors laid out like ``model``'s.
+
+    For a ``.pth`` checkpoint (one process, or DDP) loaded into a sharded model. Entries whose
+    shape differs from the model's are left alone (the model loading reports them).
+
+    Args:
+        state: a model state dict of full tensors (e.g. from ``torch.load``).
+        model: the sharded model.
+
+    Returns:
+        A new dict (``_metadata`` kept).
+    """
+    targets = model.state_dict()
+    out: dict[str, Any] = OrderedDict()
+    for key, value in state.items():
+        target = targets.get(key)
+        for prefix in ("module.", "_orig_mod."):  # wrapper prefixes the model loading strips
+            if target is None and key.startswith(prefix):
+                target = targets.get(key[len(prefix) :])
+        out[key] = _distribute(value, target) if isinstance(target, DTensor) else value
+    metadata = getattr(state, "_metadata", None)
+    if metadata is not None:
+        out._metadata = metadata  # type: ignore[attr-defined]
+    return out
+
+
+def shard_optimizer_states(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Lay out full optimizer state tensors of DTensor parameters like the parameters.
+
+    ``optimizer.load_state_dict`` of a ``.pth`` checkpoint puts full tensors into the state of
+    sharded parameters; the next ``step()`` would fail on them. Called after loading one.
+
+    Args:
+        optimizers: the optimizers to fix (others' state is not touched).
+    """
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if not isinstance(param, DTensor) or param not in optimizer.state:
+                    continue
+                state = optimizer.state[param]
+                for key, value in state.items():
+                    state[key] = _distribute(value, param)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+def consolidate_checkpoint(path: str, output: str, *, weights_only: bool = True) -> str:
+    """Write the model weights of a sharded checkpoint as one file an unsharded model loads.
+
+    The ``.pth`` output holds ``{"model": weights}`` (what :class:`~d2engine.checkpoint.Checkpointer`
+    and ``DefaultPredictor`` load); a ``.safetensors`` output holds the weights alone. Runs in one
+    process, without a process group; the output is written atomically. The command line tool
+    ``d2engine-export`` calls it.
+
+    Args:
+        path: a sharded checkpoint directory (e.g. ``output/model_final``).
+        output: the file to write, ending in ``.pth``/``.pt`` or ``.safetensors``.
+        weights_only: read ``path`` safely (see :func:`load_sharded_checkpoint`).
+
+    Returns:
+        ``output``.
+
+    Raises:
+        ValueError: ``output`` has another extension.
+        FileNotFoundError: no checkpoint directory at ``path``.
+        CheckpointError: ``path`` is not a readable sharded checkpoint, or has no model weights.
+    """
+    if not output.endswith((".pth", ".pt", ".safetensors")):
+        raise ValueError(
+            f"consolidate_checkpoint: the output {output!r} must end in .pth, .pt or "
+            f".safetensors. HINT: e.g. output/model_final.pth."
+        )
+    checkpoint = load_sharded_checkpoint(path, None, weights_only=weights_only)
+    weights = checkpoint.get("model")
+    if not isinstance(weights, dict) or not weights:
+        raise CheckpointError(
+            f"Sharded checkpoint {path!r} has no model weights (keys: {sorted(checkpoint)}). "
+            f"HINT: pass a checkpoint written by a d2engine Checkpointer."
+        )
+    target = _local_dir(output, "consolidate_checkpoint")
+    if output.endswith(".safetensors"):
+        tensors = {k: v.contiguous() for k, v in weights.items() if isinstance(v, torch.Tensor)}
+        data = safetensors.torch.save(tensors)
+        directory = os.path.dirname(target) or "."
+        os.makedirs(directory, exist_ok=True)
+        tmp = os.path.join(directory, f".{os.path.basename(target)}.{os.getpid()}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
+    else:
+        file_io.atomic_save({"model": weights}, target)
+    logger.info(
+        "Wrote the %d model tensors of %s to %s (rank %d)",
+        len(weights),
+        path,
+        output,
+        comm.get_rank(),
+    )
+    return output
