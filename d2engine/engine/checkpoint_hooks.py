@@ -12,10 +12,13 @@ import logging
 import math
 from typing import Any
 
+from torch import nn
+
 from d2engine.checkpoint import Checkpointer, file_io
 from d2engine.checkpoint import PeriodicCheckpointer as _PeriodicCheckpointer
 from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.engine.train_loop import HookBase
+from d2engine.utils import comm
 
 __all__ = ["BestCheckpointer", "PeriodicCheckpointer"]
 
@@ -158,7 +161,9 @@ class BestCheckpointer(HookBase):
     ``save_untagged``, so ``last_checkpoint`` keeps pointing to the latest checkpoint; a small
     ``{file_prefix}.json`` next to it records the metric, its value and iteration. A checkpointer
     with fvcore's interface works too: its save moves ``last_checkpoint``, which is then put back
-    (see :mod:`d2engine.checkpoint.interop`).
+    (see :mod:`d2engine.checkpoint.interop`). With a sharded (FSDP) model the checkpoint is a
+    directory written by every rank: register the hook on every rank; they all follow the main
+    process's value of the metric.
 
     State: the best value and its iteration. A resumed run therefore never replaces a better model
     by a worse one; when resumed (``start_iter > 0``) it also reads ``{file_prefix}.json``, which
@@ -217,6 +222,11 @@ class BestCheckpointer(HookBase):
 
     def _best_checking(self) -> None:
         latest = self.trainer.storage.latest().get(self._val_metric)
+        model = getattr(self.checkpointer, "model", None)
+        if isinstance(model, nn.Module) and comm.is_sharded_module(model):
+            # Saving a sharded model is a collective: every rank decides as the main process,
+            # which may be the only one with the evaluation results.
+            latest = comm.all_gather(latest)[0]
         if latest is None:
             # Only the writing process warns: others may not receive the evaluation results.
             log = logger.warning if self.checkpointer.writes else logger.debug

@@ -35,6 +35,7 @@ from d2engine.checkpoint import (
     UnsafeCheckpointError,
 )
 from d2engine.checkpoint import sharded as sharded_module
+from d2engine.checkpoint.integrity import NonFiniteCheckpointError
 from d2engine.checkpoint.sharded import consolidate_checkpoint
 from d2engine.utils import comm
 
@@ -227,6 +228,42 @@ def test_periodic_saves_keep_the_newest_and_resume_falls_back(
 
 def _pwned() -> None:
     os.environ[MARKER_ENV] = "1"
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_corrupt_shard_non_finite_weights_and_failed_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = _sharded_net()
+    checkpointer = Checkpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001", iteration=1)
+    checkpointer.save("model_0000002", iteration=2)
+    shard = tmp_path / "model_0000002" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit in a tensor's bytes
+    shard.write_bytes(bytes(data))
+    with caplog.at_level("WARNING"):
+        rest = Checkpointer(_net(), str(tmp_path)).resume_or_load("")
+    assert "does not match its CRC-32" in caplog.text and rest["iteration"] == 1
+
+    with torch.no_grad():
+        model[2].weight.to_local()[0, 0] = float("nan")
+    with pytest.raises(NonFiniteCheckpointError, match=r"NaN or infinite values \(2.weight\)"):
+        checkpointer.save("model_0000003", iteration=3)
+    checkpointer.save_untagged("model_debug", iteration=3)  # a copy for debugging is written
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002"
+    assert sorted(n for n in os.listdir(tmp_path) if n.startswith("model_0000003")) == []
+
+    with torch.no_grad():
+        model[2].weight.to_local()[0, 0] = 0.0
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sharded_module.FileSystemWriter, "write_data", disk_full)
+    with pytest.raises(CheckpointError, match="No space left on device.*unchanged"):
+        checkpointer.save("model_0000004", iteration=4)
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002"
 
 
 class _Pwn:

@@ -33,6 +33,7 @@ from dist_helpers import python_env
 from torch import nn
 
 from d2engine.checkpoint import Checkpointer
+from d2engine.checkpoint import sharded as sharded_module
 from d2engine.config import get_cfg
 from d2engine.data import DatasetCatalog, MetadataCatalog, build_test_loader, build_train_loader
 from d2engine.engine import hooks
@@ -115,8 +116,11 @@ class _CountingEvaluator(DatasetEvaluator):
             self.correct += int(int(out["scores"].argmax()) == d["label"])
 
     def evaluate(self) -> dict[str, Any]:
+        """The counts on the main process; ``{}`` on the others (as most evaluators do)."""
         ids = sum(comm.all_gather(self.ids), [])
         correct = sum(comm.all_gather(self.correct))
+        if not comm.is_main_process():
+            return {}
         return {"count": {"samples": len(ids), "distinct": len(set(ids)), "correct": correct}}
 
 
@@ -124,6 +128,16 @@ class _Trainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: Any, dataset_name: str) -> DatasetEvaluator:
         return _CountingEvaluator()
+
+    def build_hooks(self) -> list[HookBase | None]:
+        """With evaluations, a BestCheckpointer on every rank (only rank 0 has the metric)."""
+        ret = super().build_hooks()
+        if self.cfg.TEST.EVAL_PERIOD > 0:
+            best = hooks.BestCheckpointer(
+                self.cfg.TEST.EVAL_PERIOD, self.checkpointer, "count/correct"
+            )
+            ret.insert(len(ret) - int(comm.is_main_process()), best)  # before the writer
+        return ret
 
 
 def _cfg(out: str, *, fsdp: bool, dropout: float = 0.0, full: bool = False) -> Any:
@@ -250,7 +264,7 @@ def _units_and_broadcast(out: Path) -> dict[str, Any]:
     report["eval"] = {
         n: inference_on_dataset(
             model, build_test_loader(dataset=_points(n, 2), batch_size=2), _CountingEvaluator()
-        )["count"]
+        ).get("count")
         for n in (TEST_SIZE, 1)
     }
 
@@ -402,9 +416,13 @@ def test_sharded_checkpoints_async_saves_and_uneven_evaluation(job: Path) -> Non
     count = drop["results"]["count"]  # 37 samples on 2 ranks (19 + 18): each counted once
     assert count["samples"] == TEST_SIZE and count["distinct"] == TEST_SIZE
 
+    main_eval = json.loads((job / "rank0.json").read_text())["eval"]
+    for n, count in main_eval.items():
+        assert count["samples"] == count["distinct"] == int(n), main_eval
+    assert sharded_module.is_sharded_checkpoint(str(job / "fsdp_drop/model_best"))
+    best = json.loads((job / "fsdp_drop/model_best.json").read_text())
+    assert best["metric"] == "count/correct" and best["iteration"] in (5, MAX_ITER)
     for report in (json.loads((job / f"rank{r}.json").read_text()) for r in range(2)):
-        for n, count in report["eval"].items():
-            assert count["samples"] == count["distinct"] == int(n), report["eval"]
         assert report["async"]["restored"] == {"1": True, "3": True, "5": True}
         assert report["async"]["files"] == [".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt"]
 
