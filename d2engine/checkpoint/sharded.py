@@ -46,6 +46,7 @@ import shutil
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
+from concurrent import futures
 from concurrent.futures import Future
 from typing import IO, Any
 
@@ -62,6 +63,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor import empty as dtensor_empty
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from d2engine.checkpoint import file_io
 from d2engine.checkpoint.async_saver import AsyncSaver
@@ -340,6 +342,13 @@ class ShardedSaver:
     save, a collective) and, for asynchronous saves, DCP's stager with its CPU buffers. Call
     :meth:`close` when done (the checkpointer's ``close()`` does).
 
+    Asynchronous saves copy the shards into CPU memory on a background thread too, while the
+    next forward and backward passes run: only an optimizer step changes them, and every
+    ``optimizer.step()`` first waits until the copy is complete (a global optimizer step
+    pre-hook, registered from the first asynchronous save to :meth:`close`, which does nothing
+    when no copy is in progress). A sharded tensor changed in place by other code before the next
+    optimizer step would be saved with that change.
+
     Args:
         async_save: stage the shards into CPU memory and write them in the background
             (``torch.distributed.checkpoint.async_save``).
@@ -349,6 +358,8 @@ class ShardedSaver:
         self.async_save = bool(async_save)
         self._group: dist.ProcessGroup | None = None
         self._stager: DefaultStager | None = None
+        self._staging: Future[Any] | None = None  # the copy into CPU memory in progress
+        self._fence: Any = None  # the handle of the optimizer step pre-hook
         self._state_buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._cleaned: set[str] = set()
 
@@ -443,10 +454,11 @@ class ShardedSaver:
                 StagingOptions(
                     use_pinned_memory=torch.cuda.is_available(),
                     use_shared_memory=False,
-                    use_async_staging=False,
+                    use_async_staging=True,
                     use_non_blocking_copy=False,
                 )
             )
+            self._fence = register_optimizer_step_pre_hook(self._wait_for_staging)
         response = dcp.async_save(
             flat,
             storage_writer=writer,
@@ -454,6 +466,7 @@ class ShardedSaver:
             process_group=group,
             async_stager=self._stager,
         )
+        self._staging = getattr(response, "staging_completion", None)
         upload: Future[Any] = getattr(response, "upload_completion", response)
         if commit:
             # The state file's own tensors (buffers, RNG states, ...) are copied now too.
@@ -470,8 +483,19 @@ class ShardedSaver:
 
         saver.submit(write, f"write sharded checkpoint {path}")
 
+    def _wait_for_staging(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before any optimizer step: let the copy of the shards in progress finish."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            futures.wait([staging])  # a failed copy is reported by the write (AsyncSaveError)
+
     def close(self) -> None:
-        """Release the staging buffers (the next asynchronous save allocates them again)."""
+        """Release the staging buffers and the optimizer hook (the next asynchronous save sets
+        them up again). Call it once the pending writes are complete."""
+        if self._fence is not None:
+            self._fence.remove()
+            self._fence = None
+        self._staging = None
         if self._stager is not None:
             self._stager.close()
             self._stager = None
