@@ -60,6 +60,7 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Placement, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor import empty as dtensor_empty
@@ -466,8 +467,10 @@ class ShardedSaver:
             process_group=group,
             async_stager=self._stager,
         )
-        self._staging = getattr(response, "staging_completion", None)
-        upload: Future[Any] = getattr(response, "upload_completion", response)
+        if isinstance(response, AsyncSaveResponse):  # staging in the background
+            self._staging, upload = response.staging_completion, response.upload_completion
+        else:
+            self._staging, upload = None, response
         if commit:
             # The state file's own tensors (buffers, RNG states, ...) are copied now too.
             structure = snapshot_to_cpu(structure, buffers=self._state_buffers)
@@ -601,9 +604,9 @@ class _Reader(FileSystemReader):
                 f"{str(path)!r} holds a {type(metadata).__name__}, not DCP metadata. HINT: the "
                 f"checkpoint is corrupt; load an older one."
             )
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage_meta = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage_meta.load_id = self.load_id
+        metadata.storage_meta = storage_meta
         return metadata
 
 

@@ -1,7 +1,7 @@
 """The training engine: train loops, hooks, launch and the default trainer (detectron2.engine)."""
 
 from d2engine.engine import hooks
-from d2engine.engine.ddp import create_ddp_model
+from d2engine.engine.ddp import create_ddp_model, create_fsdp_model
 from d2engine.engine.defaults import (
     DefaultPredictor,
     DefaultTrainer,
@@ -25,6 +25,7 @@ __all__ = [
     "TrainerBase",
     "WorkerError",
     "create_ddp_model",
+    "create_fsdp_model",
     "default_argument_parser",
     "default_setup",
     "default_writers",

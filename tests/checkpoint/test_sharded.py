@@ -143,6 +143,9 @@ def test_round_trip_into_sharded_and_unsharded_models(tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("one_rank")
 def test_async_save_copies_the_state_before_returning(tmp_path: Path) -> None:
+    from torch.optim.optimizer import _global_optimizer_pre_hooks
+
+    hooks_before = len(_global_optimizer_pre_hooks)
     model = _sharded_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _step(model, optimizer)
@@ -157,6 +160,9 @@ def test_async_save_copies_the_state_before_returning(tmp_path: Path) -> None:
             Checkpointer(loaded, "").load(str(tmp_path / f"model_{it:07d}"))
             _assert_same(_full_state(loaded), saved)
             assert not torch.equal(_full_state(model)["0.weight"], saved["0.weight"])
+        # The optimizer steps wait for the copy of the shards while an asynchronous save runs.
+        assert len(_global_optimizer_pre_hooks) == hooks_before + 1
+    assert len(_global_optimizer_pre_hooks) == hooks_before  # removed by close()
 
 
 @pytest.mark.usefixtures("one_rank")
