@@ -511,18 +511,20 @@ class Checkpointer:
                 self.checkpointables[name].load_state_dict(checkpoint.pop(name))
                 restored.append(self.checkpointables[name])
         if comm.is_sharded_module(self.model):  # full optimizer states of a .pth: shard them
-            _sharded().shard_optimizer_states(_optimizers(restored))
+            _sharded_reader().shard_optimizer_states(_optimizers(restored))
         check_optimizer_state(restored, self.model, report.shape_mismatches, path)
         return checkpoint
 
     def _read_checkpoint(self, path: str, *, weights_only: bool) -> dict[str, Any]:
         """Read a checkpoint file or sharded directory, laid out for this checkpointer's model."""
         if _is_local_dir(path) or _replaced_sharded_dir(path):
-            loaded = _sharded().load_sharded_checkpoint(path, self.model, weights_only=weights_only)
+            reader = _sharded_reader()
+            loaded = reader.load_sharded_checkpoint(path, self.model, weights_only=weights_only)
             return self._as_checkpoint(path, loaded)
         checkpoint = self._load_file(path, weights_only=weights_only)
         if comm.is_sharded_module(self.model) and isinstance(checkpoint.get("model"), dict):
-            checkpoint["model"] = _sharded().distribute_like_model(checkpoint["model"], self.model)
+            weights = checkpoint["model"]
+            checkpoint["model"] = _sharded_reader().distribute_like_model(weights, self.model)
         return checkpoint
 
     def _load_file(self, path: str, *, weights_only: bool = True) -> dict[str, Any]:
@@ -565,6 +567,13 @@ def _sharded() -> ModuleType:
     from d2engine.checkpoint import sharded
 
     return sharded
+
+
+def _sharded_reader() -> ModuleType:
+    """:mod:`d2engine.checkpoint.sharded_reader`, imported when needed (see :func:`_sharded`)."""
+    from d2engine.checkpoint import sharded_reader
+
+    return sharded_reader
 
 
 def _is_local_dir(path: str) -> bool:

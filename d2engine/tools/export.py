@@ -8,7 +8,7 @@
 A job whose model is sharded (``MODEL.FSDP.ENABLED`` on several processes) saves each checkpoint as
 a directory in ``torch.distributed.checkpoint`` format. The output file holds its model weights,
 whole, for an unsharded model: ``DefaultPredictor`` and ``Checkpointer.load`` read it (they read the
-directory itself too). See :func:`d2engine.checkpoint.sharded.consolidate_checkpoint`. Also
+directory itself too). See :func:`d2engine.checkpoint.sharded_reader.consolidate_checkpoint`. Also
 runnable as ``python -m d2engine.tools.export``.
 """
 
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Imported here: torch is only loaded once the arguments are known to be fine.
     from d2engine.checkpoint.file_io import CheckpointError
-    from d2engine.checkpoint.sharded import consolidate_checkpoint
+    from d2engine.checkpoint.sharded_reader import consolidate_checkpoint
 
     try:
         out = consolidate_checkpoint(args.checkpoint, args.output, weights_only=not args.trust)

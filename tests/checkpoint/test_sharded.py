@@ -36,7 +36,7 @@ from d2engine.checkpoint import (
 )
 from d2engine.checkpoint import sharded as sharded_module
 from d2engine.checkpoint.integrity import NonFiniteCheckpointError
-from d2engine.checkpoint.sharded import consolidate_checkpoint
+from d2engine.checkpoint.sharded_reader import consolidate_checkpoint
 from d2engine.utils import comm
 
 MARKER_ENV = "D2ENGINE_TEST_PWNED"
