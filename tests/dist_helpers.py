@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, record_preemption
 from d2engine.utils import comm
+from d2engine.utils.watchdog import STACK_DUMP_SIGNAL
 
 __all__ = [
     "TESTS_DIR",
@@ -115,12 +116,21 @@ def read_reports(out_dir: Path, world_size: int) -> list[dict[str, Any]]:
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
 
 
+def _timeout_s(group: Any) -> float:
+    return group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+
+
 def report_comm(out_dir: str, tag: str = "") -> None:
-    """A ``main_func``: exercise d2engine.utils.comm and write what it saw to rank{N}.json."""
+    """A ``main_func``: exercise d2engine.utils.comm and write what it saw to rank{N}.json.
+
+    It also asks itself for a stack dump (``STACK_DUMP_SIGNAL``): launch prepared every process of
+    a multi-process job for it, so the process lives on (the signal's default would end it).
+    """
     rank = comm.get_rank()
     np.random.seed(1000 + rank)  # ranks draw different numbers; shared_random_seed must agree
     pg = dist.group.WORLD
     timeout = pg._get_backend(torch.device("cpu")).options._timeout
+    os.kill(os.getpid(), STACK_DUMP_SIGNAL)
     with open(Path(out_dir) / "calls.txt", "a") as f:
         f.write(f"{os.getpid()}\n")
     report = {
@@ -130,6 +140,11 @@ def report_comm(out_dir: str, tag: str = "") -> None:
         "initialized": dist.is_initialized(),
         "backend": dist.get_backend(),
         "timeout_s": timeout.total_seconds(),
+        # the groups d2engine creates have the job's timeout too (not torch's 30 minutes)
+        "group_timeouts_s": [
+            _timeout_s(comm.get_local_process_group()),
+            _timeout_s(comm.new_group(backend="gloo")),
+        ],
         "rank": rank,
         "world_size": comm.get_world_size(),
         "local_rank": comm.get_local_rank(),

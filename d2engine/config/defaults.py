@@ -158,6 +158,13 @@ _C.SOLVER.AMP.ENABLED = False
 # works on CPU).
 _C.SOLVER.AMP.PRECISION = "float16"
 
+# ---------------------------------------------------------------- (d2engine) hang diagnostics
+# End training with a report (the rank, the iteration, every thread's Python stack; see
+# docs/distributed.md, "Hangs") when no iteration starts and no evaluation batch ends for this
+# many seconds; 0 turns the watchdog off. It must exceed the longest iteration (the first one
+# compiles), checkpoint save and evaluator computation.
+_C.SOLVER.HANG_TIMEOUT = 900.0
+
 # -----------------------------------------------------------------------------
 # Test
 # -----------------------------------------------------------------------------

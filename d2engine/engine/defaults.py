@@ -28,6 +28,7 @@ from d2engine.engine import hooks
 from d2engine.engine.ddp import create_ddp_model, create_fsdp_model
 from d2engine.engine.predictor import DefaultPredictor
 from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer, TrainerBase
+from d2engine.engine.watchdog import HangWatchdog
 from d2engine.engine.writers import writers_from_config
 from d2engine.evaluation import (
     DatasetEvaluator,
@@ -43,6 +44,7 @@ from d2engine.utils.collect_env import collect_env_info
 from d2engine.utils.env import seed_all_rng, set_float32_precision
 from d2engine.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 from d2engine.utils.logger import PORTED_LOGGER_NAMES, forward_logger, setup_logger
+from d2engine.utils.watchdog import check_hang_timeout
 
 __all__ = [
     "DefaultPredictor",
@@ -317,6 +319,14 @@ def _check_elastic_schedule(cfg: CfgNode, data_state: Any) -> None:
     )
 
 
+def _hang_watchdog(cfg: CfgNode) -> HangWatchdog | None:
+    """The HangWatchdog hook of ``SOLVER.HANG_TIMEOUT`` (None when 0 or absent)."""
+    timeout = check_hang_timeout(
+        _try_get_key(cfg, "SOLVER.HANG_TIMEOUT", default=0), "SOLVER.HANG_TIMEOUT"
+    )
+    return HangWatchdog(timeout) if timeout > 0 else None
+
+
 class _InnerHookDispatch(HookBase):
     """Forwards the inner trainer's ``after_backward`` to the hooks of a :class:`DefaultTrainer`.
 
@@ -404,6 +414,8 @@ class DefaultTrainer(TrainerBase):
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.cfg = cfg
         self._last_eval_results: OrderedDict | dict | None = None  # set by the EvalHook
+        # Hang diagnostics (docs/distributed.md): registered first, so that it stops first.
+        self.register_hooks([_hang_watchdog(cfg)])
         self.register_hooks(self.build_hooks())
 
     def resume_or_load(self, resume: bool = True) -> None:

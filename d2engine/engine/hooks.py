@@ -3,9 +3,10 @@
 Each hook is a small class; its docstring says when it runs and what state it saves. Hooks reach
 the trainer through ``self.trainer`` (a weak proxy set at registration). The checkpointing hooks
 (:class:`PeriodicCheckpointer`, :class:`BestCheckpointer`) live in
-:mod:`d2engine.engine.checkpoint_hooks`, the profiling hooks in :mod:`d2engine.engine.profiling`
-and the progress bar and curves (:class:`ProgressBar`, :class:`PlotCurves`) in
-:mod:`d2engine.engine.monitoring`; all are re-exported here.
+:mod:`d2engine.engine.checkpoint_hooks`, the profiling hooks in :mod:`d2engine.engine.profiling`,
+the progress bar and curves (:class:`ProgressBar`, :class:`PlotCurves`) in
+:mod:`d2engine.engine.monitoring` and :class:`HangWatchdog` in :mod:`d2engine.engine.watchdog`; all
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from d2engine.engine.checkpoint_hooks import (
 from d2engine.engine.monitoring import PlotCurves, ProgressBar
 from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
+from d2engine.engine.watchdog import HangWatchdog
 from d2engine.solver.lr_scheduler import LRMultiplier
 from d2engine.solver.param_scheduler import ParamScheduler
 from d2engine.utils import comm
@@ -41,6 +43,7 @@ __all__ = [
     "BestCheckpointer",
     "CallbackHook",
     "EvalHook",
+    "HangWatchdog",
     "IterationTimer",
     "LRScheduler",
     "PeriodicCheckpointer",

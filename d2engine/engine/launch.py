@@ -21,6 +21,14 @@
   creates the per-machine group and calls ``main_func`` once in this process. The external
   launcher decides the number of processes; ``num_gpus_per_machine`` is then only checked.
 
+Hangs (``docs/distributed.md`` tells the whole story): ``timeout`` applies to every process group
+of the job (also those :mod:`d2engine.utils.comm` creates). When a worker's hang watchdog ended it
+(:class:`~d2engine.engine.watchdog.HangWatchdog`, exit code
+:data:`~d2engine.utils.watchdog.HANG_EXIT_CODE`), the launcher first gives the other workers'
+watchdogs time to report; when a worker's collective (or the rendezvous) timed out, or after that
+wait, it logs the Python stack of every worker still running (they write it on
+:data:`~d2engine.utils.watchdog.STACK_DUMP_SIGNAL`) before ending them.
+
 Preemption (``docs/resume.md`` tells the whole story): in each of the three ways, when training
 in ``main_func`` was preempted (a trainer recorded the stop, see
 :func:`~d2engine.engine.preemption.preempted_signal`, or ``main_func`` raised
@@ -41,9 +49,11 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -59,6 +69,14 @@ from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, preempted_signal, r
 from d2engine.utils import comm
 from d2engine.utils.cluster import ClusterEnv, detect_cluster_env
 from d2engine.utils.validation import check_positive_int
+from d2engine.utils.watchdog import (
+    HANG_EXIT_CODE,
+    STACK_DUMP_SIGNAL,
+    disable_stack_dumps,
+    enable_stack_dumps,
+    is_timeout_error,
+    request_stack_dumps,
+)
 
 __all__ = ["DEFAULT_TIMEOUT", "WorkerError", "launch"]
 
@@ -70,6 +88,10 @@ _TERMINATE_GRACE_S = 5.0
 
 _CAUSE_GRACE_S = 0.1
 """Seconds the launcher waits, after a worker's traceback, for a peer's death that caused it."""
+
+_HANG_PEER_WAIT_S = 15.0
+"""Seconds the launcher waits, after a worker's hang watchdog ended it, for the other workers'
+watchdogs to report and end them (they stall too, and fire within a few seconds)."""
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +192,11 @@ class _Job:
     num_gpus_per_machine: int
     machine_rank: int
     timeout: datetime.timedelta
+    stack_dir: str = ""
+    """Where each worker writes its stacks on STACK_DUMP_SIGNAL (``worker<local rank>.txt``)."""
+
+    def stack_file(self, local_rank: int) -> str:
+        return os.path.join(self.stack_dir, f"worker{local_rank}.txt")
 
 
 def _call_main(main_func: Callable[..., Any], args: tuple[Any, ...]) -> int:
@@ -200,6 +227,8 @@ def _distributed_worker(
     threading.Thread(
         target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
     ).start()
+    if job.stack_dir:  # the launcher reads the stacks when a worker hangs
+        enable_stack_dumps(open(job.stack_file(local_rank), "a", encoding="utf-8"))  # noqa: SIM115
     if not os.environ.get("OMP_NUM_THREADS"):
         # Share the CPU cores instead of every worker using all of them (oversubscription).
         torch.set_num_threads(max(1, _available_cpus() // job.num_gpus_per_machine))
@@ -308,6 +337,19 @@ def _worker_error(job: _Job, local_rank: int, exitcode: int | None, tb: str) -> 
     message = f"Worker {rank} (local rank {local_rank}) of the job {what}."
     if tb:
         message += f" Its traceback:\n\n{tb}"
+        if is_timeout_error(tb):
+            message += (
+                f"\nHINT: a collective (or the rendezvous) timed out after {job.timeout} (launch's "
+                "timeout): another rank did not take part. The Python stacks of the workers "
+                "still running were logged above; the one that is not waiting for the others "
+                "is the one that stopped."
+            )
+    elif exitcode == HANG_EXIT_CODE:
+        message += (
+            " Its hang watchdog ended it: it made no training progress for the hang timeout. "
+            "The watchdogs' reports above name the rank(s), the iteration and where each one "
+            "was, with their Python stacks."
+        )
     elif exitcode is not None and exitcode > 0:
         message += " Its output above may say why."
     elif exitcode == -signal.SIGKILL:
@@ -385,6 +427,7 @@ def _spawn_and_watch(
     keep_alive: list[Connection] = []
     failure: WorkerError | None = None
     preempted = False
+    job = dataclasses.replace(job, stack_dir=tempfile.mkdtemp(prefix="d2engine-stacks-"))
     try:
         with _forwarding(forward_signals, lambda: [proc for _, proc in running.values()]):
             for local_rank in range(job.num_gpus_per_machine):
@@ -443,13 +486,46 @@ def _spawn_and_watch(
                         tb = _pending_traceback(readers, local_rank)
                         failure = _worker_error(job, local_rank, proc.exitcode, tb)
                         break
+        if failure is not None:
+            _end_hung_workers(failure, running, job)
     finally:
         _terminate(processes)
         for conn in [*readers, *keep_alive]:
             conn.close()
+        shutil.rmtree(job.stack_dir, ignore_errors=True)
     if failure is not None:
         raise failure
     return PREEMPTION_EXIT_CODE if preempted else 0
+
+
+def _end_hung_workers(failure: WorkerError, running: dict[Any, tuple[int, Any]], job: _Job) -> None:
+    """After a hang, log the Python stacks of the other workers still running and kill them.
+
+    A hang: ``failure`` is a watchdog's exit (then the other workers' watchdogs first get
+    ``_HANG_PEER_WAIT_S`` to report and exit) or a timeout error. Those still running then are
+    stuck (a SIGTERM would wait in vain), so they are killed after their dump. ``running`` (the
+    workers not yet reaped) is updated.
+    """
+    if failure.exitcode == HANG_EXIT_CODE:
+        deadline = time.monotonic() + _HANG_PEER_WAIT_S
+        while running and time.monotonic() < deadline:
+            for sentinel in wait(list(running), timeout=max(0.0, deadline - time.monotonic())):
+                running.pop(sentinel)[1].join()
+    elif not is_timeout_error(failure.worker_traceback):
+        return
+    stuck = sorted(item for item in running.values() if item[0] != failure.local_rank)
+    stacks = request_stack_dumps([(proc.pid, job.stack_file(i)) for i, proc in stuck])
+    for (i, proc), text in zip(stuck, stacks):
+        proc.kill()
+        logger.error(
+            "Python stacks of worker %d (pid %d), still running when worker %d failed "
+            "(dumped on %s, then killed):\n%s",
+            job.machine_rank * job.num_gpus_per_machine + i,
+            proc.pid,
+            failure.global_rank,
+            signal.Signals(STACK_DUMP_SIGNAL).name,
+            text.rstrip() or "(it wrote nothing)",
+        )
 
 
 def _run_external(
@@ -488,6 +564,7 @@ def _run_external(
             "one CUDA device per process" if cuda_ok else "no CUDA device for every process",
         )
     code: int | None = None
+    enable_stack_dumps()  # no launcher of ours collects them: `kill -USR2 <pid>` prints them
     try:
         _setup_process_group(
             backend,
@@ -500,6 +577,7 @@ def _run_external(
         )
         code = _call_main(main_func, args)
     finally:
+        disable_stack_dumps()
         _teardown_process_group(wait_for_others=code is not None)
     return code
 
@@ -548,7 +626,9 @@ def launch(
             machine only), ``"tcp://host:port"`` (machine 0's address), ``"file:///path"`` (a file
             that does not exist yet, on a file system every machine sees) or ``"env://"``.
         args: arguments of ``main_func``; picklable.
-        timeout: timeout of the rendezvous and of collectives.
+        timeout: timeout of the rendezvous and of collectives, on every process group of the job
+            (gloo groups included). A collective that times out raises in its worker; the
+            launcher then logs the stacks of the workers still running (see "Hangs" above).
         forward_signals: the signals this process passes on to the workers it started, while they
             run (it keeps waiting for them); the workers' trainers should stop on them
             (``trainer.preemption_signals``, default ``(SIGTERM,)``). Empty: none is forwarded

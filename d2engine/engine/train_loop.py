@@ -24,7 +24,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from d2engine.checkpoint.state import RankRNGStates
@@ -512,7 +511,7 @@ class SimpleTrainer(TrainerBase):
         if comm.get_world_size() > 1 and self._metrics_group is None:
             # Created once, here in the training thread, at the same step on every rank: the
             # background collective then never interleaves with DDP's on the default group.
-            self._metrics_group = dist.new_group(backend="gloo")
+            self._metrics_group = comm.new_group(backend="gloo")
         detached = {k: v.detach() for k, v in loss_dict.items()}
         future = self._metrics_executor.submit(
             _write_metrics, detached, data_time, self.iter, "", storage, self._metrics_group

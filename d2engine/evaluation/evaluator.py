@@ -15,6 +15,7 @@ from torch import nn
 
 from d2engine.utils import comm
 from d2engine.utils.progress import console_logs_above_bars, progress_bar, progress_bar_enabled
+from d2engine.utils.watchdog import keep_alive
 
 __all__ = ["DatasetEvaluator", "DatasetEvaluators", "inference_context", "inference_on_dataset"]
 
@@ -188,7 +189,8 @@ def inference_on_dataset(
     the end leaves out the first ``min(5, len(data_loader) - 1)`` warm-up batches; a progress line
     with an ETA is logged every few seconds. On a terminal a progress bar over the batches is
     shown too (erased at the end; see :func:`d2engine.utils.progress.progress_bar_enabled`), with
-    the log lines printed above it.
+    the log lines printed above it. Each batch counts as progress for a training's hang watchdog
+    (:func:`d2engine.utils.watchdog.keep_alive`).
 
     Args:
         model: a callable (usually an ``nn.Module``) taking one batch of the loader.
@@ -263,6 +265,7 @@ def inference_on_dataset(
             total_eval_time += time.perf_counter() - start_eval_time
             if bar is not None:
                 bar.update(1)
+            keep_alive()  # a long evaluation is progress for a training's hang watchdog
 
             now = time.perf_counter()
             iters_after_start = idx + 1 - num_warmup * int(idx >= num_warmup)

@@ -6,11 +6,17 @@ where the local rank and size are read from the environment (:mod:`d2engine.util
 
 Object collectives (:func:`all_gather`, :func:`gather`) pickle their inputs and travel over a gloo
 group, so they work for any picklable object whatever the main backend is.
+
+The groups this module creates (and :func:`new_group`) have the default group's timeout, the one
+given to ``init_process_group`` (``launch(timeout=...)``): torch would give them its own default
+(30 minutes; 10 for NCCL), so a collective on them would wait that long for a rank that hangs.
 """
 
 from __future__ import annotations
 
+import datetime
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -33,6 +39,7 @@ __all__ = [
     "get_world_size",
     "is_main_process",
     "is_sharded_module",
+    "new_group",
     "reduce_dict",
     "shared_random_seed",
     "synchronize",
@@ -95,7 +102,7 @@ def create_local_process_group(num_workers_per_machine: int) -> None:
     machine_rank = get_rank() // num_workers_per_machine
     for i in range(world_size // num_workers_per_machine):
         ranks = list(range(i * num_workers_per_machine, (i + 1) * num_workers_per_machine))
-        group = dist.new_group(ranks)  # every rank must take part in creating every group
+        group = new_group(ranks)  # every rank must take part in creating every group
         if i == machine_rank:
             _LOCAL_PROCESS_GROUP = group
 
@@ -120,9 +127,39 @@ def create_local_process_group_by_machine(machine_id: str) -> None:
     rank = get_rank()
     for machine in dict.fromkeys(machine_ids):  # in order of first appearance, the same everywhere
         ranks = [r for r, m in enumerate(machine_ids) if m == machine]
-        group = dist.new_group(ranks)
+        group = new_group(ranks)
         if rank in ranks:
             _LOCAL_PROCESS_GROUP = group
+
+
+def _default_group_timeout() -> datetime.timedelta | None:
+    """The collective timeout of the default process group, or None if torch does not say."""
+    world = dist.group.WORLD
+    for device in ("cpu", "cuda"):  # the backend of either device has the group's timeout
+        try:
+            return world._get_backend(torch.device(device)).options._timeout  # type: ignore[union-attr]
+        except (AttributeError, RuntimeError):
+            continue
+    return None
+
+
+def new_group(ranks: Sequence[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """``torch.distributed.new_group`` with the timeout of the default process group.
+
+    Every rank of the job must call it, in the same order (a collective).
+
+    Args:
+        ranks: the global ranks of the group; all ranks when None.
+        backend: its backend (e.g. ``"gloo"``); the default group's when None.
+
+    Returns:
+        The group.
+    """
+    return dist.new_group(
+        list(ranks) if ranks is not None else None,
+        timeout=_default_group_timeout(),
+        backend=backend,
+    )
 
 
 def get_local_process_group() -> dist.ProcessGroup:
@@ -232,7 +269,7 @@ def _get_global_gloo_group() -> dist.ProcessGroup:
     if dist.get_backend() == "gloo":
         return world
     if _GLOO_GROUP is None or _GLOO_GROUP[0] is not world:
-        _GLOO_GROUP = (world, dist.new_group(backend="gloo"))
+        _GLOO_GROUP = (world, new_group(backend="gloo"))
     return _GLOO_GROUP[1]
 
 

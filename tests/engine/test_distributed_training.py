@@ -127,6 +127,8 @@ def _train_worker(out_dir: str) -> None:
         trainer.train(0, 4)
         if kind == "async":
             trainer.close()
+            metrics_group = trainer._metrics_group._get_backend(torch.device("cpu"))
+            report["metrics_group_timeout_s"] = metrics_group.options._timeout.total_seconds()
         report[f"{kind}_local_losses"] = model.local_losses
         report[f"{kind}_total_loss"] = _history(trainer.storage, "total_loss")
 
@@ -256,6 +258,8 @@ def test_amp_and_async_metrics_are_averaged_across_ranks(train_job: tuple) -> No
             mean = (r0[f"{kind}_local_losses"][it] + r1[f"{kind}_local_losses"][it]) / 2
             assert math.isclose(logged[str(it)], mean, rel_tol=1e-6), (kind, it)
         assert r1[f"{kind}_total_loss"] == {}
+    # the background metrics' gloo group has the job's timeout (launch's), not torch's default
+    assert r0["metrics_group_timeout_s"] == r1["metrics_group_timeout_s"] == 90.0
 
 
 @pytest.mark.timeout(180)

@@ -138,6 +138,7 @@ def _check_reports(reports: list[dict], local_size: int, timeout_s: float | None
         assert r["gather_dst1"] == ([i + 100 for i in range(world)] if rank == 1 else [])
         if timeout_s is not None:
             assert r["timeout_s"] == timeout_s
+            assert r["group_timeouts_s"] == [timeout_s, timeout_s]
     # reduce_dict: the mean / sum on rank 0
     assert reports[0]["reduce_mean"] == {
         "a": sum(i + 1.0 for i in range(world)) / world,
@@ -240,6 +241,8 @@ def test_under_torchrun_main_runs_once_per_process(tmp_path: Path) -> None:
     reports = dist_helpers.read_reports(out, 2)
     assert {r["tag"] for r in reports} == {"torchrun"}
     _check_reports(reports, local_size=2)
+    # the stack each process dumped on its STACK_DUMP_SIGNAL went to its stderr
+    assert proc.stderr.count("in report_comm") == 2, proc.stderr
 
 
 _SLURM_SCRIPT = """
