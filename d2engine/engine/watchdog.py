@@ -19,7 +19,7 @@ class HangWatchdog(HookBase):
     From ``before_train`` to ``after_train`` a :class:`~d2engine.utils.watchdog.ProgressWatchdog`
     thread samples ``trainer.iter``. When it stays the same for ``timeout`` seconds (and nothing
     called :func:`~d2engine.utils.watchdog.keep_alive`, as evaluation does after each batch), the
-    thread logs and writes to stderr the rank, the iteration, where the main thread is and the
+    thread logs and writes to stderr the rank, the iteration, where the training thread is and the
     stack of every thread, and ends the process with
     :data:`~d2engine.utils.watchdog.HANG_EXIT_CODE` (124). In a multi-process job every rank stalls
     when one does (the others wait for it in a collective), so every rank's watchdog reports.

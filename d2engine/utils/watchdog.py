@@ -7,7 +7,7 @@ until the collective's timeout (30 minutes), and then only by a waiting rank. Tw
 * :class:`ProgressWatchdog`, a daemon thread that samples a progress value (the trainer's
   iteration) every ``poll`` seconds. When the value has not changed, and :func:`keep_alive` was not
   called, for ``timeout`` seconds, it logs and writes to stderr a report (the rank, what it was
-  doing, where its main thread is) with the Python stack of every thread, then ends the process
+  doing, where its watched thread is) with the Python stack of every thread, then ends the process
   with :data:`HANG_EXIT_CODE`. The watched code pays nothing per step: the thread reads a value the
   code writes anyway (``trainer.iter``, see :class:`d2engine.engine.watchdog.HangWatchdog`).
 * :data:`STACK_DUMP_SIGNAL` (SIGUSR2): after :func:`enable_stack_dumps` the process writes the
@@ -117,11 +117,12 @@ class ProgressWatchdog:
 
     Every ``poll`` seconds the thread calls ``progress()``; when its value has not changed and
     :func:`keep_alive` was not called for ``timeout`` seconds, it fires: it logs (``ERROR``) and
-    writes to stderr a report naming the rank, ``describe()``, where the main thread is (the
-    innermost frame, and the code that called into torch when the frame is in torch) and the stack
+    writes to stderr a report naming the rank, ``describe()``, where the watched thread (the one
+    that called :meth:`start`, e.g. the training thread) is — its innermost frame and, when that
+    frame is in torch or the standard library, the innermost frame of other code — and the stack
     of every thread, then, after ``grace`` seconds (so that the other ranks' watchdogs, which
     usually fire at the same time, report too), ends the process with :data:`HANG_EXIT_CODE`
-    (``os._exit``: a blocked main thread cannot be interrupted). With ``end_process=False`` it only
+    (``os._exit``: a blocked thread cannot be interrupted). With ``end_process=False`` it only
     reports, once per stall. A hang is noticed between ``timeout`` and ``timeout + poll`` seconds
     after the last progress.
 
@@ -171,12 +172,14 @@ class ProgressWatchdog:
         self._alive = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._watched = threading.main_thread()
 
     def start(self) -> None:
-        """Start watching (from now on, ``timeout`` seconds without progress fire it)."""
+        """Start watching the calling thread (``timeout`` seconds without progress fire it)."""
         global _ACTIVE
         if self._thread is not None:
             return
+        self._watched = threading.current_thread()
         self._stop.clear()
         self._thread = threading.Thread(
             target=self._run, args=(self._progress(),), name="d2engine-hang-watchdog", daemon=True
@@ -219,17 +222,18 @@ class ProgressWatchdog:
         doing = f" {self._describe()}" if self._describe is not None else ""
         report = (
             f"Hang watchdog: {who} (pid {os.getpid()}) made no {self._what} progress for "
-            f"{stalled:.1f} s (hang timeout {self.timeout:g} s){doing}. Its main thread is "
-            f"{_main_thread_location()}."
+            f"{stalled:.1f} s (hang timeout {self.timeout:g} s){doing}. Its thread "
+            f'"{self._watched.name}" is {_location(self._watched)}.'
         )
         if world > 1:
             report += (
-                " The rank that stopped is the one whose main thread is not waiting for the "
+                " The rank that stopped is the one whose training thread is not waiting for the "
                 "others (in a collective, or in a backward pass that reduces gradients)."
             )
         if self._hint:
             report += f" {self._hint}"
-        text = f"{report}\nPython stacks of rank {rank} (most recent call last):\n{format_stacks()}"
+        stacks = format_stacks(first=self._watched.ident)
+        text = f"{report}\nPython stacks of rank {rank} (most recent call last):\n{stacks}"
         logger.error("%s", text)
         if not _logs_to_console(logger):
             _write_stderr(text)
@@ -280,21 +284,22 @@ def _flush_logs() -> None:
             pass
 
 
-def format_stacks(*, skip_current: bool = True) -> str:
-    """The Python stack of every thread of this process, main thread first.
+def format_stacks(*, first: int | None = None, skip_current: bool = True) -> str:
+    """The Python stack of every thread of this process.
 
     Args:
+        first: the id of the thread to put first (default: the main thread).
         skip_current: leave out the calling thread (e.g. the watchdog's own).
 
     Returns:
         The stacks, each headed by the thread's name, most recent call last.
     """
     names = {t.ident: t.name for t in threading.enumerate()}
-    main = threading.main_thread().ident
+    first = threading.main_thread().ident if first is None else first
     current = threading.get_ident()
     frames = sys._current_frames()
     parts = []
-    for ident in sorted(frames, key=lambda i: (i != main, i)):
+    for ident in sorted(frames, key=lambda i: (i != first, i)):
         if skip_current and ident == current:
             continue
         header = f'Thread "{names.get(ident, "?")}" (0x{ident:x}):'
@@ -302,12 +307,12 @@ def format_stacks(*, skip_current: bool = True) -> str:
     return "\n".join(parts)
 
 
-def _main_thread_location() -> str:
-    """Where the main thread is: its innermost frame and, when that is in torch or the standard
+def _location(thread: threading.Thread) -> str:
+    """Where ``thread`` is: its innermost frame and, when that is in torch or the standard
     library, the innermost frame of other code (the caller that matters)."""
-    frame = sys._current_frames().get(threading.main_thread().ident or -1)
+    frame = sys._current_frames().get(thread.ident or -1)
     if frame is None:
-        return "gone"
+        return "gone (it ended)"
     stack = traceback.extract_stack(frame)
     inner = stack[-1]
     where = f"at {inner.filename}:{inner.lineno} in {inner.name}"

@@ -209,5 +209,5 @@ def test_a_stuck_process_dumps_its_stack_on_request_and_its_watchdog_ends_it(
     first = err.splitlines()[0]
     assert first.startswith("Hang watchdog: This process (pid ")
     assert "(hang timeout 2 s) in iteration 3" in first
-    assert first.endswith("Its main thread is at <string>:7 in stuck_in_a_collective.")
+    assert first.endswith('Its thread "MainThread" is at <string>:7 in stuck_in_a_collective.')
     assert "Hang watchdog: ending this process with exit code 124." in err

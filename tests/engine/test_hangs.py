@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import dist_helpers
 import pytest
 import torch
 import torch.distributed as dist
@@ -247,3 +249,34 @@ def test_a_deadlocked_data_loader_is_caught_by_the_watchdogs(
     assert "in __getitem__)" in reports["1"]
     assert "in _engine_run_backward (called from" in reports["0"]
     assert "Hang watchdog: ending rank 1 of 2 with exit code 124." in err
+
+
+_TORCHRUN_SCRIPT = """
+import test_hangs
+from d2engine.engine.launch import launch
+
+if __name__ == "__main__":
+    launch(test_hangs._deadlocked_loader_job, 2)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_under_torchrun_each_rank_s_watchdog_reports_and_ends_it(tmp_path: Path) -> None:
+    script = tmp_path / "script.py"
+    script.write_text(_TORCHRUN_SCRIPT)
+    here = str(Path(__file__).resolve().parent)
+    env = dist_helpers.python_env()
+    start = time.monotonic()
+    proc = dist_helpers.run_python(
+        ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+        env={"PYTHONPATH": os.pathsep.join([here, env["PYTHONPATH"]])},
+        timeout=100,
+    )
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    err = proc.stderr
+    for rank in (0, 1):  # no d2engine launcher: each rank's own watchdog reported
+        assert f"Hang watchdog: Rank {rank} of 2 (pid " in err, err
+    assert "in __getitem__)" in err
+    assert "exitcode  : 124" in err  # torchrun's summary of the failed rank(s)
