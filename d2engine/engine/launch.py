@@ -513,7 +513,9 @@ def _end_hung_workers(failure: WorkerError, running: dict[Any, tuple[int, Any]],
                 running.pop(sentinel)[1].join()
     elif not is_timeout_error(failure.worker_traceback):
         return
-    stuck = sorted(item for item in running.values() if item[0] != failure.local_rank)
+    stuck = sorted(
+        (i, proc) for i, proc in running.values() if i != failure.local_rank and proc.is_alive()
+    )
     stacks = request_stack_dumps([(proc.pid, job.stack_file(i)) for i, proc in stuck])
     for (i, proc), text in zip(stuck, stacks):
         proc.kill()

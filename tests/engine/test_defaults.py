@@ -427,6 +427,7 @@ def test_hooks_order_and_after_backward(trained: dict[str, Any]) -> None:
     trainer, recorder = trained["trainer"], trained["recorder"]
     names = [type(h).__name__ for h in trainer._hooks]
     expected = [
+        "HangWatchdog",  # first (SOLVER.HANG_TIMEOUT): its after_train stops it before the others
         "IterationTimer",
         "LRScheduler",
         "PeriodicCheckpointer",
