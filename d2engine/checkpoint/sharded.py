@@ -54,6 +54,7 @@ from d2engine.checkpoint.file_io import (
 )
 from d2engine.checkpoint.integrity import NonFiniteCheckpointError, non_finite_tensors
 from d2engine.checkpoint.state import snapshot_to_cpu
+from d2engine.utils import comm
 
 __all__ = [
     "METADATA_FILE",
@@ -392,7 +393,7 @@ class ShardedSaver:
     def _process_group(self) -> dist.ProcessGroup:
         if self._group is None:
             # Created at the first save, which every rank makes at the same point.
-            self._group = dist.new_group(backend="gloo")
+            self._group = comm.new_group(backend="gloo")  # the job's collective timeout
         return self._group
 
     def save(
