@@ -264,3 +264,48 @@ _C.OUTPUT.WANDB.RUN_NAME = ""
 # "online", "offline" (upload later with `wandb sync`) or "disabled"; "" uses W&B's default
 # (the WANDB_MODE environment variable, else online).
 _C.OUTPUT.WANDB.MODE = ""
+
+# -----------------------------------------------------------------------------
+# (d2engine) Training features: EMA, validation loss, early stopping, torch.compile
+# (docs/features.md)
+# -----------------------------------------------------------------------------
+# --- Exponential moving average of the weights (d2go's names) ---
+_C.MODEL_EMA = CN()
+# Whether DefaultTrainer keeps an EMA of the weights (EMAHook), saves it as the "ema" entry of
+# its checkpoints and evaluates it too (results keys suffixed "_ema").
+_C.MODEL_EMA.ENABLED = False
+# Weight of the old average at each update.
+_C.MODEL_EMA.DECAY = 0.9999
+# Device of the average: "" is the model's; "cpu" saves accelerator memory (one copy per step).
+_C.MODEL_EMA.DEVICE = ""
+# Warm-up factor w: when >= 0 the t-th update uses min(DECAY, (1 + t) / (w + t)); -1 disables.
+_C.MODEL_EMA.DECAY_WARM_UP_FACTOR = -1.0
+# Evaluate (--eval-only) and predict (DefaultPredictor) with the "ema" weights of MODEL.WEIGHTS.
+_C.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY = False
+
+# --- Validation loss ---
+# Put the model's mean losses over DATASETS.TEST as validation_loss / validation_<name> every
+# this many iterations and after the last one (LossEvalHook); 0 disables.
+_C.TEST.LOSS_EVAL_PERIOD = 0
+
+# --- Early stopping ---
+_C.TEST.EARLY_STOPPING = CN()
+# Whether training stops when METRIC has not improved for PATIENCE evaluations (EarlyStopping).
+_C.TEST.EARLY_STOPPING.ENABLED = False
+# The metric in the event storage, e.g. "validation_loss" or an evaluation result such as
+# "accuracy/top1" (a wrong name is an error listing the metrics that exist).
+_C.TEST.EARLY_STOPPING.METRIC = ""
+# "max" (higher is better) or "min".
+_C.TEST.EARLY_STOPPING.MODE = "max"
+# Evaluations without improvement that stop training.
+_C.TEST.EARLY_STOPPING.PATIENCE = 3
+# The margin an improvement must exceed.
+_C.TEST.EARLY_STOPPING.MIN_DELTA = 0.0
+
+# --- torch.compile ---
+_C.MODEL.COMPILE = CN()
+# Whether DefaultTrainer compiles the model with torch.compile (before DDP wrapping).
+_C.MODEL.COMPILE.ENABLED = False
+# torch.compile's mode: "default", "reduce-overhead", "max-autotune" or
+# "max-autotune-no-cudagraphs".
+_C.MODEL.COMPILE.MODE = "default"

@@ -20,7 +20,7 @@ from d2engine.checkpoint.interop import as_checkpointer
 from d2engine.engine.train_loop import HookBase
 from d2engine.utils import comm
 
-__all__ = ["BestCheckpointer", "PeriodicCheckpointer"]
+__all__ = ["BestCheckpointer", "PeriodicCheckpointer", "warn_if_saved_before"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,22 +35,24 @@ def _is_periodic_eval_step(period: int, trainer: Any) -> bool:
 
 
 class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
-    """Save the trainer's checkpoint every ``period`` iterations, after the last one, and on
-    preemption.
+    """Save the trainer's checkpoint every ``period`` iterations, after the last one, when
+    training is stopped early, and on preemption.
 
     :class:`d2engine.checkpoint.PeriodicCheckpointer` as a hook: ``before_train`` takes
     ``max_iter`` from the trainer when it was not given; ``after_step`` calls
     ``step(trainer.iter)`` (``{file_prefix}_{iter:07d}.pth`` when ``(iter + 1) % period == 0``,
-    ``{file_prefix}_final.pth`` after the last iteration); ``after_train`` waits for pending
-    asynchronous saves. When training stops for a preemption signal the trainer calls
-    :meth:`save_for_preemption`.
+    ``{file_prefix}_final.pth`` after the last iteration); ``after_train`` writes
+    ``{file_prefix}_final.pth`` when training ended early on ``trainer.request_stop`` (e.g.
+    early stopping: a requested stop ends training; not after a failure or a preemption), then
+    waits for pending asynchronous saves. When training stops for a preemption signal the trainer
+    calls :meth:`save_for_preemption`.
 
     A run resumed when it had already finished its iterations (killed after the last periodic
     checkpoint, before the final one: ``start_iter >= max_iter``) still gets its final file:
     ``after_train`` then writes ``{file_prefix}_final.pth`` from the state it resumed (unless it
-    resumed from that very file) and logs that it did. The files hold what the checkpointer's checkpointables hold:
-    register the trainer as one (``Checkpointer(model, dir, trainer=trainer)``, as DefaultTrainer
-    does) for exact resume.
+    resumed from that very file) and logs that it did. The files hold what the checkpointer's
+    checkpointables hold: register the trainer as one (``Checkpointer(model, dir,
+    trainer=trainer)``, as DefaultTrainer does) for exact resume.
 
     Register it on every rank of a multi-process job: only the checkpointer's main process writes,
     but before each save every rank gathers the checkpointables' cross-rank state
@@ -120,10 +122,17 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         return self._saved[1] if self._saved and self.checkpointer.writes else ""
 
     def after_train(self) -> None:
+        trainer = self.trainer
+        if trainer.stop_reason is not None and not trainer.preempted:
+            # A requested stop (e.g. early stopping) ends training: save it as the final model.
+            # Preemption saved its own checkpoint; a failure (stop_reason None) saves nothing.
+            self.save(f"{self.file_prefix}_final", iteration=trainer.iter)
+            self.checkpointer.wait()
+            return
         if not self._final_is_missing():
             self.checkpointer.wait()
             return
-        trainer, name = self.trainer, f"{self.file_prefix}_final"
+        name = f"{self.file_prefix}_final"
         last_done = trainer.start_iter - 1  # the iteration of the checkpoint it resumed from
         iteration, trainer.iter = trainer.iter, last_done  # save the state as of that iteration
         try:
@@ -149,6 +158,30 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         resumed = self.checkpointer.resumed_from.rsplit("/", 1)[-1]  # a path or a URL
         final = f"{self.file_prefix}_final"
         return resumed not in (f"{final}.pth", final)  # a file, or a sharded directory
+
+
+def warn_if_saved_before(hook: HookBase, what: str) -> None:
+    """Warn when a :class:`PeriodicCheckpointer` runs before ``hook`` in each iteration.
+
+    For hooks whose state changes in ``after_step`` (an EMA update, an early-stopping count): a
+    checkpoint written before them holds the state of the previous iteration, so a run resumed
+    from it would miss this iteration's change. Call it from ``before_train``.
+
+    Args:
+        hook: a registered hook.
+        what: the state at stake, for the message.
+    """
+    hooks = list(hook.trainer._hooks)
+    position = next((i for i, h in enumerate(hooks) if h is hook), len(hooks))
+    if any(isinstance(h, PeriodicCheckpointer) for h in hooks[:position]):
+        logger.warning(
+            "%s is registered after the PeriodicCheckpointer hook: a checkpoint does not hold "
+            "%s of its own iteration, so a run resumed from it is not exact. HINT: register %s "
+            "before the PeriodicCheckpointer.",
+            type(hook).__name__,
+            what,
+            type(hook).__name__,
+        )
 
 
 class BestCheckpointer(HookBase):

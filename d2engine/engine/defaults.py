@@ -14,7 +14,7 @@ import os
 import sys
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -37,7 +37,7 @@ from d2engine.evaluation import (
     print_csv_format,
     verify_results,
 )
-from d2engine.modeling import build_model
+from d2engine.modeling import ModelEMA, build_model, compile_model
 from d2engine.solver import build_lr_scheduler, build_optimizer
 from d2engine.utils import comm
 from d2engine.utils.collect_env import collect_env_info
@@ -327,6 +327,30 @@ def _hang_watchdog(cfg: CfgNode) -> HangWatchdog | None:
     return HangWatchdog(timeout) if timeout > 0 else None
 
 
+def _build_model_ema(cfg: CfgNode, model: nn.Module) -> ModelEMA | None:
+    """The EMA of ``MODEL_EMA`` (None when disabled)."""
+    if not cfg.MODEL_EMA.ENABLED:
+        return None
+    factor = float(cfg.MODEL_EMA.DECAY_WARM_UP_FACTOR)
+    return ModelEMA(
+        model,
+        decay=cfg.MODEL_EMA.DECAY,
+        device=cfg.MODEL_EMA.DEVICE or None,
+        warmup=factor if factor >= 0 else None,
+    )
+
+
+class _Chained:
+    """Iterates over several loaders one after the other, each time from their start."""
+
+    def __init__(self, loaders: list[Iterable]) -> None:
+        self.loaders = loaders
+
+    def __iter__(self) -> Iterator[Any]:
+        for loader in self.loaders:
+            yield from loader
+
+
 class _InnerHookDispatch(HookBase):
     """Forwards the inner trainer's ``after_backward`` to the hooks of a :class:`DefaultTrainer`.
 
@@ -367,6 +391,11 @@ class DefaultTrainer(TrainerBase):
         scheduler: the LR scheduler.
         checkpointer: a :class:`~d2engine.checkpoint.DetectionCheckpointer` saving to
             ``OUTPUT_DIR``.
+        model_ema: the :class:`~d2engine.modeling.ModelEMA` of the weights when
+            ``MODEL_EMA.ENABLED``, else None.
+
+    Training features (``docs/features.md``): ``MODEL_EMA`` (an EMA of the weights, evaluated too),
+    ``TEST.LOSS_EVAL_PERIOD`` (validation loss), ``TEST.EARLY_STOPPING`` and ``MODEL.COMPILE``.
 
     Example::
 
@@ -394,6 +423,9 @@ class DefaultTrainer(TrainerBase):
             model = _fsdp_from_config(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
+        self.model_ema = _build_model_ema(cfg, model)
+        if cfg.MODEL.COMPILE.ENABLED:  # before DDP wrapping, as PyTorch recommends
+            model = compile_model(model, cfg.MODEL.COMPILE.MODE)
         model = create_ddp_model(model, broadcast_buffers=False)
         self._trainer: SimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:
@@ -407,9 +439,12 @@ class DefaultTrainer(TrainerBase):
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         # The proxy lets the checkpointer save the trainer's state without a reference cycle.
+        # The EMA, when on, is saved as the checkpoints' "ema" entry.
         self.checkpointer = DetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
+        if self.model_ema is not None:
+            self.checkpointer.add_checkpointable("ema", self.model_ema)
         self.start_iter = 0
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.cfg = cfg
@@ -446,12 +481,18 @@ class DefaultTrainer(TrainerBase):
     def build_hooks(self) -> list[HookBase | None]:
         """The default hooks, in this order.
 
-        IterationTimer; LRScheduler; PreciseBN (when ``TEST.PRECISE_BN.ENABLED`` and the model has
-        BN layers in training mode); PeriodicCheckpointer (every process: only the main process
-        writes, but all take part in gathering the RNG states); EvalHook (every process:
-        evaluation is collective); PeriodicWriter (main process, after them so that it writes what
-        the other hooks logged); then on the main process ProgressBar (``OUTPUT.PROGRESS_BAR``,
-        drawn only on a terminal) and PlotCurves (``OUTPUT.PLOT``: ``OUTPUT_DIR/curves.png``).
+        IterationTimer; LRScheduler; EMAHook (when ``MODEL_EMA.ENABLED``); PreciseBN (when
+        ``TEST.PRECISE_BN.ENABLED`` and the model has BN layers in training mode);
+        PeriodicCheckpointer (every process: only the main process writes, but all take part in
+        gathering the RNG states); the evaluation hooks, every process (evaluation is
+        collective): EvalHook, LossEvalHook (when ``TEST.LOSS_EVAL_PERIOD > 0``), EarlyStopping
+        (when ``TEST.EARLY_STOPPING.ENABLED``); PeriodicWriter (main process, after them so that it
+        writes what the other hooks logged); then on the main process ProgressBar
+        (``OUTPUT.PROGRESS_BAR``, drawn only on a terminal) and PlotCurves (``OUTPUT.PLOT``:
+        ``OUTPUT_DIR/curves.png``). With early stopping the evaluation hooks come before the
+        PeriodicCheckpointer, so that a checkpoint holds the early-stopping count of its own
+        iteration's evaluation (exact resume); otherwise after it, as in detectron2 (a failing
+        evaluation leaves that iteration's checkpoint to debug with).
 
         Returns:
             The hooks (``None`` entries are skipped by ``register_hooks``).
@@ -461,6 +502,8 @@ class DefaultTrainer(TrainerBase):
         cfg.DATALOADER.NUM_WORKERS = 0  # PreciseBN runs few iterations: workers cost more
 
         ret: list[HookBase | None] = [hooks.IterationTimer(), hooks.LRScheduler()]
+        if self.model_ema is not None:
+            ret.append(hooks.EMAHook(self.model_ema))
         if cfg.TEST.PRECISE_BN.ENABLED and _has_training_bn(self.model):
             ret.append(
                 hooks.PreciseBN(
@@ -472,7 +515,9 @@ class DefaultTrainer(TrainerBase):
             )
         # On every rank: only the main process writes (DetectionCheckpointer), but all ranks
         # gather their RNG states at the save points and take part in preemption saves.
-        ret.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD))
+        checkpoint_hook = hooks.PeriodicCheckpointer(
+            self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD
+        )
 
         # The closure holds the trainer weakly: the hook is owned by the trainer.
         trainer_ref = weakref.ref(self)
@@ -481,10 +526,30 @@ class DefaultTrainer(TrainerBase):
             trainer = trainer_ref()
             if trainer is None:  # pragma: no cover - the hook only runs while the trainer lives
                 return {}
-            trainer._last_eval_results = trainer.test(trainer.cfg, trainer.model)
-            return trainer._last_eval_results
+            if trainer.model_ema is None:
+                results = trainer.test(trainer.cfg, trainer.model)
+            else:  # the EMA's results too, keys suffixed "_ema"
+                results = trainer.test(trainer.cfg, trainer.model, ema=trainer.model_ema)
+            trainer._last_eval_results = results
+            return results
 
-        ret.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results))
+        evaluation: list[HookBase] = [hooks.EvalHook(cfg.TEST.EVAL_PERIOD, test_and_save_results)]
+        if cfg.TEST.LOSS_EVAL_PERIOD > 0:
+            evaluation.append(
+                hooks.LossEvalHook(
+                    cfg.TEST.LOSS_EVAL_PERIOD, self.model, self.build_loss_eval_loader(self.cfg)
+                )
+            )
+        stopping = cfg.TEST.EARLY_STOPPING
+        if stopping.ENABLED:
+            evaluation.append(
+                hooks.EarlyStopping(
+                    stopping.METRIC, stopping.MODE, stopping.PATIENCE, stopping.MIN_DELTA
+                )
+            )
+            ret += [*evaluation, checkpoint_hook]
+        else:
+            ret += [checkpoint_hook, *evaluation]
         if comm.is_main_process():
             ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
             # (d2engine) What a person watches: the live bar and the curves, after the writers.
@@ -494,6 +559,30 @@ class DefaultTrainer(TrainerBase):
                 metrics, curves = (os.path.join(cfg.OUTPUT_DIR, f) for f in _CURVES_FILES)
                 ret.append(hooks.PlotCurves(metrics, curves, cfg.TEST.EVAL_PERIOD, write_period=20))
         return ret
+
+    @classmethod
+    def build_loss_eval_loader(cls, cfg: CfgNode) -> Iterable:
+        """The data of the LossEvalHook (``TEST.LOSS_EVAL_PERIOD``): every dataset of
+        ``DATASETS.TEST``, each from :meth:`build_test_loader`. Override it when the test
+        loaders drop what the loss needs (e.g. annotations).
+
+        Args:
+            cfg: the config.
+
+        Returns:
+            A re-iterable over the batches of all test datasets (this process's shard).
+
+        Raises:
+            ValueError: ``DATASETS.TEST`` is empty.
+        """
+        names = list(cfg.DATASETS.TEST)
+        if not names:
+            raise ValueError(
+                "TEST.LOSS_EVAL_PERIOD is set but DATASETS.TEST is empty. HINT: name the "
+                "validation datasets in DATASETS.TEST, or set TEST.LOSS_EVAL_PERIOD 0."
+            )
+        loaders = [cls.build_test_loader(cfg, name) for name in names]
+        return loaders[0] if len(loaders) == 1 else _Chained(loaders)
 
     def build_writers(self) -> list[EventWriter]:
         """The event writers of the PeriodicWriter hook: :func:`default_writers` of the config
@@ -674,6 +763,8 @@ class DefaultTrainer(TrainerBase):
         cfg: CfgNode,
         model: nn.Module,
         evaluators: DatasetEvaluator | list[DatasetEvaluator | None] | None = None,
+        *,
+        ema: ModelEMA | None = None,
     ) -> OrderedDict | dict:
         """Evaluate ``model`` on every dataset of ``cfg.DATASETS.TEST``.
 
@@ -683,6 +774,9 @@ class DefaultTrainer(TrainerBase):
             evaluators: one evaluator per test dataset (a single evaluator for a single dataset);
                 when None, :meth:`build_evaluator` is called for each dataset. A dataset without an
                 evaluator is skipped with a warning and gets ``{}``.
+            ema: evaluate the model a second time with these averaged weights swapped in
+                (:meth:`~d2engine.modeling.ModelEMA.swap`); its results are added under the same
+                top-level keys suffixed ``"_ema"`` (e.g. ``accuracy_ema``).
 
         Returns:
             ``{dataset_name: results}`` in the order of ``DATASETS.TEST``; with a single test dataset,
@@ -691,6 +785,13 @@ class DefaultTrainer(TrainerBase):
         Raises:
             ValueError: the number of evaluators differs from the number of test datasets.
         """
+        if ema is not None:
+            trained = cls.test(cfg, model, evaluators)
+            with ema.swap(model):
+                averaged = cls.test(cfg, model, evaluators)
+            for key, value in averaged.items():
+                trained[f"{key}_ema"] = value
+            return trained
         if isinstance(evaluators, DatasetEvaluator):
             evaluators = [evaluators]
         test_sets = list(cfg.DATASETS.TEST)
@@ -738,7 +839,8 @@ class DefaultTrainer(TrainerBase):
         The per-process batch size stays ``IMS_PER_BATCH // REFERENCE_WORLD_SIZE``: with
         ``scale = num_workers / REFERENCE_WORLD_SIZE``, IMS_PER_BATCH and BASE_LR are multiplied
         by ``scale`` (the linear scaling rule of "Accurate, Large Minibatch SGD"); MAX_ITER,
-        WARMUP_ITERS, STEPS, TEST.EVAL_PERIOD and CHECKPOINT_PERIOD are divided by it (rounded);
+        WARMUP_ITERS, STEPS, TEST.EVAL_PERIOD, TEST.LOSS_EVAL_PERIOD and CHECKPOINT_PERIOD are
+        divided by it (rounded);
         REFERENCE_WORLD_SIZE becomes ``num_workers``. For example IMS_PER_BATCH 16, BASE_LR 0.1,
         REFERENCE_WORLD_SIZE 8, MAX_ITER 5000, STEPS (4000,), CHECKPOINT_PERIOD 1000 on 16
         workers gives 32, 0.2, 16, 2500, (2000,), 500.
@@ -777,6 +879,7 @@ class DefaultTrainer(TrainerBase):
         solver.WARMUP_ITERS = warmup_iter = int(round(solver.WARMUP_ITERS / scale))
         solver.STEPS = tuple(int(round(s / scale)) for s in solver.STEPS)
         cfg.TEST.EVAL_PERIOD = int(round(cfg.TEST.EVAL_PERIOD / scale))
+        cfg.TEST.LOSS_EVAL_PERIOD = int(round(cfg.TEST.LOSS_EVAL_PERIOD / scale))
         solver.CHECKPOINT_PERIOD = int(round(solver.CHECKPOINT_PERIOD / scale))
         solver.REFERENCE_WORLD_SIZE = num_workers  # the scaled config is "for" num_workers
         logger.info(

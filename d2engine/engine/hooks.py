@@ -5,8 +5,14 @@ the trainer through ``self.trainer`` (a weak proxy set at registration). The che
 (:class:`PeriodicCheckpointer`, :class:`BestCheckpointer`) live in
 :mod:`d2engine.engine.checkpoint_hooks`, the profiling hooks in :mod:`d2engine.engine.profiling`,
 the progress bar and curves (:class:`ProgressBar`, :class:`PlotCurves`) in
+<<<<<<< HEAD
 :mod:`d2engine.engine.monitoring` and :class:`HangWatchdog` in :mod:`d2engine.engine.watchdog`; all
 are re-exported here.
+=======
+:mod:`d2engine.engine.monitoring`, :class:`EMAHook` in :mod:`d2engine.engine.ema_hook`, and the
+hooks driven by evaluations (:class:`LossEvalHook`, :class:`EarlyStopping`) in
+:mod:`d2engine.engine.evaluation_hooks`; all are re-exported here.
+>>>>>>> 3ad7688 (ModelEMA, EMAHook, LossEvalHook, EarlyStopping, compile_model; DefaultTrainer wiring (MODEL_EMA, TEST.LOSS_EVAL_PERIOD, TEST.EARLY_STOPPING, MODEL.COMPILE); a requested stop writes model_final)
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from d2engine.engine.checkpoint_hooks import (
     PeriodicCheckpointer,
     _is_periodic_eval_step,
 )
+from d2engine.engine.ema_hook import EMAHook
+from d2engine.engine.evaluation_hooks import EarlyStopping, LossEvalHook
 from d2engine.engine.monitoring import PlotCurves, ProgressBar
 from d2engine.engine.profiling import AutogradProfiler, TorchMemoryStats, TorchProfiler
 from d2engine.engine.train_loop import HookBase
@@ -42,10 +50,13 @@ __all__ = [
     "AutogradProfiler",
     "BestCheckpointer",
     "CallbackHook",
+    "EMAHook",
+    "EarlyStopping",
     "EvalHook",
     "HangWatchdog",
     "IterationTimer",
     "LRScheduler",
+    "LossEvalHook",
     "PeriodicCheckpointer",
     "PeriodicWriter",
     "PlotCurves",
@@ -352,6 +363,10 @@ class EvalHook(HookBase):
         eval_function: a function taking no arguments and returning a nested dict of numbers
             (or None).
         eval_after_train: evaluate after the last iteration.
+
+    Attributes:
+        last_eval_iter: the iteration after which it last evaluated (on every rank), or None;
+            :class:`EarlyStopping` acts after these evaluations.
     """
 
     def __init__(
@@ -365,6 +380,12 @@ class EvalHook(HookBase):
         self._period = eval_period
         self._func = eval_function
         self._eval_after_train = eval_after_train
+        self.last_eval_iter: int | None = None
+
+    @property
+    def eval_period(self) -> int:
+        """The evaluation period in iterations (0: only after training)."""
+        return self._period
 
     def _do_eval(self) -> None:
         rng = capture_rng_state()
@@ -392,6 +413,7 @@ class EvalHook(HookBase):
             storage = self.trainer.storage
             for k, v in flattened.items():
                 storage.put_scalar(k, v, smoothing_hint=False)
+        self.last_eval_iter = self.trainer.iter
         comm.synchronize()
 
     def after_step(self) -> None:

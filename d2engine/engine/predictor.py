@@ -14,7 +14,7 @@ import torch
 from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.config import CfgNode
 from d2engine.data import MetadataCatalog
-from d2engine.modeling import build_model
+from d2engine.modeling import build_model, load_ema_weights
 
 __all__ = ["DefaultPredictor"]
 
@@ -39,8 +39,9 @@ class DefaultPredictor:
 
     Compared with calling the model directly, it
 
-    1. builds the model (:func:`~d2engine.modeling.build_model`), loads ``MODEL.WEIGHTS`` and
-       puts the model in eval mode;
+    1. builds the model (:func:`~d2engine.modeling.build_model`), loads ``MODEL.WEIGHTS`` (its
+       EMA weights, the checkpoint's ``"ema"`` entry, when ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``)
+       and puts the model in eval mode;
     2. takes an H x W x C ``uint8`` image in BGR order (what ``cv2.imread`` returns; an H x W
        array is taken as grayscale) and converts it to ``INPUT.FORMAT``: ``"BGR"``, ``"RGB"`` or
        ``"L"`` (one gray channel, ``L = (299 R + 587 G + 114 B) / 1000`` as PIL computes it);
@@ -70,6 +71,8 @@ class DefaultPredictor:
 
         Raises:
             ValueError: ``INPUT.FORMAT`` is not one of "BGR", "RGB", "L".
+            KeyError: ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY`` is set and ``MODEL.WEIGHTS`` has
+                no EMA weights.
         """
         self.cfg = cfg.clone()
         self.input_format = str(self.cfg.INPUT.FORMAT)
@@ -82,8 +85,16 @@ class DefaultPredictor:
         self.model.eval()
         test_sets = list(self.cfg.DATASETS.TEST)
         self.metadata = MetadataCatalog.get(test_sets[0]) if test_sets else None
+        use_ema = bool(self.cfg.get("MODEL_EMA", {}).get("USE_EMA_WEIGHTS_FOR_EVAL_ONLY", False))
         if self.cfg.MODEL.WEIGHTS:
-            DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            unused = DetectionCheckpointer(self.model).load(self.cfg.MODEL.WEIGHTS)
+            if use_ema:
+                load_ema_weights(self.model, unused, source=self.cfg.MODEL.WEIGHTS)
+        elif use_ema:
+            raise KeyError(
+                "MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY is set but MODEL.WEIGHTS is empty. HINT: "
+                "set MODEL.WEIGHTS to a checkpoint trained with MODEL_EMA.ENABLED True."
+            )
         else:
             logger.warning(
                 "DefaultPredictor: MODEL.WEIGHTS is empty; the model keeps its "

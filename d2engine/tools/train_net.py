@@ -34,6 +34,7 @@ from d2engine.data import MetadataCatalog
 from d2engine.engine.defaults import DefaultTrainer, default_argument_parser, default_setup
 from d2engine.engine.launch import launch
 from d2engine.evaluation import ClassificationEvaluator, DatasetEvaluator, verify_results
+from d2engine.modeling import load_ema_weights
 from d2engine.modeling.classifier import add_classifier_config
 from d2engine.utils import comm
 
@@ -150,9 +151,11 @@ def main(args: argparse.Namespace) -> Any:
     results: Mapping[str, Any] | None
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        unused = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
+        if cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY:  # evaluate the checkpoint's EMA weights
+            load_ema_weights(model, unused, source=cfg.MODEL.WEIGHTS or "the last checkpoint")
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
