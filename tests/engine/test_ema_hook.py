@@ -60,8 +60,7 @@ def test_updates_after_each_step_as_computed_by_hand() -> None:
     expected = start
     for state in record.states:
         expected = {
-            k: 0.6 * expected[k] + 0.4 * v if v.is_floating_point() else v
-            for k, v in state.items()
+            k: 0.6 * expected[k] + 0.4 * v if v.is_floating_point() else v for k, v in state.items()
         }
     assert ema.updates == 4
     for k, v in expected.items():

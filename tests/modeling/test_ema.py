@@ -140,7 +140,9 @@ def test_copy_to_and_reset() -> None:
     model, other = _Net(), _Net()
     ema = ModelEMA(model, decay=0.9)
     ema.copy_to(other)
-    assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), ema.weights().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(other.state_dict().values(), ema.weights().values())
+    )
     with torch.no_grad():
         model.fc.weight.fill_(3.0)
     ema.update(model)
