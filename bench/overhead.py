@@ -7,7 +7,12 @@ memory, one CPU thread) is trained by
   (b) SimpleTrainer without hooks,
   (c) SimpleTrainer with IterationTimer, LRScheduler and
       PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter) at period 20,
-  (d) as (c) with gather_metric_period=20.
+  (d) as (c) with gather_metric_period=20,
+
+and the training features' per-iteration cost (``feature_variants``):
+
+  (e) the raw loop + ``ModelEMA.update`` after each step (decay 0.9999),
+  (f) as (d) + ``EMAHook``.
 
 The variants run interleaved, round after round, so that drift of a shared machine hits them all;
 each table shows the fastest round (the least disturbed by other work) and the median, with
@@ -39,7 +44,8 @@ import torch
 from torch import nn
 
 from d2engine.engine import hooks
-from d2engine.engine.train_loop import SimpleTrainer
+from d2engine.engine.train_loop import HookBase, SimpleTrainer
+from d2engine.modeling import ModelEMA
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 BATCH = 64
@@ -116,10 +122,19 @@ def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> flo
 
 
 def _trainer_run(
-    data: list[Any], iters: int, device: torch.device, out: Path, *, with_hooks: bool, period: int
+    data: list[Any],
+    iters: int,
+    device: torch.device,
+    out: Path,
+    *,
+    with_hooks: bool,
+    period: int,
+    extra_hooks: Callable[[nn.Module], list[HookBase]] | None = None,
 ) -> float:
     model, opt = build(device)
     trainer = SimpleTrainer(model, cycle(data), opt, gather_metric_period=period)
+    if extra_hooks is not None:
+        trainer.register_hooks(extra_hooks(model))
     if with_hooks:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
         writers = [
@@ -147,6 +162,56 @@ VARIANTS: dict[str, Callable[..., float]] = {
     "(c) + timer, LR, writers @20": lambda *a: _trainer_run(*a, with_hooks=True, period=1),
     "(d) as (c), gather period 20": lambda *a: _trainer_run(*a, with_hooks=True, period=PERIOD),
 }
+
+
+# ------------------------------------------------------------------ training features (issue 12)
+def run_raw_ema(data: list[Any], iters: int, device: torch.device, out: Path) -> float:
+    """The raw loop with an EMA of the weights updated after each optimizer step."""
+    model, opt = build(device)
+    ema = ModelEMA(model, decay=0.9999)
+    model.train()
+    it = cycle(data)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        batch = next(it)
+        loss_dict = model(batch)
+        losses = sum(loss_dict.values())
+        opt.zero_grad()
+        losses.backward()
+        opt.step()
+        ema.update(model)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def feature_variants() -> dict[str, Callable[..., float]]:
+    """The training features' rows; each is compared with (a) and with its base variant."""
+    return {
+        "(e) raw loop + ModelEMA.update": run_raw_ema,
+        "(f) as (d) + EMAHook": lambda *a: _trainer_run(
+            *a,
+            with_hooks=True,
+            period=PERIOD,
+            extra_hooks=lambda model: [hooks.EMAHook(ModelEMA(model, decay=0.9999))],
+        ),
+    }
+
+
+FEATURE_BASES = {
+    "(e) raw loop + ModelEMA.update": "(a) raw loop",
+    "(f) as (d) + EMAHook": "(d) as (c), gather period 20",
+}
+
+
+def print_feature_costs(times: dict[str, list[float]], iters: int) -> None:
+    """Each feature's cost per iteration: its row minus its base row, fastest rounds."""
+    for name, base in FEATURE_BASES.items():
+        if name in times:
+            cost = (min(times[name]) - min(times[base])) / iters
+            share = cost / (min(times[base]) / iters)
+            print(f"{name}: {1e6 * cost:+.1f} us/iter over {base} ({100 * share:+.2f}%)")
+
 
 _READS = ("item", "tolist", "__float__", "__bool__", "numpy", "cpu")
 
@@ -195,6 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     data = make_data(32, device)
 
+    variants = {**VARIANTS, **feature_variants()}
     with tempfile.TemporaryDirectory() as tmp:
         # CommonMetricPrinter logs to a file, as in a real job (not to the console here).
         log = logging.getLogger("d2engine")
@@ -202,13 +268,13 @@ def main(argv: list[str] | None = None) -> None:
         log.propagate = False
         handler = logging.FileHandler(Path(tmp) / "log.txt")
         log.addHandler(handler)
-        times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        times: dict[str, list[float]] = {name: [] for name in variants}
         reads: dict[str, int] = {}
-        for i, (name, fn) in enumerate(VARIANTS.items()):  # warm-up and read counts
+        for i, (name, fn) in enumerate(variants.items()):  # warm-up and read counts
             out = Path(tmp) / f"warm{i}"
             out.mkdir()
             reads[name] = count_host_reads(fn, data, args.iters, device, out)
-        items = list(VARIANTS.items())
+        items = list(variants.items())
         for r in range(args.repeats):
             # Rotate the order each round: no variant always runs first (or after the slowest).
             for i in range(len(items)):
@@ -252,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{stat_name:6s}: target (c)/(a) <= 1.03 {verdict} ({ratio_c:.3f}); "
             f"(d)/(a) = {ratio_d:.3f}"
         )
+    print_feature_costs(times, args.iters)
     sys.stdout.flush()
 
 
