@@ -24,7 +24,8 @@ class EMAHook(HookBase):
     ``torch._foreach`` kernels, no host-device sync. ``before_train``: an average without updates
     (a new run) restarts at the model's current weights, which by then include ``MODEL.WEIGHTS``
     or other loaded weights; a resumed run (``start_iter > 0``) whose average was not restored
-    gets a warning, and the average restarts there.
+    gets a warning, and the average restarts there; otherwise the average follows the model's
+    current tensors (:meth:`~d2engine.modeling.ModelEMA.follow`).
 
     Stateless: the average is saved by the checkpointer, as a checkpointable named ``"ema"``
     (``Checkpointer(model, dir, trainer=trainer, ema=ema)``; DefaultTrainer does so), which puts
@@ -64,6 +65,8 @@ class EMAHook(HookBase):
                     self.trainer.start_iter,
                 )
             self.ema.reset(self._model)
+        else:
+            self.ema.follow(self._model)  # the model may have moved since the EMA was built
 
     def after_step(self) -> None:
         self.ema.update(self._model)  # type: ignore[arg-type]

@@ -40,8 +40,9 @@ class ModelEMA:
     The averaged copy is made of plain tensors (no second module). :meth:`update` costs two
     ``torch._foreach`` kernels, with no host-device sync and no allocation (on another ``device``
     one more copy per tensor into buffers kept between updates). Like an optimizer, it keeps
-    references to the model's parameter and buffer tensors from the first :meth:`update` (or
-    :meth:`reset`) of a model object; call :meth:`reset` after replacing a module's parameters.
+    references to the model's parameters and buffers, taken when it first sees a model object;
+    call :meth:`follow` after moving the model (``model.to()`` replaces buffers) or replacing its
+    parameters (:class:`~d2engine.engine.hooks.EMAHook` does at the start of training).
     DistributedDataParallel and ``torch.compile`` wrappers are unwrapped, so the names are those
     of the plain model (and of its checkpoints).
 
@@ -106,7 +107,7 @@ class ModelEMA:
                 for name, t in tensors.items():
                     self._weights[name].copy_(t.detach())
         self.updates = 0
-        self._bind(model)
+        self.follow(model)
 
     def _check_names(self, tensors: Mapping[str, torch.Tensor], what: str) -> None:
         if list(tensors) != list(self._weights):
@@ -118,17 +119,29 @@ class ModelEMA:
                 "the model the ModelEMA was built from."
             )
 
-    def _bind(self, model: nn.Module) -> None:
-        """Cache the model's tensors in the order of the average, split by how they update."""
+    def follow(self, model: nn.Module) -> None:
+        """Average ``model``'s current parameter and buffer objects from now on.
+
+        :meth:`update` calls it for a model object it has not seen; call it after moving the
+        model or replacing its parameters or buffers.
+
+        Args:
+            model: the model (its names must be the average's).
+
+        Raises:
+            ValueError: the model's parameter and buffer names differ from the average's.
+        """
         source = unwrap_model(model)
         tensors = _model_tensors(source)
-        self._check_names(tensors, "update()")
+        self._check_names(tensors, "follow()")
         avg = [n for n, t in self._weights.items() if _averaged(t)]
         copy = [n for n, t in self._weights.items() if not _averaged(t)]
+        # The parameter objects themselves (updated under no_grad), not detached aliases, so
+        # that an in-place change of ``param.data`` is followed, as an optimizer does.
         self._avg_dst = [self._weights[n] for n in avg]
-        self._avg_src = [tensors[n].detach() for n in avg]
+        self._avg_src = [tensors[n] for n in avg]
         self._copy_dst = [self._weights[n] for n in copy]
-        self._copy_src = [tensors[n].detach() for n in copy]
+        self._copy_src = [tensors[n] for n in copy]
         # Staging buffers when the average lives on another device (foreach ops need one device).
         self._staging: list[torch.Tensor] | None = None
         if any(d.device != s.device for d, s in zip(self._avg_dst, self._avg_src)):
@@ -155,7 +168,7 @@ class ModelEMA:
             model: the trained model (DDP-wrapped or compiled models are unwrapped).
         """
         if unwrap_model(model) is not self._source:
-            self._bind(model)
+            self.follow(model)
         weight = 1.0 - self.decay_at(self.updates + 1)
         with torch.no_grad():
             if self._avg_dst:

@@ -19,7 +19,8 @@ from torch import nn
 
 from d2engine.checkpoint import Checkpointer
 from d2engine.engine import hooks
-from d2engine.engine.train_loop import HookBase, SimpleTrainer
+from d2engine.engine.train_loop import AMPTrainer, HookBase, SimpleTrainer
+from d2engine.modeling import ModelEMA
 from d2engine.utils.events import EventStorage, get_event_storage
 
 
@@ -386,3 +387,23 @@ def test_warns_when_registered_after_the_checkpointer(
     with caplog.at_level(logging.WARNING, logger="d2engine"):
         trainer.train(0, 2)
     assert "EarlyStopping is registered after the PeriodicCheckpointer hook" in caplog.text
+
+
+def test_features_work_with_amp_trainer() -> None:
+    """AMPTrainer (bf16 on CPU) with EMAHook, LossEvalHook and EarlyStopping."""
+    torch.manual_seed(0)
+    model = _Net()
+    trainer = AMPTrainer(
+        model,
+        _train_loader(),
+        torch.optim.SGD(model.parameters(), lr=0.05),
+        precision=torch.bfloat16,
+    )
+    ema = ModelEMA(model, decay=0.5)
+    stop = hooks.EarlyStopping("validation_loss", "min", patience=1, min_delta=1e9)
+    trainer.register_hooks(
+        [hooks.EMAHook(ema), hooks.LossEvalHook(2, model, _batches(2, seed=5)), stop]
+    )
+    trainer.train(0, 10)
+    assert trainer.iter == 3 and trainer.stop_reason is not None  # judged after 1 and 3
+    assert ema.updates == 4 and sorted(_history(trainer, "validation_loss")) == [1, 3]

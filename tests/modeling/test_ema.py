@@ -205,3 +205,16 @@ def test_load_ema_weights_from_a_checkpoint(tmp_path: Any) -> None:
     assert torch.equal(fresh.fc.weight, ema.weights()["fc.weight"])
     with pytest.raises(KeyError, match=r"model.pth has no EMA weights.*MODEL_EMA.ENABLED True"):
         load_ema_weights(fresh, {"iteration": 3}, source="model.pth")
+
+
+def test_follows_replaced_parameter_data_and_buffers_after_follow() -> None:
+    model = nn.BatchNorm1d(2)
+    ema = ModelEMA(model, decay=0.0)  # decay 0: the average is the last weights
+    ema.update(model)
+    model.weight.data = torch.full((2,), 5.0)  # what module.to() does to a parameter
+    ema.update(model)
+    assert torch.equal(ema.weights()["weight"], torch.full((2,), 5.0))
+    model.running_mean = torch.full((2,), 3.0)  # module.to() replaces buffers by new tensors
+    ema.follow(model)
+    ema.update(model)
+    assert torch.equal(ema.weights()["running_mean"], torch.full((2,), 3.0))
