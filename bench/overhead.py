@@ -204,13 +204,37 @@ FEATURE_BASES = {
 }
 
 
-def print_feature_costs(times: dict[str, list[float]], iters: int) -> None:
-    """Each feature's cost per iteration: its row minus its base row, fastest rounds."""
+def time_ema_update(device: torch.device, calls: int = 50, rounds: int = 20) -> float:
+    """Seconds per ``ModelEMA.update`` of the MLP alone: the fastest of ``rounds`` short runs,
+    which a busy machine disturbs less than whole training runs."""
+    model, _ = build(device)
+    ema = ModelEMA(model, decay=0.9999)
+    ema.update(model)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            ema.update(model)
+        sync(device)
+        best = min(best, (time.perf_counter() - start) / calls)
+    return best
+
+
+def print_feature_costs(times: dict[str, list[float]], iters: int, device: torch.device) -> None:
+    """Each feature's cost per iteration: its row minus its base row (fastest rounds), and the
+    EMA update timed alone against the raw loop's iteration."""
     for name, base in FEATURE_BASES.items():
         if name in times:
             cost = (min(times[name]) - min(times[base])) / iters
             share = cost / (min(times[base]) / iters)
             print(f"{name}: {1e6 * cost:+.1f} us/iter over {base} ({100 * share:+.2f}%)")
+    update = time_ema_update(device)
+    raw = min(times["(a) raw loop"]) / iters
+    print(
+        f"ModelEMA.update timed alone: {1e6 * update:.1f} us per update "
+        f"({100 * update / raw:.2f}% of a raw-loop iteration)"
+    )
 
 
 _READS = ("item", "tolist", "__float__", "__bool__", "numpy", "cpu")
@@ -318,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{stat_name:6s}: target (c)/(a) <= 1.03 {verdict} ({ratio_c:.3f}); "
             f"(d)/(a) = {ratio_d:.3f}"
         )
-    print_feature_costs(times, args.iters)
+    print_feature_costs(times, args.iters, device)
     sys.stdout.flush()
 
 

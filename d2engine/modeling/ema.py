@@ -86,7 +86,8 @@ class ModelEMA:
         self.device = torch.device(device) if device else None
         self.updates = 0
         self._weights: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._source: nn.Module | None = None
+        self._source: nn.Module | None = None  # the unwrapped model followed
+        self._given: nn.Module | None = None  # the object last given (maybe a wrapper)
         self.reset(model)
 
     # ------------------------------------------------------------------ averaging
@@ -146,7 +147,7 @@ class ModelEMA:
         self._staging: list[torch.Tensor] | None = None
         if any(d.device != s.device for d, s in zip(self._avg_dst, self._avg_src)):
             self._staging = [torch.empty_like(d) for d in self._avg_dst]
-        self._source = source
+        self._source, self._given = source, model
 
     def decay_at(self, update: int) -> float:
         """The decay used by the ``update``-th update (counted from 1).
@@ -167,8 +168,9 @@ class ModelEMA:
         Args:
             model: the trained model (DDP-wrapped or compiled models are unwrapped).
         """
-        if unwrap_model(model) is not self._source:
+        if model is not self._given and unwrap_model(model) is not self._source:
             self.follow(model)
+        self._given = model
         weight = 1.0 - self.decay_at(self.updates + 1)
         with torch.no_grad():
             if self._avg_dst:
