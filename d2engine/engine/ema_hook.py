@@ -54,7 +54,9 @@ class EMAHook(HookBase):
 
     def before_train(self) -> None:
         model = self._model_given
-        self._model = model if model is not None else self.trainer.model  # type: ignore[attr-defined]
+        if model is None:
+            model = self.trainer.model  # type: ignore[attr-defined]
+        self._model = model
         warn_if_saved_before(self, "the EMA update")
         if self.ema.updates == 0:
             if self.trainer.start_iter > 0:

@@ -317,7 +317,7 @@ class EarlyStopping(HookBase):
         return {"best": self.best, "best_iter": self.best_iter, "num_bad_evals": self.num_bad_evals}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the best value, its iteration and the count of evaluations without improvement."""
+        """Restore the best value, its iteration and the evaluations without improvement."""
         best = state_dict.get("best")
         self.best = None if best is None else float(best)
         best_iter = state_dict.get("best_iter")

@@ -40,8 +40,8 @@ class DefaultPredictor:
     Compared with calling the model directly, it
 
     1. builds the model (:func:`~d2engine.modeling.build_model`), loads ``MODEL.WEIGHTS`` (its
-       EMA weights, the checkpoint's ``"ema"`` entry, when ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``)
-       and puts the model in eval mode;
+       EMA weights, the checkpoint's ``"ema"`` entry, with
+       ``MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY``) and puts the model in eval mode;
     2. takes an H x W x C ``uint8`` image in BGR order (what ``cv2.imread`` returns; an H x W
        array is taken as grayscale) and converts it to ``INPUT.FORMAT``: ``"BGR"``, ``"RGB"`` or
        ``"L"`` (one gray channel, ``L = (299 R + 587 G + 114 B) / 1000`` as PIL computes it);

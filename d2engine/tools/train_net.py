@@ -151,11 +151,12 @@ def main(args: argparse.Namespace) -> Any:
     results: Mapping[str, Any] | None
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        unused = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
-        )
+        checkpointer = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        unused = checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         if cfg.MODEL_EMA.USE_EMA_WEIGHTS_FOR_EVAL_ONLY:  # evaluate the checkpoint's EMA weights
-            load_ema_weights(model, unused, source=cfg.MODEL.WEIGHTS or "the last checkpoint")
+            resumed = args.resume and checkpointer.has_checkpoint()
+            source = checkpointer.get_checkpoint_file() if resumed else cfg.MODEL.WEIGHTS
+            load_ema_weights(model, unused, source=source or "MODEL.WEIGHTS (empty)")
         results = Trainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, results)
