@@ -22,6 +22,7 @@ from d2engine.checkpoint.model_loading import unwrap_model
 from d2engine.checkpoint.state import capture_rng_state, restore_rng_state
 from d2engine.engine.checkpoint_hooks import _is_periodic_eval_step, warn_if_saved_before
 from d2engine.engine.train_loop import HookBase, SimpleTrainer
+from d2engine.evaluation.evaluator import _first_sample_batch, _lockstep_batches
 from d2engine.utils import comm
 from d2engine.utils.events import EventStorage
 from d2engine.utils.validation import check_positive_int
@@ -49,7 +50,9 @@ class LossEvalHook(HookBase):
     under ``torch.no_grad()`` and puts, with ``smoothing_hint=False``, ``validation_loss`` (the
     mean of the summed losses) and ``validation_<name>`` for each loss the model returns, the
     mean over every batch of every rank. Register it on every rank (the means are gathered); each
-    rank reads its own loader (d2engine's test loaders shard the data).
+    rank reads its own loader (d2engine's test loaders shard the data); with a sharded (FSDP2)
+    model, whose forward pass is a collective, every rank runs as many passes (the loader needs a
+    ``len()``; the extra passes do not count).
 
     It does not change training. Models return their losses in training mode, so the model stays
     in training mode, except its normalization layers (``_NormBase``: BatchNorm, SyncBatchNorm,
@@ -122,11 +125,14 @@ class LossEvalHook(HookBase):
             TypeError: the model returned neither a dict of scalar losses nor a scalar.
         """
         model = unwrap_model(self._model)
+        # A sharded (FSDP2) model's forward is a collective: every rank runs as many passes.
+        total = len(self._data_loader) if hasattr(self._data_loader, "__len__") else None
+        lockstep = _lockstep_batches(model, total)
         modes = [(m, m.training) for m in model.modules()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
         rng = capture_rng_state()
         sums: dict[str, torch.Tensor] = {}
-        total: torch.Tensor | None = None
+        summed: torch.Tensor | None = None
         num_batches = 0
         named = True
         try:
@@ -150,8 +156,10 @@ class LossEvalHook(HookBase):
                         v = v.detach().float()
                         sums[k] = sums[k] + v if k in sums else v
                     loss = loss.detach().float()
-                    total = loss if total is None else total + loss
+                    summed = loss if summed is None else summed + loss
                     num_batches += 1
+                for _ in range(num_batches, lockstep):  # in step with ranks that have more
+                    model(inputs if num_batches else _first_sample_batch(self._data_loader))
         finally:
             for m, training in modes:
                 m.training = training
@@ -160,7 +168,7 @@ class LossEvalHook(HookBase):
                     b.copy_(saved)
             restore_rng_state(rng)
         local = {k: float(v) for k, v in sums.items()}  # one read per evaluation
-        local["validation_loss"] = float(total) if total is not None else 0.0
+        local["validation_loss"] = float(summed) if summed is not None else 0.0
         gathered = comm.all_gather((local, num_batches))
         count = sum(n for _, n in gathered)
         if count == 0:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from d2engine.checkpoint.model_loading import load_model_state, unwrap_model
 
@@ -32,6 +33,23 @@ def _model_tensors(model: nn.Module) -> OrderedDict[str, torch.Tensor]:
 
 def _averaged(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
+
+
+def _groups(
+    dst: list[torch.Tensor], src: list[torch.Tensor]
+) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Split pairs for ``torch._foreach`` calls: DTensors (FSDP2 parameters) and plain tensors
+    (e.g. the buffers of a sharded model) cannot be mixed in one call."""
+    by_kind: dict[bool, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(dst, src):
+        pair = by_kind.setdefault(isinstance(s, DTensor), ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    return list(by_kind.values())
+
+
+def _same_devices(dst: list[torch.Tensor], src: list[torch.Tensor]) -> bool:
+    return all(d.device == s.device for d, s in zip(dst, src))
 
 
 class ModelEMA:
@@ -139,14 +157,12 @@ class ModelEMA:
         copy = [n for n, t in self._weights.items() if not _averaged(t)]
         # The parameter objects themselves (updated under no_grad), not detached aliases, so
         # that an in-place change of ``param.data`` is followed, as an optimizer does.
-        self._avg_dst = [self._weights[n] for n in avg]
-        self._avg_src = [tensors[n] for n in avg]
-        self._copy_dst = [self._weights[n] for n in copy]
-        self._copy_src = [tensors[n] for n in copy]
-        # Staging buffers when the average lives on another device (foreach ops need one device).
-        self._staging: list[torch.Tensor] | None = None
-        if any(d.device != s.device for d, s in zip(self._avg_dst, self._avg_src)):
-            self._staging = [torch.empty_like(d) for d in self._avg_dst]
+        self._avg_groups = [
+            # staging buffers when the average lives on another device (one device per foreach)
+            (dst, src, None if _same_devices(dst, src) else [torch.empty_like(d) for d in dst])
+            for dst, src in _groups([self._weights[n] for n in avg], [tensors[n] for n in avg])
+        ]
+        self._copy_groups = _groups([self._weights[n] for n in copy], [tensors[n] for n in copy])
         self._source, self._given = source, model
 
     def decay_at(self, update: int) -> float:
@@ -173,14 +189,13 @@ class ModelEMA:
         self._given = model
         weight = 1.0 - self.decay_at(self.updates + 1)
         with torch.no_grad():
-            if self._avg_dst:
-                src = self._avg_src
-                if self._staging is not None:
-                    torch._foreach_copy_(self._staging, src)
-                    src = self._staging
-                torch._foreach_lerp_(self._avg_dst, src, weight)
-            if self._copy_dst:
-                torch._foreach_copy_(self._copy_dst, self._copy_src)
+            for dst, src, staging in self._avg_groups:
+                if staging is not None:
+                    torch._foreach_copy_(staging, src)
+                    src = staging
+                torch._foreach_lerp_(dst, src, weight)
+            for dst, src in self._copy_groups:
+                torch._foreach_copy_(dst, src)
         self.updates += 1
 
     # ------------------------------------------------------------------ using the average

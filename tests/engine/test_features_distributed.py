@@ -18,7 +18,7 @@ from torch import nn
 
 from d2engine.checkpoint import DetectionCheckpointer
 from d2engine.engine import hooks
-from d2engine.engine.ddp import create_ddp_model
+from d2engine.engine.ddp import create_ddp_model, create_fsdp_model
 from d2engine.engine.launch import launch
 from d2engine.engine.train_loop import HookBase, SimpleTrainer
 from d2engine.modeling import ModelEMA
@@ -94,7 +94,50 @@ def _worker(out_dir: str) -> None:
             for name in ("validation_loss", "validation_loss_a", "validation_loss_b")
         },
     }
+    report["fsdp"] = _fsdp_ema(out)
     (out / f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def _full(t: torch.Tensor) -> list[float]:
+    full = t.full_tensor() if hasattr(t, "full_tensor") else t  # a collective for a DTensor
+    return full.detach().flatten().tolist()
+
+
+def _fsdp_ema(out: Path) -> dict[str, Any]:
+    """ModelEMA of an FSDP2 model (DTensor parameters): update, swap, sharded save and load."""
+    model = create_fsdp_model(_Regressor())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ema = ModelEMA(model, decay=DECAY)
+    states = [{k: _full(v) for k, v in model.state_dict().items()}]
+    g = torch.Generator().manual_seed(comm.get_rank())
+    for _ in range(3):
+        batch = (torch.randn(4, 4, generator=g), torch.randn(4, generator=g))
+        loss = model(batch)["loss_mse"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ema.update(model)
+        states.append({k: _full(v) for k, v in model.state_dict().items()})
+    # the forward of a sharded model is a collective: rank 1 (1 batch) keeps in step with rank 0 (3)
+    val = [{"a": torch.tensor(a)} for a in VAL[comm.get_rank()]]
+    validation = hooks.LossEvalHook(0, model, val).compute_losses()
+    with ema.swap(model):
+        swapped = {k: _full(v) for k, v in model.state_dict().items()}
+    restored = {k: _full(v) for k, v in model.state_dict().items()}
+    DetectionCheckpointer(model, str(out / "fsdp"), ema=ema).save("sharded")
+    comm.synchronize()
+    other = create_fsdp_model(_Regressor())
+    loaded = ModelEMA(other, decay=DECAY)
+    DetectionCheckpointer(other, str(out / "fsdp"), ema=loaded).load(str(out / "fsdp" / "sharded"))
+    return {
+        "states": states,
+        "ema": {k: _full(v) for k, v in ema.weights().items()},
+        "swapped": swapped,
+        "restored": restored,
+        "loaded": {k: _full(v) for k, v in loaded.weights().items()},
+        "loaded_updates": loaded.updates,
+        "validation": validation,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +186,28 @@ def test_validation_loss_is_the_mean_over_all_ranks_batches(job: tuple) -> None:
         assert r["validation"]["validation_loss_a"] == {"1": 4.0, "3": 4.0}  # (1+2+3+10)/4
         assert r["validation"]["validation_loss_b"] == {"1": 0.5, "3": 0.5}
         assert r["validation"]["validation_loss"] == {"1": 4.5, "3": 4.5}
+
+
+@pytest.mark.timeout(180)
+def test_ema_of_an_fsdp_model(job: tuple) -> None:
+    """FSDP2 parameters are DTensors: the average is sharded like them, swaps in and out, and goes
+    through a sharded checkpoint and back; LossEvalHook keeps the ranks' forward passes in step."""
+    _, (r0, r1) = job
+    f0, f1 = r0["fsdp"], r1["fsdp"]
+    assert f0["ema"] == f1["ema"]  # the full tensors agree on both ranks
+    expected = {k: torch.tensor(v) for k, v in f0["states"][0].items()}
+    for state in f0["states"][1:]:
+        expected = {
+            k: DECAY * expected[k] + (1 - DECAY) * torch.tensor(v) for k, v in state.items()
+        }
+    for k, v in expected.items():
+        torch.testing.assert_close(torch.tensor(f0["ema"][k]), v, rtol=1e-5, atol=1e-6)
+    assert f0["swapped"] == f0["ema"] and f0["restored"] == f0["states"][-1]
+    assert f0["loaded"] == f0["ema"] and f0["loaded_updates"] == 3
+    for f in (f0, f1):  # LossEvalHook on the sharded model: the mean over the 4 batches
+        expected_losses = {
+            "validation_loss": 4.5,
+            "validation_loss_a": 4.0,
+            "validation_loss_b": 0.5,
+        }
+        assert f["validation"] == expected_losses
