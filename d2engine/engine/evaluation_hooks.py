@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sized
 from typing import Any
 
 import torch
@@ -126,7 +126,8 @@ class LossEvalHook(HookBase):
         """
         model = unwrap_model(self._model)
         # A sharded (FSDP2) model's forward is a collective: every rank runs as many passes.
-        total = len(self._data_loader) if hasattr(self._data_loader, "__len__") else None
+        loader = self._data_loader
+        total = len(loader) if isinstance(loader, Sized) else None
         lockstep = _lockstep_batches(model, total)
         modes = [(m, m.training) for m in model.modules()]
         buffers = [(b, b.detach().clone()) for b in model.buffers()]
