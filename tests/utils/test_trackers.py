@@ -294,6 +294,7 @@ def test_wandb_writer_offline_run_holds_history_config_and_images(
     writer = WandbWriter(project="d2-test", name="r1", config=cfg, dir=tmp_path / "out",
                          mode="offline", window_size=2)  # fmt: skip
     expected = _log(writer)
+    wandb_offline.teardown()  # every record is on disk once the service stopped
     (run_dir,) = (tmp_path / "out" / "wandb").glob("offline-run-*")
     records = _wandb_records(run_dir)
     history = _history(records)
@@ -312,6 +313,7 @@ def test_wandb_run_exits_with_1_when_closed_during_an_exception(
     tmp_path: Path, wandb_offline: Any
 ) -> None:
     _log(WandbWriter(project="d2-test", dir=tmp_path, mode="offline"), fail=True)
+    wandb_offline.teardown()  # the service writes the exit record last: wait until it is written
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
     exits = [
         r.exit.exit_code for r in _wandb_records(run_dir) if r.WhichOneof("record_type") == "exit"
