@@ -252,3 +252,56 @@ def test_tensorboard_writer_exposes_its_summary_writer_lazily(tmp_path) -> None:
     assert writer._writer is writer._writer  # one SummaryWriter
     writer.close()
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_put_scalar_series_is_put_scalar_in_bulk() -> None:
+    values = [0.1 * i for i in range(30)]
+    with EventStorage() as one_by_one:
+        for i, v in enumerate(values):
+            one_by_one.put_scalar("loss", v, cur_iter=i)
+    with EventStorage() as bulk:
+        bulk.put_scalar_series("loss", values[:7], list(range(7)))
+        bulk.put_scalar_series("loss", values[7:], list(range(7, 30)))
+        bulk.put_scalar_series("loss", [], [])  # nothing
+        with bulk.name_scope("val"):
+            bulk.put_scalar_series("acc", [1, 2], [3, 4], smoothing_hint=False)
+    a, b = one_by_one.history("loss"), bulk.history("loss")
+    assert a.values() == b.values() and a.global_avg() == b.global_avg()
+    assert bulk.latest() == {"loss": (values[-1], 29), "val/acc": (2.0, 4)}
+    assert bulk.latest_with_smoothing_hint(20) == one_by_one.latest_with_smoothing_hint(20) | {
+        "val/acc": (2.0, 4)
+    }
+    with EventStorage() as s:
+        with pytest.raises(ValueError, match=r"put_scalar_series\('x'\) got 2 values for 1"):
+            s.put_scalar_series("x", [1.0, 2.0], [0])
+        s.put_scalar("x", torch.tensor(1.0), cur_iter=0)  # a lazy tensor first: order is kept
+        s.put_scalar_series("x", [2.0, 3.0], [1, 2])
+        assert s.history("x").values() == [(1.0, 0), (2.0, 1), (3.0, 2)]
+        with pytest.raises(ValueError, match="'x'.*smoothing_hint=True.*smoothing_hint=False"):
+            s.put_scalar_series("x", [4.0], [3], smoothing_hint=False)
+
+
+def test_to_floats_reads_each_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    from d2engine.utils.events import _to_floats
+
+    reads = {"n": 0}
+    for name in ("item", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
+            reads["n"] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    values = [torch.tensor(1.5), 2, torch.tensor(2.5, dtype=torch.bfloat16), torch.ones(1)]
+    assert _to_floats(values) == [1.5, 2.0, 2.5, 1.0]
+    assert reads["n"] == 1
+    assert _to_floats([torch.tensor(3.0)]) == [3.0] and reads["n"] == 2
+
+
+def test_common_metric_printer_eta_beyond_what_timedelta_holds(caplog) -> None:
+    printer = CommonMetricPrinter(max_iter=99999999999999999999999)
+    with EventStorage() as s, caplog.at_level(logging.INFO, logger="d2engine.utils.events"):
+        s.put_scalar("time", 0.5)
+        printer.write()
+    assert "eta: >999999999 days  iter: 0" in caplog.text
