@@ -94,14 +94,21 @@ class PeriodicCheckpointer(_PeriodicCheckpointer, HookBase):
         self.step(self.trainer.iter)
 
     def save(self, name: str, **kwargs: Any) -> None:
-        """Gather the cross-rank state, then save (every save of the hook comes here).
+        """Check the losses not read yet and gather the cross-rank state, then save (every save
+        of the hook comes here).
 
         Args:
             name: the file name without ``.pth``.
             kwargs: more entries for the checkpoint.
+
+        Raises:
+            FloatingPointError: a loss since the last read is not finite: nothing is saved.
         """
         if self.trainer.preemption.collective_saves:
-            self.checkpointer.gather_states()  # a collective: every rank saves at the same points
+            # Collectives: every rank saves at the same points. No checkpoint of the weights a
+            # non-finite loss produced (trainer.flush_metrics raises).
+            self.trainer.flush_metrics()
+            self.checkpointer.gather_states()
         super().save(name, **kwargs)
         self._saved = (self.trainer.iter, self.checkpointer.checkpoint_path(name))
 

@@ -15,6 +15,7 @@ and how preemption works.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -27,9 +28,15 @@ import torch
 from torch import nn
 
 from d2engine.checkpoint.state import RankRNGStates
+from d2engine.engine.metrics import (
+    MAX_PENDING_ITERATIONS,
+    PendingLosses,
+    scalar_loss_error,
+    write_losses,
+)
 from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, Preemption, preemption_attribute
 from d2engine.utils import comm
-from d2engine.utils.events import EventStorage, _to_floats, get_event_storage
+from d2engine.utils.events import EventStorage, _to_floats, get_event_storage, has_event_storage
 from d2engine.utils.validation import check_positive_int
 
 # PREEMPTION_EXIT_CODE lives in d2engine.engine.preemption; re-exported for existing scripts.
@@ -192,17 +199,31 @@ class TrainerBase:
                     self.after_step()
                     if self._stops_here():
                         break
-                # Errors of metrics still being computed in the background belong to this run.
+                # The losses not read yet, and metrics still being written in the background,
+                # belong to this run: checked (and their errors raised) before it completes.
+                self.flush_metrics()
                 self.storage.raise_pending()
                 if self.stop_reason is None:
                     self.iter = max(max_iter, start_iter)
                     self.completed = True
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
+                if comm.get_world_size() == 1:  # no collective on a failure path
+                    with contextlib.suppress(Exception):
+                        self.flush_metrics()  # log what the last iterations recorded
                 raise
             finally:
                 self.storage.wait_pending()
                 self.after_train()
+
+    def flush_metrics(self) -> None:
+        """Read, check and log the metrics that iterations recorded without reading them.
+
+        Called at the end of :meth:`train` and, on every rank, by the checkpoint hooks before
+        they save (a collective in a multi-process job). The base trainer records none: it does
+        nothing. :class:`SimpleTrainer` reads its pending losses and raises
+        ``FloatingPointError`` for a non-finite one.
+        """
 
     def request_stop(self, reason: str, *, level: int = logging.INFO, note: str = "") -> None:
         """End training after the current iteration (from a hook, during an iteration).
@@ -331,63 +352,43 @@ def _hook_keys(hooks: Sequence[HookBase]) -> list[str]:
     return keys
 
 
-def _write_metrics(
-    loss_dict: Mapping[str, torch.Tensor | float],
-    data_time: float,
-    cur_iter: int | None,
-    prefix: str,
-    storage: EventStorage,
-    group: Any = None,
-) -> None:
-    metrics = dict(zip(loss_dict, _to_floats(list(loss_dict.values()))))
-    storage.put_scalar("rank_data_time", data_time, cur_iter=cur_iter)
-    if comm.get_world_size() == 1:
-        mean = metrics
-    else:
-        # all_gather (not gather): every rank must see a non-finite loss and raise together.
-        gathered = comm.all_gather({"losses": metrics, "data_time": data_time}, group=group)
-        data_time = max(x["data_time"] for x in gathered)
-        mean = {k: sum(x["losses"][k] for x in gathered) / len(gathered) for k in metrics}
-    total = sum(mean.values())
-    if not math.isfinite(total):
-        iteration = storage.iter if cur_iter is None else cur_iter
-        raise FloatingPointError(
-            f"Loss became infinite or NaN at iteration={iteration}!\nloss_dict = {mean}"
-        )
-    if comm.is_main_process():
-        storage.put_scalar("data_time", data_time, cur_iter=cur_iter)
-        storage.put_scalar(f"{prefix}total_loss", total, cur_iter=cur_iter)
-        if len(mean) > 1:
-            for k, v in mean.items():
-                storage.put_scalar(f"{prefix}{k}", v, cur_iter=cur_iter)
-
-
 class SimpleTrainer(TrainerBase):
     """A trainer for one model, one data loader and one optimizer.
 
     Each :meth:`run_step`: read a batch (timed as ``data_time``), ``loss_dict = model(data)`` (a
     bare tensor becomes ``{"total_loss": t}``), sum the losses, ``zero_grad``, ``backward``, the
-    hooks' ``after_backward``, write metrics, ``optimizer.step()``.
+    hooks' ``after_backward``, record the losses, ``optimizer.step()``. With
+    ``grad_accum_steps=k`` an iteration is still one optimizer step, over ``k`` micro-batches each
+    read from the data loader: each micro-batch's loss is divided by ``k`` before its backward pass,
+    a DDP model (anything with ``no_sync()``) skips the gradient all-reduce on all but the last one,
+    and ``after_backward`` runs once, after the last.
 
-    Metrics (every ``gather_metric_period`` iterations; no host-device sync in between): each
-    rank puts ``rank_data_time``; the main process puts the max ``data_time`` over ranks, the
-    mean of each loss and their sum as ``total_loss``. A non-finite total raises
-    ``FloatingPointError`` on every rank. With ``async_write_metrics=True`` the metrics are
-    gathered in a background thread; its error is raised in the training thread at the next
-    iteration (or at the end of :meth:`train`). The thread is stopped at the end of :meth:`train`
-    (and by :meth:`close`).
+    Metrics, without a host-device sync between reads: the losses of every iteration are kept on
+    the device (:class:`~d2engine.engine.metrics.PendingLosses`) and read in one transfer every
+    ``gather_metric_period`` iterations, before every checkpoint (:meth:`flush_metrics`) and at
+    the end of training. Each iteration's values are then logged at their iteration: every rank
+    puts ``rank_data_time``; the main process puts the max ``data_time`` over ranks, the mean of
+    each loss over ranks (and micro-batches) and their sum as ``total_loss``. A non-finite total
+    raises ``FloatingPointError`` on every rank naming the first such iteration, before any
+    checkpoint of it is written. With ``async_write_metrics=True`` the reads happen in a
+    background thread; its error is raised in the training thread at the next iteration, and
+    before any checkpoint (:meth:`flush_metrics` waits for it). The thread is stopped at the end
+    of :meth:`train` (and by :meth:`close`).
 
     Args:
         model: a module in training mode returning a dict of scalar losses (or one tensor).
         data_loader: an iterable of model inputs; its iterator is created at the first step and
             kept across :meth:`train` calls.
         optimizer: a torch optimizer.
-        gather_metric_period: write metrics every this many iterations.
+        gather_metric_period: read (and log, and check) the losses every this many iterations.
+            1 reads every iteration, as detectron2 does; a writer's period avoids any read in
+            between (``DefaultTrainer`` uses its writers' period, 20).
         zero_grad_before_forward: call ``zero_grad`` before the forward pass instead of after.
-        async_write_metrics: gather and write metrics in a background thread.
+        async_write_metrics: read and write the metrics in a background thread.
+        grad_accum_steps: micro-batches per iteration (per optimizer step).
 
     Raises:
-        ValueError: if ``gather_metric_period`` is not a positive integer.
+        ValueError: if ``gather_metric_period`` or ``grad_accum_steps`` is not a positive integer.
     """
 
     def __init__(
@@ -398,6 +399,7 @@ class SimpleTrainer(TrainerBase):
         gather_metric_period: int = 1,
         zero_grad_before_forward: bool = False,
         async_write_metrics: bool = False,
+        grad_accum_steps: int = 1,
     ) -> None:
         super().__init__()
         model.train()
@@ -408,8 +410,12 @@ class SimpleTrainer(TrainerBase):
         self.gather_metric_period = check_positive_int(
             gather_metric_period, "gather_metric_period", type(self).__name__
         )
+        self.grad_accum_steps = check_positive_int(
+            grad_accum_steps, "grad_accum_steps", type(self).__name__
+        )
         self.zero_grad_before_forward = zero_grad_before_forward
         self.async_write_metrics = async_write_metrics
+        self._losses = PendingLosses()
         self._metrics_executor: ThreadPoolExecutor | None = None
         self._metrics_group: Any = None
         self._pending_metrics: tuple[Future[None], EventStorage] | None = None
@@ -444,37 +450,83 @@ class SimpleTrainer(TrainerBase):
 
     @staticmethod
     def _as_loss_dict(out: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """The loss dict and the total of what the model returned (every loss a scalar tensor)."""
         if isinstance(out, torch.Tensor):
+            if out.numel() != 1:
+                raise scalar_loss_error("total_loss", out)
             return {"total_loss": out}, out
         if not isinstance(out, Mapping) or not out:
             raise TypeError(
                 f"The model must return a dict of scalar losses or a loss tensor, got "
                 f"{type(out).__name__}. HINT: return e.g. {{'loss_cls': loss}} in training mode."
             )
-        return dict(out), sum(out.values())  # type: ignore[return-value]
+        total = None
+        for k, v in out.items():  # shapes and types only: no value is read
+            if not isinstance(v, torch.Tensor) or v.numel() != 1:
+                raise scalar_loss_error(k, v)
+            total = v if total is None else total + v
+        return dict(out), total  # type: ignore[return-value]
+
+    def _forward(self, data: Any) -> Any:
+        """The model's output for ``data`` (AMPTrainer: under autocast)."""
+        return self.model(data)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        """The backward pass of ``loss`` (AMPTrainer: scaled)."""
+        loss.backward()
+
+    def _optimizer_step(self) -> None:
+        """The optimizer step (AMPTrainer: through the grad scaler)."""
+        self.optimizer.step()
 
     def run_step(self) -> None:
         """One iteration of the standard training logic (see the class docstring)."""
         self._check_training_mode()
+        if self.grad_accum_steps > 1:
+            self._run_accumulated_step()
+            return
         data, data_time = self._next_batch()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        loss_dict, losses = self._as_loss_dict(self.model(data))
+        loss_dict, losses = self._as_loss_dict(self._forward(data))
         if not self.zero_grad_before_forward:
             self.optimizer.zero_grad()
-        losses.backward()
+        self._backward(losses)
         self.after_backward()
-        self._record_metrics(loss_dict, data_time)
-        self.optimizer.step()
+        self._write_metrics(loss_dict, data_time)
+        self._optimizer_step()
 
-    def _record_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> None:
-        """Write (or submit) the metrics of this iteration when the period says so."""
-        if self._pending_metrics is not None:
-            self._collect_pending_metrics()
-        if not self.async_write_metrics:
-            self._write_metrics(loss_dict, data_time)
-        elif (self.iter + 1) % self.gather_metric_period == 0:
-            self._submit_metrics(loss_dict, data_time)
+    def _run_accumulated_step(self) -> None:
+        """One iteration of ``grad_accum_steps`` micro-batches and one optimizer step."""
+        steps = self.grad_accum_steps
+        no_sync = getattr(self.model, "no_sync", None)
+        if self.zero_grad_before_forward:
+            self.optimizer.zero_grad()
+        keys: tuple[str, ...] = ()
+        values: list[torch.Tensor] = []
+        data_time = 0.0
+        for i in range(steps):
+            data, seconds = self._next_batch()
+            data_time += seconds
+            # DDP all-reduces the gradients in the backward pass of the last micro-batch only.
+            sync = no_sync is None or i == steps - 1
+            with contextlib.nullcontext() if sync else no_sync():  # type: ignore[misc]
+                loss_dict, losses = self._as_loss_dict(self._forward(data))
+                if i == 0 and not self.zero_grad_before_forward:
+                    self.optimizer.zero_grad()
+                self._backward(losses / steps)
+            if i == 0:
+                keys = tuple(loss_dict)
+            elif tuple(loss_dict) != keys:
+                raise ValueError(
+                    f"The model returned the losses {list(loss_dict)} for micro-batch {i} of "
+                    f"iteration {self.iter} but {list(keys)} for its first. HINT: return the "
+                    "same losses for every batch (a zero tensor for one that does not apply)."
+                )
+            values.extend(v.detach() for v in loss_dict.values())
+        self.after_backward()
+        self._record_losses(keys, tuple(values), data_time, "", self.iter)
+        self._optimizer_step()
 
     def _write_metrics(
         self,
@@ -483,26 +535,57 @@ class SimpleTrainer(TrainerBase):
         prefix: str = "",
         iter: int | None = None,
     ) -> None:
-        """Write the metrics of iteration ``iter`` now, if ``gather_metric_period`` says so.
+        """Record the losses of iteration ``iter`` (default: the current one) for the metrics.
 
-        detectron2's method, which ``run_step`` overrides call with their losses (extra losses
-        under a ``prefix`` too); the standard ``run_step`` calls it after the backward pass
-        (without ``async_write_metrics``).
+        Nothing is read here: the losses are read, checked and logged every
+        ``gather_metric_period`` iterations (see the class docstring). The standard
+        :meth:`run_step` calls it after the backward pass; a ``run_step`` override may call it
+        with its own losses (extra ones under a ``prefix``), as in detectron2.
 
         Args:
-            loss_dict: scalar losses.
+            loss_dict: scalar losses (tensors, or numbers).
             data_time: the time spent reading the batch.
             prefix: prefix of the logged loss names.
             iter: the iteration (default: the current one).
 
         Raises:
-            FloatingPointError: if the total loss is infinite or NaN (on every rank).
+            FloatingPointError: when the losses are read and a total is infinite or NaN (on
+                every rank).
         """
-        iter = self.iter if iter is None else iter
-        if (iter + 1) % self.gather_metric_period == 0:
-            self.write_metrics(loss_dict, data_time, iter, prefix)
+        it = self.iter if iter is None else iter
+        self._record_losses(tuple(loss_dict), _detached(loss_dict), data_time, prefix, it)
 
-    def _submit_metrics(self, loss_dict: Mapping[str, torch.Tensor], data_time: float) -> None:
+    def _record_losses(
+        self, keys: tuple[str, ...], values: tuple[Any, ...], data_time: float, prefix: str, it: int
+    ) -> None:
+        if self._pending_metrics is not None and self._pending_metrics[0].done():
+            self._collect_pending_metrics()  # raises a background error at the next iteration
+        self._losses.add(it, keys, values, data_time, prefix)
+        if (it + 1) % self.gather_metric_period == 0 or len(self._losses) >= MAX_PENDING_ITERATIONS:
+            if self.async_write_metrics:
+                self._submit_metrics()
+            else:
+                write_losses(self._losses.take(), get_event_storage())
+
+    def flush_metrics(self) -> None:
+        """Read, check and log the losses of the iterations not read yet, now.
+
+        Waits for the metrics being written in the background (raising their error), then
+        reads the rest in one transfer. A collective in a multi-process job: call it on every rank
+        at the same iteration. The checkpoint hooks call it before saving, so that no
+        checkpoint is written after a non-finite loss; :meth:`train` calls it at the end.
+
+        Raises:
+            FloatingPointError: naming the first iteration whose total loss is infinite or NaN.
+        """
+        if self._pending_metrics is not None:
+            self._collect_pending_metrics()
+        if len(self._losses):
+            write_losses(self._losses.take(), get_event_storage(), self._metrics_group)
+
+    def _submit_metrics(self) -> None:
+        if self._pending_metrics is not None:
+            self._collect_pending_metrics()
         storage = get_event_storage()
         if self._metrics_executor is None:
             self._metrics_executor = ThreadPoolExecutor(
@@ -512,9 +595,8 @@ class SimpleTrainer(TrainerBase):
             # Created once, here in the training thread, at the same step on every rank: the
             # background collective then never interleaves with DDP's on the default group.
             self._metrics_group = comm.new_group(backend="gloo")
-        detached = {k: v.detach() for k, v in loss_dict.items()}
         future = self._metrics_executor.submit(
-            _write_metrics, detached, data_time, self.iter, "", storage, self._metrics_group
+            write_losses, self._losses.take(), storage, self._metrics_group
         )
         storage.add_pending(future)
         self._pending_metrics = (future, storage)
@@ -551,7 +633,7 @@ class SimpleTrainer(TrainerBase):
         cur_iter: int | None = None,
         prefix: str = "",
     ) -> None:
-        """Reduce the losses over ranks and put them into the current event storage.
+        """Reduce the losses over ranks and put them into the current event storage, now.
 
         Args:
             loss_dict: scalar losses.
@@ -562,15 +644,52 @@ class SimpleTrainer(TrainerBase):
         Raises:
             FloatingPointError: if the total loss is infinite or NaN (on every rank).
         """
-        _write_metrics(loss_dict, data_time, cur_iter, prefix, get_event_storage())
+        storage = get_event_storage()
+        it = storage.iter if cur_iter is None else int(cur_iter)
+        losses = PendingLosses()
+        losses.add(it, tuple(loss_dict), _detached(loss_dict), data_time, prefix)
+        write_losses(losses.take(), storage)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base state plus ``"optimizer"`` and ``"data"`` (the loader's, when it has one)."""
+        """The base state plus ``"optimizer"`` and ``"data"`` (the loader's, when it has one).
+
+        Losses not read yet are checked first (on this process), so that a checkpoint is never
+        written after a non-finite loss, whoever saves it.
+
+        Raises:
+            FloatingPointError: if a loss not read yet is infinite or NaN.
+        """
+        self._check_pending_losses()
         ret = super().state_dict()
         ret["optimizer"] = self.optimizer.state_dict()
         if callable(getattr(self.data_loader, "state_dict", None)):
             ret["data"] = self.data_loader.state_dict()  # type: ignore[attr-defined]
         return ret
+
+    def _check_pending_losses(self) -> None:
+        """Raise if a loss not read yet is not finite (this process's values; no collective)."""
+        if self._pending_metrics is not None:
+            self._collect_pending_metrics()
+        if not len(self._losses):
+            return
+        if comm.get_world_size() == 1 and has_event_storage():
+            self.flush_metrics()
+            return
+        items = self._losses.take()
+        floats = _to_floats([v for item in items for v in item.values])
+        pos = 0
+        for item in items:
+            values = floats[pos : pos + len(item.values)]
+            pos += len(item.values)
+            if not math.isfinite(sum(values)):
+                raise FloatingPointError(
+                    f"Loss became infinite or NaN at iteration={item.iteration}!\n"
+                    f"loss_dict = {dict(zip(item.keys, values))}\nHINT: no checkpoint was "
+                    "written; see SimpleTrainer.flush_metrics."
+                )
+        # Put them back, read: the next flush logs them (with the other ranks' values).
+        for item in items:
+            self._losses.add(item.iteration, item.keys, item.values, item.data_time, item.prefix)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore the base state, the optimizer and the data position.
@@ -597,6 +716,11 @@ class SimpleTrainer(TrainerBase):
                 )
 
 
+def _detached(loss_dict: Mapping[str, Any]) -> tuple[Any, ...]:
+    """The values of ``loss_dict``, tensors detached (no copy, no read)."""
+    return tuple([v.detach() if isinstance(v, torch.Tensor) else v for v in loss_dict.values()])
+
+
 def _device_type_of(model: nn.Module) -> str:
     for p in model.parameters():
         return p.device.type
@@ -608,7 +732,8 @@ class AMPTrainer(SimpleTrainer):
 
     The autocast device type is the one of the model's parameters. fp16 on CUDA scales the loss
     with a ``torch.amp.GradScaler("cuda")`` (created when not given); bf16 (CUDA or CPU) needs no
-    scaler. fp16 is refused on CPU: use bf16 there.
+    scaler. fp16 is refused on CPU: use bf16 there. With ``grad_accum_steps > 1`` the scaler
+    scales every micro-batch's loss and steps (and updates its scale) once per iteration.
 
     Args:
         model: see :class:`SimpleTrainer`.
@@ -620,6 +745,7 @@ class AMPTrainer(SimpleTrainer):
         async_write_metrics: see :class:`SimpleTrainer`.
         gather_metric_period: see :class:`SimpleTrainer`.
         zero_grad_before_forward: see :class:`SimpleTrainer`.
+        grad_accum_steps: see :class:`SimpleTrainer`.
 
     Raises:
         ValueError: for a precision other than fp16/bf16, or fp16 on a CPU model.
@@ -637,6 +763,7 @@ class AMPTrainer(SimpleTrainer):
         *,
         gather_metric_period: int = 1,
         zero_grad_before_forward: bool = False,
+        grad_accum_steps: int = 1,
     ) -> None:
         if precision not in (torch.float16, torch.bfloat16):
             raise ValueError(
@@ -656,6 +783,7 @@ class AMPTrainer(SimpleTrainer):
             gather_metric_period=gather_metric_period,
             zero_grad_before_forward=zero_grad_before_forward,
             async_write_metrics=async_write_metrics,
+            grad_accum_steps=grad_accum_steps,
         )
         if grad_scaler is None and precision == torch.float16:
             grad_scaler = torch.amp.GradScaler(device_type)
@@ -664,21 +792,19 @@ class AMPTrainer(SimpleTrainer):
         self.log_grad_scaler = log_grad_scaler
         self._device_type = device_type
 
-    def run_step(self) -> None:
-        """One mixed-precision iteration (see :class:`SimpleTrainer`)."""
-        self._check_training_mode()
-        data, data_time = self._next_batch()
-        if self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
+    def _forward(self, data: Any) -> Any:
         with torch.amp.autocast(device_type=self._device_type, dtype=self.precision):
-            loss_dict, losses = self._as_loss_dict(self.model(data))
-        if not self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
-        scaler = self.grad_scaler
-        if scaler is not None:
-            scaler.scale(losses).backward()
+            return self.model(data)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
         else:
-            losses.backward()
+            loss.backward()
+
+    def after_backward(self) -> None:
+        """Put the scale (``log_grad_scaler``, at metric iterations), then run the hooks'."""
+        scaler = self.grad_scaler
         if (
             self.log_grad_scaler
             and scaler is not None
@@ -686,11 +812,12 @@ class AMPTrainer(SimpleTrainer):
         ):
             # the scale as a tensor copy (updated in place later): no sync here
             get_event_storage().put_scalar("[metric]grad_scaler", self._scale_tensor(scaler))
-        self.after_backward()
-        self._record_metrics(loss_dict, data_time)
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
+        super().after_backward()
+
+    def _optimizer_step(self) -> None:
+        if self.grad_scaler is not None:
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
         else:
             self.optimizer.step()
 

@@ -1,0 +1,179 @@
+"""The trainers' loss metrics: kept on the device between reads, read in one transfer, checked.
+
+A :class:`~d2engine.engine.train_loop.SimpleTrainer` records the losses of every iteration in a
+:class:`PendingLosses` buffer: references to the (detached) loss tensors, no read, no device
+operation, no allocation on the device. Every ``gather_metric_period`` iterations, before every
+checkpoint and at the end of training the trainer reads the whole buffer with :func:`write_losses`:
+one transfer per device for all the pending iterations, one ``all_gather`` over the ranks in a
+multi-process job, then a check that raises ``FloatingPointError`` naming the *first* iteration
+whose total loss is not finite, and every iteration's values logged at its own iteration.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from d2engine.utils import comm
+from d2engine.utils.events import EventStorage, _to_floats
+
+__all__ = ["MAX_PENDING_ITERATIONS", "PendingLosses", "scalar_loss_error", "write_losses"]
+
+MAX_PENDING_ITERATIONS = 1000
+"""The most iterations a trainer keeps unread, whatever its ``gather_metric_period``: the buffer
+(and the loss tensors it keeps alive) stays bounded."""
+
+
+class _Iteration(NamedTuple):
+    """What one iteration (or one ``_write_metrics`` call) recorded."""
+
+    iteration: int
+    prefix: str
+    keys: tuple[str, ...]
+    values: tuple[Any, ...]  # len(keys) per micro-batch: tensors, or numbers
+    data_time: float
+
+
+class PendingLosses:
+    """The losses of the iterations not read yet, in order.
+
+    :meth:`add` costs a tuple and a list append: the tensors stay where they are (on the device)
+    and nothing is read. The buffer holds at most a period's iterations (see
+    :data:`MAX_PENDING_ITERATIONS`); :meth:`take` hands them over and empties it.
+    """
+
+    def __init__(self) -> None:
+        self._items: list[_Iteration] = []
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(
+        self,
+        iteration: int,
+        keys: tuple[str, ...],
+        values: tuple[Any, ...],
+        data_time: float,
+        prefix: str = "",
+    ) -> None:
+        """Record the losses of ``iteration``.
+
+        Args:
+            iteration: the iteration they belong to.
+            keys: the loss names.
+            values: ``len(keys)`` detached scalar tensors (or numbers) per micro-batch, micro-batch
+                after micro-batch; the logged value of a key is its mean over the micro-batches.
+            data_time: the seconds spent reading the iteration's data.
+            prefix: prefix of the logged names.
+        """
+        self._items.append(_Iteration(iteration, prefix, keys, values, data_time))
+
+    def take(self) -> list[_Iteration]:
+        """Return the pending iterations, oldest first, and empty the buffer."""
+        items, self._items = self._items, []
+        return items
+
+
+def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any = None) -> None:
+    """Read, check and log the losses of ``items`` (from :meth:`PendingLosses.take`).
+
+    One read per device for all the values; in a multi-process job one ``all_gather`` (a
+    collective: call it on every rank with the same iterations). Each rank logs
+    ``rank_data_time``; the main process logs ``data_time`` (the max over ranks), the mean over
+    ranks of each loss and their sum as ``total_loss`` (the losses only when there are several),
+    each at its iteration.
+
+    Args:
+        items: the iterations to write, oldest first.
+        storage: the storage to log into.
+        group: the process group of the ``all_gather`` (None: the default one).
+
+    Raises:
+        FloatingPointError: naming the first iteration whose total loss is infinite or NaN (on
+            every rank); the iterations before it are logged.
+    """
+    if not items:
+        return
+    floats = _to_floats([v for item in items for v in item.values])
+    local: list[dict[str, float]] = []
+    pos = 0
+    for item in items:
+        n, count = len(item.keys), len(item.values)
+        values = floats[pos : pos + count]
+        pos += count
+        if count == n:
+            local.append(dict(zip(item.keys, values)))
+        else:  # micro-batches: the mean of each loss
+            steps = count // n
+            local.append({k: sum(values[i::n]) / steps for i, k in enumerate(item.keys)})
+    data_times = [item.data_time for item in items]
+    world_size = comm.get_world_size()
+    means, max_data_times = local, data_times
+    bad_ranks: list[list[int]] = [[] for _ in items]
+    if world_size > 1:
+        gathered = comm.all_gather((local, data_times), group=group)
+        means, max_data_times, bad_ranks = [], [], []
+        for j in range(len(items)):
+            per_rank = [losses[j] for losses, _ in gathered]
+            means.append({k: sum(r[k] for r in per_rank) / world_size for k in per_rank[0]})
+            max_data_times.append(max(times[j] for _, times in gathered))
+            bad_ranks.append([r for r, d in enumerate(per_rank) if not _finite(d.values())])
+
+    series: dict[str, tuple[list[float], list[int]]] = {}
+
+    def log(name: str, value: float, iteration: int) -> None:
+        values, iterations = series.setdefault(name, ([], []))
+        values.append(value)
+        iterations.append(iteration)
+
+    main = comm.is_main_process()
+    error: FloatingPointError | None = None
+    for item, mean, data_time, max_data_time, ranks in zip(
+        items, means, data_times, max_data_times, bad_ranks
+    ):
+        total = sum(mean.values())
+        if not math.isfinite(total):
+            error = _non_finite(item.iteration, mean, ranks)
+            break
+        it = item.iteration
+        log("rank_data_time", data_time, it)
+        if main:
+            log("data_time", max_data_time, it)
+            log(f"{item.prefix}total_loss", total, it)
+            if len(mean) > 1:
+                for k, v in mean.items():
+                    log(f"{item.prefix}{k}", v, it)
+    for name, (values, iterations) in series.items():
+        storage.put_scalar_series(name, values, iterations)
+    if error is not None:
+        raise error
+
+
+def _finite(values: Any) -> bool:
+    return math.isfinite(sum(values))
+
+
+def _non_finite(iteration: int, mean: Mapping[str, float], ranks: list[int]) -> FloatingPointError:
+    where = f"\nNot finite on rank(s) {ranks}." if ranks else ""
+    return FloatingPointError(
+        f"Loss became infinite or NaN at iteration={iteration}!\nloss_dict = {dict(mean)}{where}\n"
+        "HINT: no checkpoint of this iteration or later was written. Lower SOLVER.BASE_LR (or "
+        "lengthen the warm-up), clip gradients (SOLVER.CLIP_GRADIENTS), or check the data of "
+        "this iteration."
+    )
+
+
+def scalar_loss_error(key: str, value: Any) -> TypeError:
+    """The error for a loss that is not a scalar tensor (``key``: its name in the loss dict)."""
+    if isinstance(value, torch.Tensor):
+        what = f"a tensor of shape {tuple(value.shape)}"
+    else:
+        what = f"a {type(value).__name__} ({value!r:.40})"
+    return TypeError(
+        f"The model's loss '{key}' must be a scalar tensor (one element), got {what}. HINT: "
+        "reduce it in the model (e.g. loss.mean() or loss.sum()) and return tensors, not numbers "
+        "or strings, in the loss dict."
+    )
