@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Iterator
 
 import pytest
@@ -38,3 +39,14 @@ def _deterministic_torch() -> Iterator[None]:
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored() -> Iterator[None]:
+    """Put back the handlers of the signals a test may change (``launch`` ignores SIGTERM after a
+    stopped job; child processes would inherit that)."""
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+    before = {sig: signal.getsignal(sig) for sig in signals}
+    yield
+    for sig, handler in before.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

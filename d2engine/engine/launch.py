@@ -29,15 +29,18 @@ watchdogs time to report; when a worker's collective (or the rendezvous) timed o
 wait, it logs the Python stack of every worker still running (they write it on
 :data:`~d2engine.utils.watchdog.STACK_DUMP_SIGNAL`) before ending them.
 
-Preemption (``docs/resume.md`` tells the whole story): in each of the three ways, when training
-in ``main_func`` was preempted (a trainer recorded the stop, see
-:func:`~d2engine.engine.preemption.preempted_signal`, or ``main_func`` raised
-``SystemExit(PREEMPTION_EXIT_CODE)``), ``launch`` ends with ``SystemExit(PREEMPTION_EXIT_CODE)``
-(75) once ``main_func`` has ended in every process of this machine, so a script calling ``launch``
-behaves like ``d2engine-train``. Spawned workers get the signals in ``forward_signals`` that the
-launching process receives, while it waits for them; in one process, and under torchrun or srun
-(which signal every process), the trainer catches the signal itself. Under torchrun or srun the
-exit code reaches the scheduler as that launcher reports it (srun: its tasks' highest).
+Signals (``docs/resume.md`` tells the whole story, with a table of exit codes): the signals in
+``forward_signals`` (default SIGTERM and SIGINT) stop the job; ``launch`` ends with
+``SystemExit(75)`` (``PREEMPTION_EXIT_CODE``; SIGINT: 130) once ``main_func`` has ended in every
+process of this machine, whether training in it stopped with a checkpoint (a trainer recorded the
+stop, see :func:`~d2engine.engine.preemption.preempted_signal`, or ``main_func`` raised
+``SystemExit(75)``) or the signal came before training started (start-up: nothing to save yet;
+:func:`~d2engine.engine.preemption.preemption_guard`). So a script calling ``launch`` behaves like
+``d2engine-train``. A repeated signal does not change that outcome (a second SIGINT aborts at
+once). Spawned workers run in a process group of their own and get the signals that the launching
+process receives, while it waits for them; in one process, and under torchrun or srun (which
+signal every process), each process handles them itself. Under torchrun or srun the exit code
+reaches the scheduler as that launcher reports it (srun: its tasks' highest).
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.connection import Connection, wait
 from typing import Any
 
@@ -65,7 +68,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from d2engine.engine.preemption import PREEMPTION_EXIT_CODE, preempted_signal, record_preemption
+from d2engine.engine.preemption import (
+    INTERRUPT_EXIT_CODE,
+    PREEMPTION_EXIT_CODE,
+    JobStopped,
+    ignore_until_exit,
+    preempted_signal,
+    preemption_guard,
+    preemption_handlers,
+    record_preemption,
+    signal_name,
+    stop_exit_code,
+)
 from d2engine.utils import comm
 from d2engine.utils.cluster import ClusterEnv, detect_cluster_env
 from d2engine.utils.validation import check_positive_int
@@ -92,6 +106,13 @@ _CAUSE_GRACE_S = 0.1
 _HANG_PEER_WAIT_S = 15.0
 """Seconds the launcher waits, after a worker's hang watchdog ended it, for the other workers'
 watchdogs to report and end them (they stall too, and fire within a few seconds)."""
+
+_STOP_GRACE_S = 30.0
+"""Seconds the other workers get to end after one stopped for a signal: a stopped run's workers
+end together (they saved the same checkpoint), but one blocked in a start-up rendezvous would wait
+for its collective's timeout."""
+
+_STOP_CODES = (PREEMPTION_EXIT_CODE, INTERRUPT_EXIT_CODE)
 
 logger = logging.getLogger(__name__)
 
@@ -198,21 +219,28 @@ class _Job:
     def stack_file(self, local_rank: int) -> str:
         return os.path.join(self.stack_dir, f"worker{local_rank}.txt")
 
+    signals: tuple[int, ...] = ()
+    """The signals the launcher passes on; outside training they end a worker with 75 (130)."""
+
 
 def _call_main(main_func: Callable[..., Any], args: tuple[Any, ...]) -> int:
-    """Call ``main_func(*args)`` here; return PREEMPTION_EXIT_CODE if training in it was preempted.
+    """Call ``main_func(*args)`` here; return the exit code of a stop for a signal, or 0.
 
-    Preempted: ``main_func`` raised ``SystemExit(PREEMPTION_EXIT_CODE)``, or returned after a
-    trainer recorded a preemption stop in this process. Returns 0 otherwise.
+    Stopped: ``main_func`` raised ``SystemExit`` with 75 or 130, or returned after a trainer
+    recorded a stop in this process (:func:`~d2engine.engine.preemption.stop_exit_code` of its
+    signal). A :class:`~d2engine.engine.preemption.JobStopped` (a signal outside training)
+    propagates.
     """
-    record_preemption(None)  # a record left by an earlier run in this process does not count
     try:
         main_func(*args)
+    except JobStopped:
+        raise
     except SystemExit as e:
-        if e.code != PREEMPTION_EXIT_CODE:
+        if e.code not in _STOP_CODES:
             raise
-        return PREEMPTION_EXIT_CODE
-    return PREEMPTION_EXIT_CODE if preempted_signal() is not None else 0
+        return int(e.code)  # type: ignore[arg-type]
+    signum = preempted_signal()
+    return 0 if signum is None else stop_exit_code(signum)
 
 
 def _distributed_worker(
@@ -227,33 +255,42 @@ def _distributed_worker(
     threading.Thread(
         target=_exit_when_launcher_dies, args=(parent_alive,), daemon=True, name="launcher-watch"
     ).start()
+    # A process group of its own: a terminal's Ctrl-C reaches the launcher only, which passes it
+    # on, so that every worker gets it once.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     if job.stack_dir:  # the launcher reads the stacks when a worker hangs
         enable_stack_dumps(open(job.stack_file(local_rank), "a", encoding="utf-8"))  # noqa: SIM115
     if not os.environ.get("OMP_NUM_THREADS"):
         # Share the CPU cores instead of every worker using all of them (oversubscription).
         torch.set_num_threads(max(1, _available_cpus() // job.num_gpus_per_machine))
-    exit_code = 0
-    try:
-        _setup_process_group(
-            job.backend,
-            job.init_method,
-            job.machine_rank * job.num_gpus_per_machine + local_rank,
-            job.world_size,
-            local_rank,
-            job.num_gpus_per_machine,
-            job.timeout,
-        )
-        exit_code = _call_main(main_func, args)
-    except SystemExit as e:  # sys.exit(0) in main_func is a success
-        if e.code not in (None, 0):
-            exit_code = e.code if isinstance(e.code, int) else 1
-            # The code travels with the traceback: the launcher may read it before this exits.
-            error_conn.send((traceback.format_exc(), exit_code))
-    except BaseException:
-        error_conn.send((traceback.format_exc(), None))
-        exit_code = 1
-    finally:
-        _teardown_process_group(wait_for_others=exit_code in (0, PREEMPTION_EXIT_CODE))
+    record_preemption(None)
+    exit_code, started = 0, True
+    with preemption_guard(job.signals):
+        try:
+            _setup_process_group(
+                job.backend,
+                job.init_method,
+                job.machine_rank * job.num_gpus_per_machine + local_rank,
+                job.world_size,
+                local_rank,
+                job.num_gpus_per_machine,
+                job.timeout,
+            )
+            exit_code = _call_main(main_func, args)
+        except JobStopped as e:  # a signal before (or after) training: nothing to save
+            exit_code, started = int(e.code), False  # type: ignore[arg-type]
+        except SystemExit as e:  # sys.exit(0) in main_func is a success
+            if e.code not in (None, 0):
+                exit_code = e.code if isinstance(e.code, int) else 1
+                # The code travels with the traceback: the launcher may read it before this exits.
+                error_conn.send((traceback.format_exc(), exit_code))
+        except BaseException:
+            error_conn.send((traceback.format_exc(), None))
+            exit_code = 1
+        finally:
+            # A peer stopped at start-up may be in another collective: no barrier then.
+            _teardown_process_group(wait_for_others=started and exit_code in (0, *_STOP_CODES))
     error_conn.close()
     sys.exit(exit_code)
 
@@ -370,55 +407,17 @@ def _pending_traceback(readers: dict[Connection, int], local_rank: int) -> str:
     return ""
 
 
-@contextlib.contextmanager
-def _forwarding(signals: tuple[int, ...], workers: Callable[[], list[Any]]) -> Iterator[None]:
-    """Within the block, pass each of ``signals`` this process receives on to ``workers()``.
-
-    When no worker runs, a signal keeps the meaning it had before the block. Handlers can only be
-    installed in the main thread: elsewhere nothing is forwarded.
-    """
-    if not signals:
-        yield
-        return
-    if threading.current_thread() is not threading.main_thread():
-        logger.warning("launch() runs outside the main thread: signals are not forwarded.")
-        yield
-        return
-    previous: dict[int, Any] = {}
-
-    def forward(signum: int, frame: Any) -> None:
-        targets = workers()
-        for proc in targets:  # running, not yet reaped: the pid is still theirs
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signum)
-        if targets:
-            return
-        old = previous[signum]
-        if callable(old):
-            old(signum, frame)
-        elif old != signal.SIG_IGN:  # the default action (or a handler installed outside Python)
-            signal.signal(signum, signal.SIG_DFL)
-            signal.raise_signal(signum)
-
-    try:
-        for sig in signals:
-            previous[sig] = signal.signal(sig, forward)
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old if old is not None else signal.SIG_DFL)
-
-
-def _spawn_and_watch(
-    main_func: Callable[..., Any],
-    args: tuple[Any, ...],
-    job: _Job,
-    forward_signals: tuple[int, ...],
-) -> int:
+def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: _Job) -> int:
     """Start the workers of this machine and wait for all of them; fail fast on the first error.
 
+    The signals in ``job.signals`` that this process receives meanwhile are passed on to the
+    running workers (a second SIGINT then aborts: ``KeyboardInterrupt``). Once it got one, the
+    job ends with that signal's exit code: a worker ended by it before it could catch it (start-up)
+    or failing afterwards counts as stopped, and the other workers are terminated.
+
     Returns:
-        PREEMPTION_EXIT_CODE when a worker exited with it (and none failed), else 0.
+        The exit code of a stop (75, 130) when a worker stopped for a signal (and none failed
+        before), else 0.
     """
     ctx = mp.get_context("spawn")
     processes: list[Any] = []
@@ -426,11 +425,25 @@ def _spawn_and_watch(
     readers: dict[Connection, int] = {}
     keep_alive: list[Connection] = []
     failure: WorkerError | None = None
-    preempted = False
+    stopped = 0  # the exit code of a stop
+    received: list[int] = []  # the signals this process received
+
+    def pass_on(signum: int) -> None:
+        second_interrupt = signum == signal.SIGINT and bool(received)
+        received.append(signum)
+        for _, proc in list(running.values()):  # running, not yet reaped: the pid is theirs
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signum)
+        if second_interrupt:
+            raise KeyboardInterrupt  # a second Ctrl-C aborts at once (the finally ends workers)
+
+    deadline: float | None = None  # once a worker stopped: when the others are terminated
     job = dataclasses.replace(job, stack_dir=tempfile.mkdtemp(prefix="d2engine-stacks-"))
     try:
-        with _forwarding(forward_signals, lambda: [proc for _, proc in running.values()]):
+        with preemption_handlers(job.signals, pass_on, "launch()"):
             for local_rank in range(job.num_gpus_per_machine):
+                if received:  # stopped while starting: the started ones cannot rendezvous
+                    break
                 reader, writer = ctx.Pipe(duplex=False)
                 alive_reader, alive_writer = ctx.Pipe(duplex=False)
                 proc = ctx.Process(
@@ -454,9 +467,15 @@ def _spawn_and_watch(
                 running[proc.sentinel] = (local_rank, proc)
                 readers[reader] = local_rank
                 keep_alive.append(alive_writer)
+            if received:  # during the start: every worker is starting, none trains
+                stopped, deadline = stop_exit_code(received[0]), time.monotonic()
 
             while running and failure is None:
-                for ready in wait([*running, *readers]):
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready_list = wait([*running, *readers], timeout=timeout)
+                if not ready_list:
+                    break  # the others did not end in time: the finally terminates them
+                for ready in ready_list:
                     if isinstance(ready, Connection):
                         local_rank = readers.pop(ready)
                         try:
@@ -471,7 +490,7 @@ def _spawn_and_watch(
                         for sentinel in wait(peers, timeout=_CAUSE_GRACE_S):
                             i, peer = running.pop(sentinel)
                             peer.join()
-                            if peer.exitcode not in (0, PREEMPTION_EXIT_CODE) and not (
+                            if peer.exitcode not in (0, *_STOP_CODES) and not (
                                 _pending_traceback(readers, i)
                             ):
                                 failure = _worker_error(job, i, peer.exitcode, "")
@@ -480,11 +499,19 @@ def _spawn_and_watch(
                         continue
                     local_rank, proc = running.pop(ready)
                     proc.join()
-                    if proc.exitcode == PREEMPTION_EXIT_CODE:  # the others stop at that iteration
-                        preempted = True
-                    elif proc.exitcode != 0:
+                    code = proc.exitcode
+                    if code in _STOP_CODES:  # the others stop after the same iteration
+                        stopped = stopped or code
+                        if deadline is None:
+                            deadline = time.monotonic() + _STOP_GRACE_S
+                    elif received and code is not None and code < 0 and -code in job.signals:
+                        # Ended by a signal passed on before it could catch it: it was starting,
+                        # so none of the others is training either.
+                        stopped = stopped or stop_exit_code(-code)
+                        deadline = time.monotonic()
+                    elif code != 0:
                         tb = _pending_traceback(readers, local_rank)
-                        failure = _worker_error(job, local_rank, proc.exitcode, tb)
+                        failure = _worker_error(job, local_rank, code, tb)
                         break
         if failure is not None:
             _end_hung_workers(failure, running, job)
@@ -493,9 +520,18 @@ def _spawn_and_watch(
         for conn in [*readers, *keep_alive]:
             conn.close()
         shutil.rmtree(job.stack_dir, ignore_errors=True)
+    if failure is not None and received:
+        # Told to stop, the job stops: a worker failing meanwhile (e.g. a peer it waited for
+        # stopped at start-up) does not make it a failure.
+        logger.warning(
+            "Worker failure after this job was told to stop (%s); the job ends as stopped:\n%s",
+            ", ".join(signal_name(s) for s in received),
+            failure,
+        )
+        failure, stopped = None, stopped or stop_exit_code(received[0])
     if failure is not None:
         raise failure
-    return PREEMPTION_EXIT_CODE if preempted else 0
+    return stopped
 
 
 def _end_hung_workers(failure: WorkerError, running: dict[Any, tuple[int, Any]], job: _Job) -> None:
@@ -538,7 +574,10 @@ def _run_external(
     num_machines: int,
     timeout: datetime.timedelta,
 ) -> int:
-    """Run ``main_func`` in this process of a torchrun / srun job; return as :func:`_call_main`."""
+    """Run ``main_func`` in this process of a torchrun / srun job; return as :func:`_call_main`.
+
+    Call it inside :func:`~d2engine.engine.preemption.preemption_guard`.
+    """
     if env.world_size != num_gpus_per_machine * num_machines:
         logger.warning(
             "%s started %d process(es) in total; launch(num_gpus_per_machine=%d, num_machines=%d) "
@@ -580,6 +619,7 @@ def _run_external(
         code = _call_main(main_func, args)
     finally:
         disable_stack_dumps()
+        # No barrier after a failure or a stop at start-up (JobStopped): a peer may be elsewhere.
         _teardown_process_group(wait_for_others=code is not None)
     return code
 
@@ -609,7 +649,7 @@ def launch(
     dist_url: str | None = None,
     args: tuple[Any, ...] = (),
     timeout: datetime.timedelta = DEFAULT_TIMEOUT,
-    forward_signals: Iterable[int] = (signal.SIGTERM,),
+    forward_signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT),
 ) -> None:
     """Run ``main_func(*args)`` in every process of a (possibly) multi-process job.
 
@@ -631,10 +671,11 @@ def launch(
         timeout: timeout of the rendezvous and of collectives, on every process group of the job
             (gloo groups included). A collective that times out raises in its worker; the
             launcher then logs the stacks of the workers still running (see "Hangs" above).
-        forward_signals: the signals this process passes on to the workers it started, while they
-            run (it keeps waiting for them); the workers' trainers should stop on them
-            (``trainer.preemption_signals``, default ``(SIGTERM,)``). Empty: none is forwarded
-            and a signal has its usual effect on this process. Unused without spawned workers.
+        forward_signals: the signals that stop the job: passed on to the workers this process
+            started, while they run (it keeps waiting for them); outside ``train()`` (start-up)
+            they end ``main_func`` at once (SIGINT: ``KeyboardInterrupt``); the trainers should
+            stop on them (``trainer.preemption.signals``, default SIGTERM and SIGINT). Empty: none
+            is handled, and a signal has its usual effect on this process.
 
     Raises:
         TypeError: if ``main_func`` is not callable, ``timeout`` is not a ``timedelta`` or
@@ -643,8 +684,10 @@ def launch(
             ``forward_signals`` entry that is not a catchable signal, or an incomplete torchrun /
             Slurm environment.
         WorkerError: if a worker raised an exception or died; the other workers are terminated.
-        SystemExit: with ``PREEMPTION_EXIT_CODE`` (75) when training in ``main_func`` was
-            preempted after saving a checkpoint (see the module docstring).
+        SystemExit: with ``PREEMPTION_EXIT_CODE`` (75) when the job was preempted (after saving
+            a checkpoint if training had started), with 130 when it was interrupted (SIGINT); see
+            the module docstring. The preemption signals (SIGINT excepted) are then ignored for
+            the rest of this process, which is exiting.
     """
     if not callable(main_func):
         raise TypeError(
@@ -669,30 +712,62 @@ def launch(
 
     external = detect_cluster_env()
     world_size = num_machines * num_gpus_per_machine
-    if external is not None:
-        code = _run_external(external, main_func, args, num_gpus_per_machine, num_machines, timeout)
-    elif world_size == 1:
-        code = _call_main(main_func, args)
-    else:
-        init_method = _resolve_dist_url(dist_url, num_machines)
-        backend, why = _choose_backend(num_gpus_per_machine)
-        logger.info(
-            "Starting %d worker process(es) on machine %d of %d (world size %d) with backend %s: "
-            "%s; rendezvous at %s.",
-            num_gpus_per_machine,
-            machine_rank,
-            num_machines,
-            world_size,
-            backend,
-            why,
-            init_method,
-        )
-        job = _Job(backend, init_method, world_size, num_gpus_per_machine, machine_rank, timeout)
-        code = _spawn_and_watch(main_func, args, job, signals)
-    if code == PREEMPTION_EXIT_CODE:
+    record_preemption(None)  # a record left by an earlier run in this process does not count
+    try:
+        if external is not None or world_size == 1:
+            try:
+                with preemption_guard(signals):  # main_func runs here: a signal at start-up ends it
+                    if external is not None:
+                        code = _run_external(
+                            external, main_func, args, num_gpus_per_machine, num_machines, timeout
+                        )
+                    else:
+                        code = _call_main(main_func, args)
+            except JobStopped as e:
+                code = int(e.code)  # type: ignore[arg-type]
+        else:
+            init_method = _resolve_dist_url(dist_url, num_machines)
+            backend, why = _choose_backend(num_gpus_per_machine)
+            logger.info(
+                "Starting %d worker process(es) on machine %d of %d (world size %d) with backend "
+                "%s: %s; rendezvous at %s.",
+                num_gpus_per_machine,
+                machine_rank,
+                num_machines,
+                world_size,
+                backend,
+                why,
+                init_method,
+            )
+            job = _Job(
+                backend,
+                init_method,
+                world_size,
+                num_gpus_per_machine,
+                machine_rank,
+                timeout,
+                signals=signals,
+            )
+            code = _spawn_and_watch(main_func, args, job)
+    except KeyboardInterrupt:  # Ctrl-C outside training, or a second one: abort at once
         logger.warning(
-            "Training was preempted after saving a checkpoint: exiting with code %d; requeue the "
-            "job on it and resume.",
-            PREEMPTION_EXIT_CODE,
+            "Interrupted (Ctrl-C): aborted at once, exiting with code %d; nothing was saved since "
+            "the last checkpoint.",
+            INTERRUPT_EXIT_CODE,
         )
-        raise SystemExit(PREEMPTION_EXIT_CODE)
+        raise SystemExit(INTERRUPT_EXIT_CODE) from None
+    if code in _STOP_CODES:
+        ignore_until_exit(signals)  # a repeated signal while exiting does not change the code
+        if code == PREEMPTION_EXIT_CODE:
+            logger.warning(
+                "The job was preempted (after saving a checkpoint if training had started): "
+                "exiting with code %d; requeue it on that code and resume.",
+                code,
+            )
+        else:
+            logger.warning(
+                "The job was interrupted (Ctrl-C; after saving a checkpoint if training had "
+                "started): exiting with code %d; run it again with --resume to continue.",
+                code,
+            )
+        raise SystemExit(code)

@@ -1,7 +1,10 @@
 """Preemption: on a signal, stop training with a checkpoint so that the job can be requeued.
 
-:class:`Preemption` is the part of a trainer (``trainer.preemption``) that handles it; how a
-preempted job behaves, and how to requeue it, is told in ``docs/resume.md`` ("Preemption").
+:class:`Preemption` is the part of a trainer (``trainer.preemption``) that handles it during
+``train()``; :func:`preemption_guard` handles the same signals in the rest of a job's main function
+(start-up, after training), and :func:`preemption_handlers` is the one mechanism both (and
+``launch``, which passes the signals on to its workers) install signal handlers with. How a
+preempted job behaves, its exit codes, and how to requeue it: ``docs/resume.md`` ("Preemption").
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ from d2engine.utils import comm
 from d2engine.utils.validation import check_positive_int
 
 __all__ = [
+    "INTERRUPT_EXIT_CODE",
     "PREEMPTION_EXIT_CODE",
     "CheckpointHook",
+    "JobStopped",
     "Preemption",
+    "ignore_until_exit",
     "preempted_signal",
+    "preemption_guard",
     "preemption_attribute",
     "preemption_handlers",
     "preemption_signal_to_stop_on",
     "record_preemption",
     "saves_for_preemption",
     "signal_name",
+    "stop_exit_code",
 ]
 
 PREEMPTION_EXIT_CODE = 75
@@ -35,9 +43,41 @@ of sysexits.h: a temporary failure, "try again later"). ``d2engine-train`` exits
 scheduler requeue the job on it (e.g. in a Slurm batch script: ``[ $? -eq 75 ] && scontrol
 requeue $SLURM_JOB_ID``)."""
 
+INTERRUPT_EXIT_CODE = 130
+"""The exit code of a job stopped by Ctrl-C (SIGINT) after saving a checkpoint: 128 + SIGINT, the
+shell's code for an interrupted command. A scheduler should not requeue it."""
+
 logger = logging.getLogger(__name__)
 
 _preempted_by: int | None = None
+
+
+def stop_exit_code(signum: int) -> int:
+    """The exit code of a job stopped by ``signum``: :data:`INTERRUPT_EXIT_CODE` (130) for SIGINT,
+    :data:`PREEMPTION_EXIT_CODE` (75) for the others.
+
+    Args:
+        signum: the signal that stopped the job.
+
+    Returns:
+        The exit code.
+    """
+    return INTERRUPT_EXIT_CODE if signum == signal.SIGINT else PREEMPTION_EXIT_CODE
+
+
+class JobStopped(SystemExit):
+    """A signal ended a job's main function outside training (:func:`preemption_guard`).
+
+    A ``SystemExit`` whose ``code`` is :func:`stop_exit_code` of the signal; ``launch`` ends the
+    job with that code.
+
+    Args:
+        signum: the signal.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(stop_exit_code(signum))
+        self.signum = signum
 
 
 @runtime_checkable
@@ -59,7 +99,8 @@ class Preemption:
     to stop, and the stop step.
 
     While :meth:`watch` is active (during ``train()``, in the main thread) the signals only set a
-    flag. After each iteration the trainer asks :meth:`should_stop`; a single process answers with
+    flag; the first one decides: a repeated signal changes nothing, except that a SIGINT after
+    the first signal (a second Ctrl-C) raises ``KeyboardInterrupt`` at once. After each iteration the trainer asks :meth:`should_stop`; a single process answers with
     its flag, a multi-process job combines the ranks' flags every ``check_period`` iterations (one
     small ``all_gather``; no collective in between), so every rank stops at the same iteration,
     at most ``check_period`` iterations after the signal. Then :meth:`stop` saves the checkpoint
@@ -73,7 +114,9 @@ class Preemption:
 
     Args:
         signals: the signals that stop training with a checkpoint (empty: none are caught). Give
-            every rank the same.
+            every rank the same. The default catches SIGTERM (preemption: exit code 75) and SIGINT
+            (Ctrl-C: exit code 130); leave SIGINT out (``(signal.SIGTERM,)``) for Ctrl-C to
+            abort at once, as Python does by default.
         check_period: in a multi-process job, combine the ranks' flags every this many iterations.
             Lower it when iterations are slow compared with the scheduler's grace period.
 
@@ -82,18 +125,26 @@ class Preemption:
         collective_saves: whether the checkpoint hooks may gather state across ranks when saving.
     """
 
-    def __init__(self, signals: Iterable[int] = (signal.SIGTERM,), check_period: int = 10) -> None:
+    def __init__(
+        self, signals: Iterable[int] = (signal.SIGTERM, signal.SIGINT), check_period: int = 10
+    ) -> None:
         self.signals = signals  # the setter makes a tuple
         self.check_period = check_period
         self.signal: int | None = None
         self.collective_saves = True
         self._received: int | None = None
+        self._world_size = 1
         self._hooks: list[CheckpointHook] = []
 
     @property
     def preempted(self) -> bool:
         """Whether the last watched run stopped for a signal."""
         return self.signal is not None
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code for the last watched run's stop (:func:`stop_exit_code`), or None."""
+        return None if self.signal is None else stop_exit_code(self.signal)
 
     @property
     def signals(self) -> tuple[int, ...]:
@@ -128,10 +179,11 @@ class Preemption:
             None, while the signals are caught.
         """
         self.signal = self._received = None
+        self._world_size = comm.get_world_size()
         self._hooks = [h for h in hooks if isinstance(h, CheckpointHook)]
         self.collective_saves = self._hooks_agree()
         try:
-            with preemption_handlers(self.signals, self._on_signal):
+            with preemption_handlers(self.signals, self._on_signal, "train()"):
                 yield
         finally:
             self._hooks = []
@@ -143,7 +195,11 @@ class Preemption:
             )
 
     def _on_signal(self, signum: int) -> None:
-        self._received = signum  # in a signal handler: only set a flag
+        # In a signal handler: set a flag. The first signal decides; a second Ctrl-C aborts.
+        if self._received is None:
+            self._received = signum
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
 
     def _hooks_agree(self) -> bool:
         if comm.get_world_size() == 1:
@@ -174,6 +230,11 @@ class Preemption:
         Returns:
             True when :meth:`stop` should be called now.
         """
+        if self._world_size == 1:  # asked after every iteration: attribute reads only
+            if self._received is None or iteration >= max_iter - 1:
+                return False
+            self.signal = self._received
+            return True
         if not self.signals or iteration >= max_iter - 1:
             return False
         self.signal = preemption_signal_to_stop_on(self._received, iteration, self.check_period)
@@ -189,8 +250,9 @@ class Preemption:
             iteration: the last finished iteration.
 
         Returns:
-            The reason (``"Preempted by SIGTERM"``) and a note for the trainer's log line (where
-            the checkpoint is, the exit code, the iteration a resumed run starts at).
+            The reason (``"Preempted by SIGTERM"``, ``"Interrupted by SIGINT"``) and a note for
+            the trainer's log line (where the checkpoint is, the exit code, the iteration a
+            resumed run starts at).
         """
         if self.signal is None:
             raise RuntimeError(
@@ -205,6 +267,11 @@ class Preemption:
             if written
             else "no checkpoint written here (no PeriodicCheckpointer hook on this process)"
         )
+        if self.signal == signal.SIGINT:
+            return "Interrupted by SIGINT", (
+                f"{where}. Exit with code {INTERRUPT_EXIT_CODE}; run again with --resume to "
+                f"continue at iteration {iteration + 1} (a second Ctrl-C aborts at once)."
+            )
         return f"Preempted by {signal_name(self.signal)}", (
             f"{where}. Exit with code {PREEMPTION_EXIT_CODE} to have the job requeued; it resumes "
             f"at iteration {iteration + 1}."
@@ -234,10 +301,11 @@ def preemption_attribute(name: str) -> Any:
 
 
 def record_preemption(signum: int | None) -> None:
-    """Record, for this process, that training stopped for preemption (None clears the record).
+    """Record, for this process, that the job stopped for a signal (None clears the record).
 
-    :meth:`Preemption.stop` calls it, so that code which did not see the trainer (``launch``'s
-    worker wrapper) can turn a preempted run into :data:`PREEMPTION_EXIT_CODE`.
+    :meth:`Preemption.stop` (and :func:`preemption_guard`) call it, so that code which did not see
+    the trainer (``launch``'s worker wrapper) can turn a stopped run into its exit code
+    (:func:`stop_exit_code`), and so that later signals are ignored.
 
     Args:
         signum: the signal that stopped training, or None to clear.
@@ -247,22 +315,26 @@ def record_preemption(signum: int | None) -> None:
 
 
 def preempted_signal() -> int | None:
-    """The signal that stopped a training run of this process for preemption, or None."""
+    """The signal that stopped a training run (or the start-up) of this process, or None."""
     return _preempted_by
 
 
 @contextlib.contextmanager
 def preemption_handlers(
-    signals: Iterable[int] | None, on_signal: Callable[[int], None]
+    signals: Iterable[int] | None, on_signal: Callable[[int], None], owner: str = "train()"
 ) -> Iterator[None]:
     """Within the block, call ``on_signal(signum)`` on each of ``signals``; restore afterwards.
 
-    Handlers can only be installed in the main thread: elsewhere (or without signals) nothing is
-    installed. ``on_signal`` runs in a signal handler: it should only set a flag.
+    The one way d2engine installs signal handlers (the trainer's :class:`Preemption`,
+    :func:`preemption_guard`, ``launch``'s forwarding to its workers). Handlers can only be
+    installed in the main thread: elsewhere (or without signals) nothing is installed.
+    ``on_signal`` runs in the main thread between two Python instructions: it should set a flag,
+    or raise to abandon what the main thread is doing.
 
     Args:
         signals: the signal numbers to catch (None or empty: none).
         on_signal: called with the signal number when one arrives.
+        owner: who installs them, for the message when it cannot (outside the main thread).
 
     Yields:
         None, while the handlers are installed.
@@ -272,11 +344,11 @@ def preemption_handlers(
         yield
         return
     if threading.current_thread() is not threading.main_thread():
-        logger.info("train() runs outside the main thread: no preemption signal handler installed.")
+        logger.info("%s runs outside the main thread: no signal handler installed.", owner)
         yield
         return
 
-    def handler(signum: int, frame: Any) -> None:  # only sets a flag: async-signal-safe
+    def handler(signum: int, frame: Any) -> None:
         on_signal(signum)
 
     previous: dict[int, Any] = {}
@@ -287,6 +359,51 @@ def preemption_handlers(
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def preemption_guard(signals: Iterable[int]) -> Iterator[None]:
+    """Handle the preemption ``signals`` outside ``train()``: in a job's start-up and after training.
+
+    ``launch`` runs the job's main function (and the process group's start-up) inside it. The
+    first signal raises :class:`JobStopped` in the main thread: a start-up (building the model,
+    loading data, resuming) ends at once with exit code 75, with nothing to save (a checkpoint
+    being loaded is left as it is). Once the job stopped for a signal (a trainer saved its
+    checkpoint, or the guard fired), further signals are ignored: they do not change the
+    outcome. ``train()`` catches the signals itself (:class:`Preemption`) while it runs. SIGINT
+    is left to Python (``KeyboardInterrupt``): outside training Ctrl-C aborts at once.
+
+    Args:
+        signals: the preemption signals (SIGINT is ignored here).
+
+    Yields:
+        None, while the signals are handled.
+    """
+
+    def on_signal(signum: int) -> None:
+        if preempted_signal() is not None:
+            return  # stopping already: the first signal decided the outcome
+        record_preemption(signum)
+        raise JobStopped(signum)
+
+    with preemption_handlers([s for s in signals if s != signal.SIGINT], on_signal, "launch()"):
+        yield
+
+
+def ignore_until_exit(signals: Iterable[int]) -> None:
+    """Ignore ``signals`` (SIGINT excepted) for the rest of this process (main thread only).
+
+    ``launch`` calls it when it ends a stopped job: a repeated preemption signal during the
+    interpreter's exit must not turn exit code 75 into a death by that signal.
+
+    Args:
+        signals: the preemption signals.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in signals:
+        if sig != signal.SIGINT:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def preemption_signal_to_stop_on(

@@ -13,10 +13,11 @@ and a :class:`~d2engine.engine.defaults.DefaultTrainer` whose evaluator is chose
 ``evaluator_type`` in each test dataset's metadata. Also runnable as
 ``python -m d2engine.tools.train_net``. Copy it to start a script for your own project.
 
-Preemption: on SIGTERM training stops with a checkpoint in OUTPUT_DIR and the command exits with
-code 75 (:data:`d2engine.engine.PREEMPTION_EXIT_CODE`, through
-:func:`~d2engine.engine.launch.launch`); run it again with ``--resume``. ``docs/resume.md`` tells
-the whole story.
+Signals (through :func:`~d2engine.engine.launch.launch`): on SIGTERM training stops with a
+checkpoint in OUTPUT_DIR and the command exits with code 75
+(:data:`d2engine.engine.PREEMPTION_EXIT_CODE`; also during start-up, with nothing to save); the
+first Ctrl-C does the same with code 130, a second one aborts at once. Run it again with
+``--resume``. ``docs/resume.md`` tells the whole story.
 """
 
 from __future__ import annotations
@@ -144,8 +145,8 @@ def main(args: argparse.Namespace) -> Any:
 
     Returns:
         The evaluation results (on the main process; ``{}`` elsewhere, and when training was
-        stopped by a preemption signal: :func:`~d2engine.engine.launch.launch` then exits with
-        :data:`d2engine.engine.PREEMPTION_EXIT_CODE`).
+        stopped by a signal: :func:`~d2engine.engine.launch.launch` then exits with 75, or 130
+        for Ctrl-C).
     """
     cfg = setup(args)
     results: Mapping[str, Any] | None
@@ -164,7 +165,7 @@ def main(args: argparse.Namespace) -> Any:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)
         results = trainer.train()
-        if trainer.preempted:  # a checkpoint is in OUTPUT_DIR; launch asks for a requeue
+        if trainer.preempted:  # stopped by a signal, with a checkpoint: launch sets the code
             return {}
     if comm.is_main_process():
         _print_summary(cfg, results, args.eval_only)
@@ -191,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cli(argv: Sequence[str] | None = None) -> None:
     """The ``d2engine-train`` entry point.
 
-    Exits with :data:`d2engine.engine.PREEMPTION_EXIT_CODE` (75) when training was preempted
-    after saving a checkpoint (see :func:`~d2engine.engine.launch.launch`), 0 on success.
+    Exits with :data:`d2engine.engine.PREEMPTION_EXIT_CODE` (75) when the job was preempted
+    (SIGTERM), 130 when it was interrupted (Ctrl-C), see :func:`~d2engine.engine.launch.launch`;
+    0 on success.
 
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).

@@ -427,7 +427,9 @@ def test_under_slurm_each_preempted_task_exits_with_75() -> None:
 # the PeriodicCheckpointer hook and reports how training ended.
 _USER_SCRIPT = """
 import json
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -453,7 +455,11 @@ def batches():
         yield torch.randn(8, 4, generator=g)
 
 
-def main(out, max_iter, resume):
+def main(out, max_iter, mode):
+    (Path(out) / f"pid{comm.get_rank()}").write_text(str(os.getpid()))
+    if mode == "startup":  # a slow start-up (building the model, loading data)
+        time.sleep(120)
+        raise AssertionError("the start-up went on after the signal")
     torch.manual_seed(0)
     model = create_ddp_model(Net())
     trainer = SimpleTrainer(model, batches(), torch.optim.SGD(model.parameters(), lr=0.01))
@@ -466,14 +472,15 @@ def main(out, max_iter, resume):
     trainer.register_hooks(
         [hooks.PeriodicCheckpointer(checkpointer, 10**6), hooks.CallbackHook(after_step=running)]
     )
-    checkpointer.resume_or_load("", resume=resume)
+    checkpointer.resume_or_load("", resume=mode == "resume")
     trainer.train(trainer.start_iter, max_iter)
     report = {"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}
     (Path(out) / f"rank{comm.get_rank()}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    launch(main, 2, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3] == "resume"))
+    (Path(sys.argv[1]) / "launching").write_text("")
+    launch(main, 2, args=(sys.argv[1], int(sys.argv[2]), sys.argv[3]))
 """
 
 
@@ -565,3 +572,112 @@ def test_without_forwarding_sigterm_ends_the_launcher(tmp_path: Path) -> None:
             pid_file = tmp_path / f"pid{r}"
             if pid_file.exists() and not dist_helpers.pid_gone(int(pid_file.read_text())):
                 os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+# --------------------------------------------------------------------------------------------
+# Signals at any time (issue 11, points 6-8): 75 for SIGTERM, 130 for Ctrl-C, whatever happens
+# --------------------------------------------------------------------------------------------
+
+
+def _workers_gone(out: Path) -> None:
+    pids = [int(p.read_text()) for p in out.glob("pid*")]
+    dist_helpers.wait_until(
+        lambda: all(dist_helpers.pid_gone(p) for p in pids), 30, "the workers to exit"
+    )
+
+
+def _kill_workers(out: Path) -> None:  # leave nothing behind if a test failed
+    for pid_file in out.glob("pid*"):
+        pid = int(pid_file.read_text())
+        if not dist_helpers.pid_gone(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("when", ["launching", "building"])
+def test_sigterm_during_the_start_up_of_two_workers_exits_75(tmp_path: Path, when: str) -> None:
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = _user_script(tmp_path, out, 100, "startup")
+    try:
+        if when == "launching":  # the workers are being started or import torch
+            ready = lambda: (out / "launching").exists()  # noqa: E731
+        else:  # both workers run main: their start-up (sleeping 120 s here)
+            ready = lambda: (out / "pid0").exists() and (out / "pid1").exists()  # noqa: E731
+        dist_helpers.wait_until(lambda: ready() or launcher.poll() is not None, 90, when)
+        start = time.monotonic()
+        launcher.send_signal(signal.SIGTERM)
+        output = launcher.communicate(timeout=90)[0]
+        seconds = time.monotonic() - start
+        _workers_gone(out)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        _kill_workers(out)
+    assert launcher.returncode == PREEMPTION_EXIT_CODE, output
+    assert "start-up went on" not in output and "WorkerError" not in output
+    assert seconds < 60  # not the 120 s start-up
+    assert not list(out.glob("*.pth"))
+
+
+@pytest.mark.timeout(240)
+def test_repeated_sigterm_to_the_launcher_still_saves_and_exits_75(tmp_path: Path) -> None:
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = _user_script(tmp_path, out, 10**7, "fresh")
+    try:
+        dist_helpers.wait_until(
+            lambda: (out / "running").exists() or launcher.poll() is not None, 90, "training"
+        )
+        while launcher.poll() is None:  # a SIGTERM every 0.2 s until the job has ended
+            launcher.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+        output = launcher.communicate(timeout=90)[0]
+        _workers_gone(out)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        _kill_workers(out)
+    assert launcher.returncode == PREEMPTION_EXIT_CODE, output
+    first, second = _reports(out)
+    assert first == second and first["preempted"]
+    name = f"model_{first['iter']:07d}.pth"
+    assert (out / "last_checkpoint").read_text() == name
+    assert torch.load(out / name, weights_only=True)["iteration"] == first["iter"]
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_to_the_launcher(tmp_path: Path, presses: int) -> None:
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = _user_script(tmp_path, out, 10**7, "fresh")
+    try:
+        dist_helpers.wait_until(
+            lambda: (out / "running").exists() or launcher.poll() is not None, 90, "training"
+        )
+        start = time.monotonic()
+        for _ in range(presses):
+            launcher.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+        output = launcher.communicate(timeout=90)[0]
+        seconds = time.monotonic() - start
+        _workers_gone(out)
+    finally:
+        launcher.kill()
+        launcher.wait()
+        _kill_workers(out)
+    assert launcher.returncode == 130, output
+    if presses == 1:  # stopped after the same iteration on both ranks, with a checkpoint
+        first, second = _reports(out)
+        assert first == second and first["preempted"]
+        assert (out / "last_checkpoint").read_text() == f"model_{first['iter']:07d}.pth"
+        assert "Interrupted by SIGINT" in output
+    else:  # aborted at once (a checkpoint may have been saved in the 50 ms between the two)
+        assert "aborted at once" in output and seconds < 30

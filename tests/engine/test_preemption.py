@@ -257,7 +257,8 @@ def test_preemption_object_and_the_trainer_attributes_that_read_it() -> None:
 
     trainer, _ = job.build("")
     assert isinstance(trainer.preemption, Preemption)
-    assert trainer.preemption_signals == (signal.SIGTERM,) and trainer.preemption_check_period == 10
+    assert trainer.preemption_signals == (signal.SIGTERM, signal.SIGINT)
+    assert trainer.preemption_check_period == 10
     trainer.preemption_signals = [signal.SIGUSR1]
     trainer.preemption_check_period = 3
     assert trainer.preemption.signals == (signal.SIGUSR1,) and trainer.preemption.check_period == 3
@@ -300,3 +301,93 @@ def test_preemption_module_api() -> None:
         os.kill(os.getpid(), signal.SIGUSR1)
     assert received == [signal.SIGUSR1]
     assert signal.getsignal(signal.SIGUSR1) is before
+
+
+# -- repeated signals, start-up, Ctrl-C (issue 11, points 6-8) -------------------------------
+class _SignalDuringSave(HookBase):
+    """Sends ``first`` in iteration ``at``, then ``again`` while the preemption save runs."""
+
+    def __init__(self, at: int, first: int, again: int) -> None:
+        self.at, self.first, self.again = at, first, again
+
+    def before_train(self) -> None:
+        for hook in self.trainer._hooks:
+            if hasattr(hook, "save_for_preemption"):
+                save, sig = hook.save_for_preemption, self.again
+
+                def signalling_save(save=save, sig=sig) -> str:  # type: ignore[no-untyped-def]
+                    os.kill(os.getpid(), sig)
+                    return save()
+
+                hook.save_for_preemption = signalling_save
+
+    def after_step(self) -> None:
+        if self.trainer.iter == self.at:
+            os.kill(os.getpid(), self.first)
+
+
+def test_a_repeated_sigterm_during_the_save_changes_nothing(tmp_path: Path) -> None:
+    trainer, _ = job.build(str(tmp_path))
+    trainer.register_hooks([_SignalDuringSave(5, signal.SIGTERM, signal.SIGTERM)])
+    trainer.train(0, job.MAX_ITER)
+    assert trainer.preempted and trainer.iter == 5 and trainer.preemption.exit_code == 75
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000005.pth"
+
+
+def test_first_ctrl_c_stops_with_a_checkpoint_and_code_130(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trainer, _ = job.build(str(tmp_path))
+    trainer.register_hooks([_Signal(6, signal.SIGINT)])
+    with caplog.at_level(logging.WARNING, logger="d2engine.engine.train_loop"):
+        trainer.train(0, job.MAX_ITER)
+    assert trainer.preempted and trainer.preemption_signal == signal.SIGINT
+    assert trainer.stop_reason == "Interrupted by SIGINT" and trainer.preemption.exit_code == 130
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000006.pth"
+    assert "Exit with code 130; run again with --resume to continue at iteration 7" in caplog.text
+
+
+def test_a_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
+    trainer, _ = job.build(str(tmp_path))
+    trainer.register_hooks([_SignalDuringSave(6, signal.SIGINT, signal.SIGINT)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(0, job.MAX_ITER)
+    assert not (tmp_path / "model_0000006.pth").exists()  # aborted before saving
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000004.pth"  # intact
+    assert not trainer.completed
+
+
+def test_ctrl_c_is_left_to_python_when_not_a_preemption_signal(tmp_path: Path) -> None:
+    trainer, _ = job.build(str(tmp_path))
+    trainer.preemption.signals = (signal.SIGTERM,)  # the documented way back to Python's default
+    trainer.register_hooks([_Signal(3, signal.SIGINT)])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train(0, job.MAX_ITER)
+    assert trainer.iter == 3 and not trainer.preempted
+
+
+def test_preemption_guard_ends_a_start_up_and_then_ignores_signals() -> None:
+    from d2engine.engine.preemption import (
+        JobStopped,
+        preempted_signal,
+        preemption_guard,
+        record_preemption,
+        stop_exit_code,
+    )
+
+    assert stop_exit_code(signal.SIGTERM) == 75 and stop_exit_code(signal.SIGINT) == 130
+    record_preemption(None)
+    try:
+        with pytest.raises(JobStopped) as info, preemption_guard([signal.SIGTERM, signal.SIGINT]):
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # left alone
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # the handler raises between two instructions
+                pass
+        assert info.value.code == 75 and info.value.signum == signal.SIGTERM
+        assert preempted_signal() == signal.SIGTERM
+        with preemption_guard([signal.SIGTERM]):
+            os.kill(os.getpid(), signal.SIGTERM)  # stopping already: ignored
+            for _ in range(1000):
+                pass
+    finally:
+        record_preemption(None)

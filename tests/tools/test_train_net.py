@@ -253,3 +253,133 @@ def test_demo_config_reaches_95_percent(tmp_path: Path) -> None:
     proc = _run(["--config-file", CONFIG, "OUTPUT_DIR", str(tmp_path / "demo")], timeout=300)
     assert _top1(proc.stdout) >= 95.0
     assert "Results verification passed" in proc.stdout + proc.stderr
+
+
+# -- signals at any time: exit codes 75 (SIGTERM) and 130 (Ctrl-C) (issue 11, points 6-8) -----
+_SIGNALS_CLI = r"""
+import atexit, os, signal, sys, time
+from d2engine.checkpoint.checkpointer import Checkpointer
+from d2engine.engine import hooks
+from d2engine.engine.checkpoint_hooks import PeriodicCheckpointer
+from d2engine.engine.defaults import DefaultTrainer
+from d2engine.tools import train_net
+
+mode, argv = sys.argv[1], sys.argv[2:]
+
+def send(sig=signal.SIGTERM, then_sleep=0.2):
+    os.kill(os.getpid(), sig)
+    time.sleep(then_sleep)  # the handler runs meanwhile (or raises)
+
+if mode == "repeated":  # SIGTERM at iteration 5, then again at every later step of the exit
+    save = PeriodicCheckpointer.save_for_preemption
+    def save_for_preemption(self):
+        send()
+        path = save(self)
+        send()
+        return path
+    PeriodicCheckpointer.save_for_preemption = save_for_preemption
+    def build_hooks(self):
+        def at_5(trainer):
+            if trainer.iter == 5:
+                send()
+        return DefaultTrainer.build_hooks(self) + [
+            hooks.CallbackHook(after_step=at_5, after_train=lambda trainer: send())
+        ]
+    train_net.Trainer.build_hooks = build_hooks
+    main = train_net.main
+    def main_then_signal(args):
+        out = main(args)
+        send()  # after train() returned
+        return out
+    train_net.main = main_then_signal
+    atexit.register(send)  # while the interpreter exits
+elif mode == "build":  # SIGTERM while the model is built
+    def build_model(cls, cfg):
+        print("BUILDING", flush=True)
+        send(then_sleep=60)
+        raise AssertionError("start-up went on after SIGTERM")
+    train_net.Trainer.build_model = classmethod(build_model)
+elif mode == "resume":  # SIGTERM while the checkpoint is loaded
+    load = Checkpointer._load_file
+    def load_file(self, path, **kwargs):
+        out = load(self, path, **kwargs)
+        send(then_sleep=60)
+        raise AssertionError("resuming went on after SIGTERM")
+    Checkpointer._load_file = load_file
+elif mode in ("ctrl-c", "ctrl-c-twice"):
+    if mode == "ctrl-c-twice":
+        save = PeriodicCheckpointer.save_for_preemption
+        def save_for_preemption(self):
+            send(signal.SIGINT)
+            return save(self)
+        PeriodicCheckpointer.save_for_preemption = save_for_preemption
+    def build_hooks(self):
+        def at_5(trainer):
+            if trainer.iter == 5:
+                send(signal.SIGINT, then_sleep=0)
+        return DefaultTrainer.build_hooks(self) + [hooks.CallbackHook(after_step=at_5)]
+    train_net.Trainer.build_hooks = build_hooks
+train_net.cli(argv)
+"""
+
+
+def _signals_cli(mode: str, out: Path, *extra: str) -> tuple[subprocess.CompletedProcess, float]:
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_CLI, mode, *extra, "--config-file", CONFIG, *SHORT]
+        + ["OUTPUT_DIR", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    return proc, time.monotonic() - start
+
+
+def test_cli_repeated_sigterm_keeps_exit_code_75(tmp_path: Path) -> None:
+    out = tmp_path / "repeated"
+    proc, _ = _signals_cli("repeated", out)
+    assert proc.returncode == PREEMPTION_EXIT_CODE, proc.stdout + proc.stderr
+    log = (out / "log.txt").read_text()
+    assert log.count("Preempted by SIGTERM: stopped after iteration 5") == 1
+    assert (out / "last_checkpoint").read_text() == "model_0000005.pth"
+
+
+def test_cli_sigterm_while_building_exits_75_at_once(tmp_path: Path) -> None:
+    proc, seconds = _signals_cli("build", tmp_path / "build")
+    assert proc.returncode == PREEMPTION_EXIT_CODE, proc.stdout + proc.stderr
+    assert "BUILDING" in proc.stdout and "start-up went on" not in proc.stderr
+    assert seconds < 50  # not after the 60 s the start-up would have taken
+    assert not list((tmp_path / "build").glob("*.pth"))
+
+
+def test_cli_sigterm_while_resuming_exits_75_and_keeps_the_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "resume"
+    _run(["--config-file", CONFIG, *SHORT, "SOLVER.CHECKPOINT_PERIOD", "4", "OUTPUT_DIR", str(out)])
+    files = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pth"}
+    last = (out / "last_checkpoint").read_text()
+    proc, seconds = _signals_cli("resume", out, "--resume")
+    assert proc.returncode == PREEMPTION_EXIT_CODE, proc.stdout + proc.stderr
+    assert seconds < 50 and "resuming went on" not in proc.stderr
+    assert (out / "last_checkpoint").read_text() == last
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix == ".pth"} == files
+
+
+def test_cli_ctrl_c_stops_with_a_checkpoint_and_exit_code_130(tmp_path: Path) -> None:
+    out = tmp_path / "ctrl-c"
+    proc, _ = _signals_cli("ctrl-c", out)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "Interrupted by SIGINT: stopped after iteration 5" in (out / "log.txt").read_text()
+    assert (out / "last_checkpoint").read_text() == "model_0000005.pth"
+
+
+def test_cli_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "ctrl-c-twice"
+    proc, _ = _signals_cli("ctrl-c-twice", out)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert "aborted at once" in proc.stdout + proc.stderr
+    assert not (out / "model_0000005.pth").exists() and not (out / "last_checkpoint").exists()
