@@ -166,6 +166,16 @@ _C.SOLVER.AMP.PRECISION = "float16"
 _C.SOLVER.HANG_TIMEOUT = 900.0
 
 # -----------------------------------------------------------------------------
+# Gradient accumulation (d2engine)
+# -----------------------------------------------------------------------------
+# Micro-batches per iteration: an iteration (one optimizer step) sums the gradients of
+# GRAD_ACCUM_STEPS micro-batches, each loss divided by GRAD_ACCUM_STEPS (under DDP the gradients
+# are all-reduced once, after the last one). SOLVER.IMS_PER_BATCH stays the images per optimizer
+# step over all processes: each process loads IMS_PER_BATCH // (world size * GRAD_ACCUM_STEPS)
+# images per micro-batch. auto_scale_workers leaves it unchanged.
+_C.SOLVER.GRAD_ACCUM_STEPS = 1
+
+# -----------------------------------------------------------------------------
 # Test
 # -----------------------------------------------------------------------------
 _C.TEST = CN()

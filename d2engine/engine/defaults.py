@@ -44,6 +44,7 @@ from d2engine.utils.collect_env import collect_env_info
 from d2engine.utils.env import seed_all_rng, set_float32_precision
 from d2engine.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 from d2engine.utils.logger import PORTED_LOGGER_NAMES, forward_logger, setup_logger
+from d2engine.utils.validation import check_positive_int
 from d2engine.utils.watchdog import check_hang_timeout
 
 __all__ = [
@@ -351,6 +352,52 @@ class _Chained:
             yield from loader
 
 
+_WRITER_PERIOD = 20
+"""The PeriodicWriter's period in DefaultTrainer, and the inner trainer's gather_metric_period."""
+
+_MAX_ITER_LIMIT = 2**63 - 1
+
+
+def _check_solver(cfg: CfgNode, world_size: int) -> int:
+    """Check SOLVER.MAX_ITER and the batch split; return SOLVER.GRAD_ACCUM_STEPS."""
+    max_iter = cfg.SOLVER.MAX_ITER
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int):
+        raise ValueError(
+            f"SOLVER.MAX_ITER must be an integer, got {max_iter!r} ({type(max_iter).__name__}). "
+            "HINT: e.g. SOLVER.MAX_ITER 90000."
+        )
+    if not 0 <= max_iter <= _MAX_ITER_LIMIT:
+        raise ValueError(
+            f"SOLVER.MAX_ITER must be an integer in [0, 2**63 - 1], got {max_iter}. HINT: give "
+            "the number of optimizer steps to train, e.g. SOLVER.MAX_ITER 90000."
+        )
+    accum = check_positive_int(cfg.SOLVER.get("GRAD_ACCUM_STEPS", 1), "SOLVER.GRAD_ACCUM_STEPS")
+    ims = cfg.SOLVER.IMS_PER_BATCH
+    if isinstance(ims, int) and ims % (world_size * accum) != 0:
+        raise ValueError(
+            f"SOLVER.IMS_PER_BATCH ({ims}) must be a multiple of the number of processes "
+            f"({world_size}) times SOLVER.GRAD_ACCUM_STEPS ({accum}): each process loads "
+            f"IMS_PER_BATCH // ({world_size} * {accum}) images per micro-batch. HINT: set "
+            f"SOLVER.IMS_PER_BATCH to a multiple of {world_size * accum}, or change "
+            "SOLVER.GRAD_ACCUM_STEPS."
+        )
+    return accum
+
+
+def _micro_batch_config(cfg: CfgNode, accum: int) -> CfgNode:
+    """``cfg`` for the data loaders: IMS_PER_BATCH is the images of one micro-batch (over all
+    processes), ``IMS_PER_BATCH // accum``; ``cfg`` itself when ``accum`` is 1."""
+    if accum == 1:
+        return cfg
+    cfg = cfg.clone()
+    frozen = cfg.is_frozen()
+    cfg.defrost()
+    cfg.SOLVER.IMS_PER_BATCH //= accum
+    if frozen:
+        cfg.freeze()
+    return cfg
+
+
 class _InnerHookDispatch(HookBase):
     """Forwards the inner trainer's ``after_backward`` to the hooks of a :class:`DefaultTrainer`.
 
@@ -374,8 +421,12 @@ class DefaultTrainer(TrainerBase):
 
     1. builds the model, optimizer, LR scheduler and data loader from the config (the ``build_*``
        class methods; override them to change one part), wraps the model for DDP when there are
-       several processes (or shards it with FSDP2 when ``MODEL.FSDP.ENABLED``), and trains with a :class:`SimpleTrainer` (an :class:`AMPTrainer` when
-       ``SOLVER.AMP.ENABLED``) held as ``self._trainer``;
+       several processes (or shards it with FSDP2 when ``MODEL.FSDP.ENABLED``), and trains with a
+       :class:`SimpleTrainer` (an :class:`AMPTrainer` when ``SOLVER.AMP.ENABLED``) held as
+       ``self._trainer``, which reads the losses once per writer period (20 iterations: no
+       host-device sync in between) and accumulates ``SOLVER.GRAD_ACCUM_STEPS`` micro-batches per
+       iteration (``build_train_loader`` gets a config whose ``SOLVER.IMS_PER_BATCH`` is the
+       micro-batch: ``IMS_PER_BATCH // GRAD_ACCUM_STEPS`` over all processes);
     2. loads the last checkpoint of ``OUTPUT_DIR`` or ``MODEL.WEIGHTS`` in :meth:`resume_or_load`;
     3. registers the hooks of :meth:`build_hooks`: timing, LR schedule, precise BN, checkpoints,
        evaluation and event writing.
@@ -409,12 +460,17 @@ class DefaultTrainer(TrainerBase):
 
         Args:
             cfg: the config; not modified.
+
+        Raises:
+            ValueError: SOLVER.MAX_ITER is not an integer in [0, 2**63 - 1], or SOLVER.IMS_PER_BATCH
+                is not a multiple of the number of processes times SOLVER.GRAD_ACCUM_STEPS.
         """
         super().__init__()
         d2_logger = logging.getLogger("d2engine")
         if not d2_logger.isEnabledFor(logging.INFO):  # no set-up done: at least log to console
             setup_logger()
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        accum = _check_solver(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
         if _try_get_key(cfg, "MODEL.FSDP.ENABLED", default=False):
@@ -422,18 +478,30 @@ class DefaultTrainer(TrainerBase):
             # sharded model is not wrapped in DDP below.
             model = _fsdp_from_config(cfg, model)
         optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
+        data_loader = self.build_train_loader(_micro_batch_config(cfg, accum))
         self.model_ema = _build_model_ema(cfg, model)
         if cfg.MODEL.COMPILE.ENABLED:  # before DDP wrapping, as PyTorch recommends
             model = compile_model(model, cfg.MODEL.COMPILE.MODE)
         model = create_ddp_model(model, broadcast_buffers=False)
+        # The losses are read once per writer period: no host-device sync in between.
         self._trainer: SimpleTrainer
         if cfg.SOLVER.AMP.ENABLED:
             self._trainer = AMPTrainer(
-                model, data_loader, optimizer, precision=_amp_dtype(cfg.SOLVER.AMP.get("PRECISION"))
+                model,
+                data_loader,
+                optimizer,
+                precision=_amp_dtype(cfg.SOLVER.AMP.get("PRECISION")),
+                gather_metric_period=_WRITER_PERIOD,
+                grad_accum_steps=accum,
             )
         else:
-            self._trainer = SimpleTrainer(model, data_loader, optimizer)
+            self._trainer = SimpleTrainer(
+                model,
+                data_loader,
+                optimizer,
+                gather_metric_period=_WRITER_PERIOD,
+                grad_accum_steps=accum,
+            )
         self._trainer.register_hooks([_InnerHookDispatch(self)])
         self._trainer.checkpoint_rng = False  # the RNG states are saved once, by this trainer
 
@@ -497,7 +565,7 @@ class DefaultTrainer(TrainerBase):
         Returns:
             The hooks (``None`` entries are skipped by ``register_hooks``).
         """
-        cfg = self.cfg.clone()
+        cfg = _micro_batch_config(self.cfg, self._trainer.grad_accum_steps).clone()
         cfg.defrost()
         cfg.DATALOADER.NUM_WORKERS = 0  # PreciseBN runs few iterations: workers cost more
 
@@ -551,7 +619,7 @@ class DefaultTrainer(TrainerBase):
         else:
             ret += [checkpoint_hook, *evaluation]
         if comm.is_main_process():
-            ret.append(hooks.PeriodicWriter(self.build_writers(), period=20))
+            ret.append(hooks.PeriodicWriter(self.build_writers(), period=_WRITER_PERIOD))
             # (d2engine) What a person watches: the live bar and the curves, after the writers.
             bar = hooks.ProgressBar(period=20, enabled=cfg.OUTPUT.PROGRESS_BAR)
             ret.append(bar if bar.enabled else None)
@@ -626,6 +694,11 @@ class DefaultTrainer(TrainerBase):
                 )
             verify_results(self.cfg, results)
         return results
+
+    def flush_metrics(self) -> None:
+        """Read, check and log the inner trainer's pending losses (see
+        :meth:`SimpleTrainer.flush_metrics`; a collective in a multi-process job)."""
+        self._trainer.flush_metrics()
 
     def close(self) -> None:
         """Release the background threads: the inner trainer's metrics thread and the
@@ -851,6 +924,8 @@ class DefaultTrainer(TrainerBase):
         Returns:
             ``cfg`` itself when REFERENCE_WORLD_SIZE is 0 or equals ``num_workers``; otherwise a
             scaled clone, frozen if ``cfg`` was.
+
+        GRAD_ACCUM_STEPS is unchanged, so the micro-batch of each process stays the same too.
 
         Raises:
             ValueError: ``num_workers`` < 1, or IMS_PER_BATCH is not divisible by

@@ -732,3 +732,136 @@ def test_default_setup_float32_precision(
     default_setup(cfg, default_argument_parser().parse_args([]))  # applied on CUDA only
     if not torch.cuda.is_available():
         assert torch.get_float32_matmul_precision() == precision
+
+
+# --------------------------------------------------------------------------- issue 11 and 12
+class _NaNAtClassifier(_ToyClassifier):
+    """The toy classifier whose loss is NaN in its 8th training forward (iteration 7)."""
+
+    def __init__(self, cfg: CfgNode) -> None:
+        super().__init__(cfg)
+        self.calls = 0
+
+    def forward(self, batch: list[dict[str, Any]]) -> Any:
+        out = super().forward(batch)
+        if self.training:
+            self.calls += 1
+            if self.calls == 8:
+                out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+
+if "_TestNaNAtClassifier" not in META_ARCH_REGISTRY:
+    META_ARCH_REGISTRY.register(_NaNAtClassifier, name="_TestNaNAtClassifier")
+
+
+def test_default_trainer_reads_the_losses_once_per_writer_period(
+    tmp_path, quiet_d2_logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    cfg = _toy_cfg(
+        str(tmp_path),
+        **{"SOLVER.MAX_ITER": 40, "TEST.EVAL_PERIOD": 0, "DATASETS.TEST": ()},
+    )
+    trainer = ToyTrainer(cfg)
+    assert trainer._trainer.gather_metric_period == 20
+    reads: dict[int, int] = {}
+    data_dir = os.path.join("d2engine", "data", "")
+    for name in ("item", "tolist", "__float__", "__bool__", "numpy", "cpu"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
+            # The data loader reads its seed and the sampler its permutation once per pass over
+            # the data: not the engine's reads.
+            frame = sys._getframe(1)
+            while frame is not None and data_dir not in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is None:
+                reads[trainer.iter] = reads.get(trainer.iter, 0) + 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class Done(HookBase):  # counted reads after the last iteration land on iteration 40
+        def after_train(self) -> None:
+            self.trainer.iter = 40
+
+    trainer.register_hooks([Done()])
+    trainer.train()
+    monkeypatch.undo()
+    # one read per writer period (20) and per checkpoint (CHECKPOINT_PERIOD 10), none in between
+    assert {it: n for it, n in reads.items() if it < 40} == {9: 1, 19: 1, 29: 1, 39: 1}
+    # every iteration's losses are logged, at their iteration; metrics.json as detectron2 writes
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == list(range(40))
+    lines = [json.loads(x) for x in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert [x["iteration"] for x in lines if "total_loss" in x] == [19, 39]
+
+
+def test_default_trainer_never_checkpoints_after_a_nan_loss(tmp_path, quiet_d2_logger) -> None:
+    cfg = _toy_cfg(
+        str(tmp_path),
+        **{
+            "MODEL.META_ARCHITECTURE": "_TestNaNAtClassifier",
+            "SOLVER.CHECKPOINT_PERIOD": 4,
+            "TEST.EVAL_PERIOD": 0,
+        },
+    )
+    trainer = ToyTrainer(cfg)
+    with pytest.raises(FloatingPointError, match=r"^Loss became infinite or NaN at iteration=7!"):
+        trainer.train()
+    names = sorted(p.name for p in tmp_path.glob("model_*.pth"))
+    assert names == ["model_0000003.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000003.pth"
+
+
+def test_grad_accum_steps_splits_the_batch_and_keeps_images_per_step(
+    tmp_path, quiet_d2_logger
+) -> None:
+    cfg = _toy_cfg(
+        str(tmp_path),
+        **{"SOLVER.GRAD_ACCUM_STEPS": 4, "SOLVER.MAX_ITER": 3, "TEST.EVAL_PERIOD": 0},
+    )
+    trainer = ToyTrainer(cfg)
+    assert trainer.cfg.SOLVER.IMS_PER_BATCH == 8  # images per optimizer step
+    assert trainer._trainer.grad_accum_steps == 4
+    trainer.train()
+    state = trainer.data_loader.state_dict()
+    assert state["batch_size"] == 2 and state["num_batches"] == 3 * 4
+
+
+def test_grad_accum_steps_must_divide_the_batch(tmp_path, quiet_d2_logger) -> None:
+    cfg = _toy_cfg(str(tmp_path), **{"SOLVER.GRAD_ACCUM_STEPS": 4, "SOLVER.IMS_PER_BATCH": 6})
+    with pytest.raises(
+        ValueError,
+        match=r"SOLVER.IMS_PER_BATCH \(6\) must be a multiple of the number of processes \(1\) "
+        r"times SOLVER.GRAD_ACCUM_STEPS \(4\).*HINT",
+    ):
+        ToyTrainer(cfg)
+    with pytest.raises(ValueError, match="SOLVER.GRAD_ACCUM_STEPS must be a positive integer"):
+        ToyTrainer(_toy_cfg(str(tmp_path), **{"SOLVER.GRAD_ACCUM_STEPS": 0}))
+
+
+def test_auto_scale_workers_keeps_grad_accum_steps() -> None:
+    cfg = get_cfg()
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.SOLVER.GRAD_ACCUM_STEPS = 4
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 2
+    new = DefaultTrainer.auto_scale_workers(cfg, 4)
+    assert (new.SOLVER.IMS_PER_BATCH, new.SOLVER.GRAD_ACCUM_STEPS) == (32, 4)
+    # the micro-batch of each process is unchanged: 16 // (2 * 4) == 32 // (4 * 4)
+    assert new.SOLVER.IMS_PER_BATCH // (4 * new.SOLVER.GRAD_ACCUM_STEPS) == 16 // (2 * 4)
+
+
+def test_max_iter_beyond_an_int64_is_a_config_error(tmp_path, quiet_d2_logger) -> None:
+    cfg = _toy_cfg(str(tmp_path))
+    cfg.merge_from_list(["SOLVER.MAX_ITER", "99999999999999999999999"])  # as on the command line
+    with pytest.raises(
+        ValueError,
+        match=r"SOLVER.MAX_ITER must be an integer in \[0, 2\*\*63 - 1\], got "
+        r"99999999999999999999999. HINT",
+    ):
+        ToyTrainer(cfg)
+    cfg.SOLVER.MAX_ITER = 2.5
+    with pytest.raises(ValueError, match=r"SOLVER.MAX_ITER must be an integer, got 2.5 \(float\)"):
+        ToyTrainer(cfg)
