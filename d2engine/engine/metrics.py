@@ -80,11 +80,11 @@ class PendingLosses:
 def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any = None) -> None:
     """Read, check and log the losses of ``items`` (from :meth:`PendingLosses.take`).
 
-    One read per device for all the values; in a multi-process job one ``all_gather`` (a
-    collective: call it on every rank with the same iterations). Each rank logs
-    ``rank_data_time``; the main process logs ``data_time`` (the max over ranks), the mean over
-    ranks of each loss and their sum as ``total_loss`` (the losses only when there are several),
-    each at its iteration.
+    One read for all the values (one transfer per accelerator; CPU tensors are read directly); in
+    a multi-process job one ``all_gather`` (a collective: call it on every rank with the same
+    iterations). Each rank logs ``rank_data_time``; the main process logs ``data_time`` (the max
+    over ranks), the mean over ranks of each loss and their sum as ``total_loss`` (the losses only
+    when there are several), each at its iteration.
 
     Args:
         items: the iterations to write, oldest first.
@@ -98,58 +98,61 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
     if not items:
         return
     floats = _to_floats([v for item in items for v in item.values])
-    local: list[dict[str, float]] = []
+    # The losses of each item, in the order of its keys (the mean over its micro-batches).
+    losses: list[list[float]] = []
     pos = 0
     for item in items:
         n, count = len(item.keys), len(item.values)
         values = floats[pos : pos + count]
         pos += count
-        if count == n:
-            local.append(dict(zip(item.keys, values)))
-        else:  # micro-batches: the mean of each loss
-            steps = count // n
-            local.append({k: sum(values[i::n]) / steps for i, k in enumerate(item.keys)})
+        losses.append(
+            values if count == n else [sum(values[i::n]) / (count // n) for i in range(n)]
+        )
     data_times = [item.data_time for item in items]
-    world_size = comm.get_world_size()
-    means, max_data_times = local, data_times
+    means, max_data_times = losses, data_times
     bad_ranks: list[list[int]] = [[] for _ in items]
+    world_size = comm.get_world_size()
     if world_size > 1:
-        gathered = comm.all_gather((local, data_times), group=group)
+        keyed = [dict(zip(item.keys, values)) for item, values in zip(items, losses)]
+        gathered = comm.all_gather((keyed, data_times), group=group)
         means, max_data_times, bad_ranks = [], [], []
-        for j in range(len(items)):
-            per_rank = [losses[j] for losses, _ in gathered]
-            means.append({k: sum(r[k] for r in per_rank) / world_size for k in per_rank[0]})
+        for j, item in enumerate(items):
+            per_rank = [ranks_losses[j] for ranks_losses, _ in gathered]
+            means.append([sum(r[k] for r in per_rank) / world_size for k in item.keys])
             max_data_times.append(max(times[j] for _, times in gathered))
             bad_ranks.append([r for r, d in enumerate(per_rank) if not _finite(d.values())])
+    totals = [sum(m) for m in means]
+    good = len(items)
+    if not math.isfinite(sum(totals)):  # one check for the common case: all finite
+        good = next((j for j, t in enumerate(totals) if not math.isfinite(t)), len(items))
+    iterations = [item.iteration for item in items[:good]]
+    storage.put_scalar_series("rank_data_time", data_times[:good], iterations)
+    if comm.is_main_process() and good:
+        storage.put_scalar_series("data_time", max_data_times[:good], iterations)
+        first = items[0]
+        if all(it.prefix == first.prefix and it.keys == first.keys for it in items[1:good]):
+            _log_columns(storage, first.prefix, first.keys, means[:good], totals, iterations)
+        else:  # different losses (or prefixes) in different calls: one at a time
+            for item, mean, total, it in zip(items[:good], means, totals, iterations):
+                _log_columns(storage, item.prefix, item.keys, [mean], [total], [it])
+    if good < len(items):
+        item = items[good]
+        raise _non_finite(item.iteration, dict(zip(item.keys, means[good])), bad_ranks[good])
 
-    series: dict[str, tuple[list[float], list[int]]] = {}
 
-    def log(name: str, value: float, iteration: int) -> None:
-        values, iterations = series.setdefault(name, ([], []))
-        values.append(value)
-        iterations.append(iteration)
-
-    main = comm.is_main_process()
-    error: FloatingPointError | None = None
-    for item, mean, data_time, max_data_time, ranks in zip(
-        items, means, data_times, max_data_times, bad_ranks
-    ):
-        total = sum(mean.values())
-        if not math.isfinite(total):
-            error = _non_finite(item.iteration, mean, ranks)
-            break
-        it = item.iteration
-        log("rank_data_time", data_time, it)
-        if main:
-            log("data_time", max_data_time, it)
-            log(f"{item.prefix}total_loss", total, it)
-            if len(mean) > 1:
-                for k, v in mean.items():
-                    log(f"{item.prefix}{k}", v, it)
-    for name, (values, iterations) in series.items():
-        storage.put_scalar_series(name, values, iterations)
-    if error is not None:
-        raise error
+def _log_columns(
+    storage: EventStorage,
+    prefix: str,
+    keys: tuple[str, ...],
+    means: Sequence[Sequence[float]],
+    totals: Sequence[float],
+    iterations: Sequence[int],
+) -> None:
+    """Log ``total_loss`` (and each loss, when there are several) at ``iterations``."""
+    storage.put_scalar_series(f"{prefix}total_loss", totals[: len(iterations)], iterations)
+    if len(keys) > 1:
+        for i, k in enumerate(keys):
+            storage.put_scalar_series(f"{prefix}{k}", [m[i] for m in means], iterations)
 
 
 def _finite(values: Any) -> bool:

@@ -16,17 +16,20 @@ are tracked with :meth:`EventStorage.add_pending` so that writers see them compl
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
 import os
 import threading
 import time
+from bisect import bisect_left, insort
 from collections import defaultdict, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from itertools import islice
+from operator import itemgetter
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -67,6 +70,8 @@ started by the training thread logs into the training thread's storage."""
 
 _DEFAULT_MAX_LENGTH = 1_000_000
 
+_VALUE = itemgetter(0)  # of a (value, iteration) point
+
 
 def get_event_storage() -> EventStorage:
     """Return the innermost open :class:`EventStorage`.
@@ -92,26 +97,28 @@ def has_event_storage() -> bool:
 
 
 def _to_floats(values: Sequence[Any]) -> list[float]:
-    """Convert numbers and one-element tensors to floats, with one read per device.
+    """Convert numbers and one-element tensors to floats.
 
-    The tensors on one device are stacked and read back together (one host-device transfer per
-    accelerator, one ``tolist`` per device); a lone tensor is read with ``item``. Shared by the
-    storage and the trainers' metrics.
+    CPU tensors are read directly (no transfer is involved); the tensors on one accelerator are
+    stacked and read back together: one host-device transfer per device. Shared by the storage
+    and the trainers' metrics.
     """
     out: list[Any] = list(values)
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    on_device: dict[torch.device, list[int]] = {}
     for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            by_device[v.device].append(i)
-        else:
+        if not isinstance(v, torch.Tensor):
             out[i] = float(v)
-    for idx in by_device.values():
+        elif v.is_cpu:
+            out[i] = float(v.item())
+        else:
+            on_device.setdefault(v.device, []).append(i)
+    for idx in on_device.values():
         if len(idx) == 1:
             out[idx[0]] = float(values[idx[0]].item())
             continue
-        tensors = [values[i].detach().reshape(()) for i in idx]
-        # torch.stack promotes mixed dtypes (fp16/bf16/fp32) to a common float type.
-        for i, f in zip(idx, torch.stack(tensors).tolist()):
+        with torch.no_grad():  # stack promotes mixed dtypes (fp16/bf16/fp32) to a common one
+            stacked = torch.stack([values[i].reshape(()) for i in idx])
+        for i, f in zip(idx, stacked.tolist()):
             out[i] = float(f)
     return out
 
@@ -167,10 +174,9 @@ class HistoryBuffer:
                 self._pending.extend(zip(values, iterations))
                 return
             self._data.extend(zip(values, iterations))
-            total = self._global_sum
-            for v in values:  # one by one, as update() adds: the same sum whatever the batching
-                total += v
-            self._global_sum = total
+            # sum() adds left to right from the start value, as update() does one by one: the
+            # same total whatever the batching
+            self._global_sum = sum(values, self._global_sum)
             self._count += len(values)
 
     def _materialize(self) -> None:
@@ -193,6 +199,24 @@ class HistoryBuffer:
                 return []
             return list(islice(reversed(self._data), window))[::-1]
 
+    def _recent_values(self, window: int) -> list[float]:
+        """The last ``window`` values, newest first (C-level iteration: writers call it often)."""
+        with self._lock:
+            self._materialize()
+            if window <= 0:
+                return []
+            return list(map(_VALUE, islice(reversed(self._data), window)))
+
+    def _values_since(self, count: int) -> tuple[list[float], int]:
+        """The values added after the first ``count`` ever added (oldest first, at most the kept
+        ones), and the number added so far."""
+        with self._lock:
+            self._materialize()
+            new = min(self._count - count, len(self._data))
+            if new <= 0:
+                return [], self._count
+            return list(map(_VALUE, islice(reversed(self._data), new)))[::-1], self._count
+
     def count_recent(self, window_size: int) -> int:
         """The number of points logged within ``window_size`` iterations of the latest one."""
         with self._lock:
@@ -213,14 +237,15 @@ class HistoryBuffer:
         Raises:
             IndexError: if the history is empty.
         """
-        data = self._snapshot(1)
-        if not data:
-            raise IndexError("latest() of an empty HistoryBuffer")
-        return data[-1][0]
+        with self._lock:
+            self._materialize()
+            if not self._data:
+                raise IndexError("latest() of an empty HistoryBuffer")
+            return self._data[-1][0]
 
     def median(self, window_size: int) -> float:
         """The median of the last ``window_size`` values (nan if there are none)."""
-        values = sorted(v for v, _ in self._snapshot(window_size))
+        values = sorted(self._recent_values(window_size))
         if not values:
             return math.nan
         n = len(values)
@@ -229,7 +254,7 @@ class HistoryBuffer:
 
     def avg(self, window_size: int) -> float:
         """The mean of the last ``window_size`` values (nan if there are none)."""
-        values = [v for v, _ in self._snapshot(window_size)]
+        values = self._recent_values(window_size)
         return sum(values) / len(values) if values else math.nan
 
     def global_avg(self) -> float:
@@ -270,6 +295,9 @@ class EventStorage:
         self._max_history = max_history
         self._lock = threading.RLock()
         self._pending: list[Future[Any]] = []
+        self._versions = itertools.count(1)  # next() is atomic: puts from two threads
+        self._version = 0  # changes with every scalar put: the smoothed values' cache key
+        self._smoothed: tuple[int, int, dict[str, tuple[float, int]]] | None = None
 
     # -- scalars -----------------------------------------------------------------------------
     def put_scalar(
@@ -312,6 +340,7 @@ class EventStorage:
             buf = self._new_history(name, smoothing_hint)
         buf.update(value, cur_iter)
         self._latest_scalars[name] = (value, cur_iter)
+        self._version = next(self._versions)
 
     def _new_history(self, name: str, smoothing_hint: bool) -> HistoryBuffer:
         """The history of ``name``, created on first use; a changed hint is an error."""
@@ -353,16 +382,19 @@ class EventStorage:
                 f"put_scalar_series('{name}') got {len(values)} values for {len(iterations)} "
                 "iterations. HINT: pass one iteration per value."
             )
-        if not values:
+        if len(values) <= 1:
+            if values:
+                self.put_scalar(name, float(values[0]), smoothing_hint, iterations[0])
             return
         if self._current_prefix:
             name = self._current_prefix + name
         buf = self._history.get(name)
         if buf is None or self._smoothing_hints[name] != smoothing_hint:
             buf = self._new_history(name, smoothing_hint)
-        floats = [float(v) for v in values]
-        buf.extend(floats, [int(i) for i in iterations])
-        self._latest_scalars[name] = (floats[-1], int(iterations[-1]))
+        floats, its = list(map(float, values)), list(map(int, iterations))
+        buf.extend(floats, its)
+        self._latest_scalars[name] = (floats[-1], its[-1])
+        self._version = next(self._versions)
 
     def put_scalars(
         self, *, smoothing_hint: bool = True, cur_iter: int | None = None, **kwargs: Any
@@ -411,6 +443,10 @@ class EventStorage:
         Returns:
             name -> (value, iteration of the latest value).
         """
+        cached = self._smoothed
+        if cached is not None and cached[:2] == (self._version, window_size):
+            return dict(cached[2])  # the writers of one period share the medians
+        version = self._version
         result = {}
         with self._lock:
             latest = self.latest()
@@ -419,7 +455,9 @@ class EventStorage:
             if hints[k]:
                 v = self._history[k].median(self.count_samples(k, window_size))
             result[k] = (v, itr)
-        return result
+        if self._version == version and not self._pending:  # nothing changed meanwhile
+            self._smoothed = (version, window_size, result)
+        return dict(result)
 
     def count_samples(self, name: str, window_size: int = 20) -> int:
         """The number of values of ``name`` logged within the last ``window_size`` iterations.
@@ -706,6 +744,40 @@ class TensorboardXWriter(EventWriter):
             self._summary_writer = None
 
 
+class _SlidingMedian:
+    """The median of the last ``size`` values of a history, kept in step with it.
+
+    Each call adds the values logged since the previous call to a sorted window (and drops the
+    oldest): the same value as ``HistoryBuffer.median(size)`` without sorting ``size`` values at
+    every write.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._buf: HistoryBuffer | None = None
+        self._seen = 0
+        self._window: deque[float] = deque()
+        self._sorted: list[float] = []
+
+    def __call__(self, buf: HistoryBuffer) -> float:
+        new, self._seen = buf._values_since(self._seen if buf is self._buf else 0)
+        if buf is not self._buf or len(new) >= self._size or any(v != v for v in new):
+            values = buf._recent_values(self._size)[::-1]  # a new history, or NaN: start over
+            self._buf = None if any(v != v for v in values) else buf
+            self._window, self._sorted = deque(values), sorted(values)
+        else:
+            for v in new:
+                insort(self._sorted, v)
+                self._window.append(v)
+            while len(self._window) > self._size:
+                del self._sorted[bisect_left(self._sorted, self._window.popleft())]
+        values, n = self._sorted, len(self._sorted)
+        if not n:
+            return math.nan
+        mid = n // 2
+        return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
+
+
 def _format_eta(seconds: float) -> str:
     """``h:mm:ss`` (with days); beyond what ``timedelta`` holds (~2.7 million years), a bound."""
     if not seconds < _MAX_ETA_SECONDS:  # also NaN
@@ -736,13 +808,16 @@ class CommonMetricPrinter(EventWriter):
         self._max_iter = max_iter
         self._window_size = window_size
         self._last_write: tuple[int, float] | None = None
+        self._time_median = _SlidingMedian(1000)
 
     def _get_eta(self, storage: EventStorage) -> str | None:
         if self._max_iter is None:
             return None
         iteration = storage.iter
         try:
-            eta_seconds = storage.history("time").median(1000) * (self._max_iter - iteration - 1)
+            eta_seconds = self._time_median(storage.history("time")) * (
+                self._max_iter - iteration - 1
+            )
             storage.put_scalar("eta_seconds", eta_seconds, smoothing_hint=False)
             return _format_eta(eta_seconds)
         except KeyError:
@@ -766,9 +841,17 @@ class CommonMetricPrinter(EventWriter):
         if eta:
             parts.append(f"eta: {eta}")
         parts.append(f"iter: {iteration}")
+        smoothed = storage.latest_with_smoothing_hint(self._window_size)
+        hints = storage.smoothing_hints()
         for k, buf in histories.items():
             if "loss" in k or k.startswith("[metric]"):
-                parts.append(f"{k}: {buf.median(storage.count_samples(k, self._window_size)):.4g}")
+                # the median over the window: what the other writers computed for smoothed ones
+                value = (
+                    smoothed[k][0]
+                    if hints.get(k) and k in smoothed
+                    else buf.median(storage.count_samples(k, self._window_size))
+                )
+                parts.append(f"{k}: {value:.4g}")
         if "time" in histories:
             parts.append(f"time: {histories['time'].global_avg():.4f}")
             parts.append(f"last_time: {histories['time'].latest():.4f}")

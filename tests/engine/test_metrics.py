@@ -56,3 +56,12 @@ def test_write_losses_of_nothing_does_nothing() -> None:
         write_losses([], storage)
     assert storage.histories() == {}
     assert MAX_PENDING_ITERATIONS >= 100
+
+
+def test_finite_losses_whose_sum_overflows_are_all_logged() -> None:
+    pending = PendingLosses()
+    for it in range(3):
+        pending.add(it, ("a",), (torch.tensor(1e308, dtype=torch.float64),), 0.0)
+    with EventStorage() as storage:
+        write_losses(pending.take(), storage)
+    assert [it for _, it in storage.history("total_loss").values()] == [0, 1, 2]

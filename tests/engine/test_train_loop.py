@@ -417,6 +417,8 @@ def test_no_sync_between_metric_periods(monkeypatch: pytest.MonkeyPatch) -> None
 
     for name in ("item", "tolist", "__float__", "__bool__", "numpy", "cpu"):
         counting(name)
+    # As if the losses were on an accelerator (CPU tensors are read one by one: no transfer)
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
 
     per_iter: dict[int, int] = {}
 
@@ -758,7 +760,7 @@ def test_grad_accumulation_calls_and_no_reads_between_periods(
     trainer.train(0, 8)
     monkeypatch.undo()
     assert calls == ["zero", "after_backward", "step"] * 8
-    assert reads == {3: 1, 7: 1}  # one read per gather_metric_period, none in between
+    assert set(reads) == {3, 7}  # reads at each gather_metric_period, none in between
     assert trainer.data_loader.given == 24
 
 

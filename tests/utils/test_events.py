@@ -281,22 +281,48 @@ def test_put_scalar_series_is_put_scalar_in_bulk() -> None:
             s.put_scalar_series("x", [4.0], [3], smoothing_hint=False)
 
 
-def test_to_floats_reads_each_device_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_to_floats_reads_each_accelerator_once(monkeypatch: pytest.MonkeyPatch) -> None:
     from d2engine.utils.events import _to_floats
 
-    reads = {"n": 0}
-    for name in ("item", "tolist"):
+    reads = {"item": 0, "tolist": 0}
+    for name in reads:
         orig = getattr(torch.Tensor, name)
 
-        def counted(self, *a, _orig=orig, **k):  # type: ignore[no-untyped-def]
-            reads["n"] += 1
+        def counted(self, *a, _orig=orig, _name=name, **k):  # type: ignore[no-untyped-def]
+            reads[_name] += 1
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, counted)
     values = [torch.tensor(1.5), 2, torch.tensor(2.5, dtype=torch.bfloat16), torch.ones(1)]
     assert _to_floats(values) == [1.5, 2.0, 2.5, 1.0]
-    assert reads["n"] == 1
-    assert _to_floats([torch.tensor(3.0)]) == [3.0] and reads["n"] == 2
+    assert reads == {"item": 3, "tolist": 0}  # CPU tensors: read directly, no transfer
+    # Tensors on an accelerator (CPU tensors pretending here): stacked, one transfer per device
+    monkeypatch.setattr(torch.Tensor, "is_cpu", property(lambda self: False))
+    reads.update(item=0, tolist=0)
+    assert _to_floats(values) == [1.5, 2.0, 2.5, 1.0]
+    assert reads == {"item": 0, "tolist": 1}
+    assert _to_floats([torch.tensor(3.0)]) == [3.0] and reads == {"item": 1, "tolist": 1}
+
+
+def test_sliding_median_is_the_median_of_the_window() -> None:
+    import random
+
+    from d2engine.utils.events import _SlidingMedian
+
+    rng = random.Random(0)
+    sliding = _SlidingMedian(50)
+    buf = HistoryBuffer()
+    it = 0
+    for step in range(60):
+        for _ in range(rng.choice([1, 3, 20, 70])):  # writes after a varying number of points
+            buf.update(rng.random(), it)
+            it += 1
+        assert sliding(buf) == buf.median(50), step
+    buf.update(float("nan"), it)  # a NaN: recomputed as HistoryBuffer.median does
+    assert math.isnan(sliding(buf)) == math.isnan(buf.median(50))
+    other = HistoryBuffer()  # a new history (a new storage): starts over
+    other.update(2.0, 0)
+    assert sliding(other) == 2.0
 
 
 def test_common_metric_printer_eta_beyond_what_timedelta_holds(caplog) -> None:
