@@ -7,25 +7,42 @@ memory, one CPU thread) is trained by
   (b) SimpleTrainer without hooks,
   (c) SimpleTrainer with IterationTimer, LRScheduler and
       PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter) at period 20,
-  (d) as (c) with gather_metric_period=20,
+  (d) as (c) with gather_metric_period=20 (DefaultTrainer's default: the losses are read once per
+      writer period, no host-device sync in between),
 
-and the training features' per-iteration cost (``feature_variants``):
+the training features' per-iteration cost (``feature_variants``):
 
   (e) the raw loop + ``ModelEMA.update`` after each step (decay 0.9999),
-  (f) as (d) + ``EMAHook``.
+  (f) as (d) + ``EMAHook``,
 
-The variants run interleaved, round after round, so that drift of a shared machine hits them all;
-each table shows the fastest round (the least disturbed by other work) and the median, with
-ratios against (a) measured in the same run, and the
-engine's cost in microseconds per iteration ((variant - a) / iterations). A separate, untimed run
-per variant counts the tensor reads that synchronise with the device (item, tolist, float, bool,
-numpy, cpu) per iteration.
+a peer, when installed (``pip install pytorch-ignite``; not a dependency of d2engine):
+
+  (g) Ignite's ``create_supervised_trainer`` (its default output: ``loss.item()`` per iteration),
+
+and gradient accumulation, each iteration 4 micro-batches of 16 (one optimizer step):
+
+  (h) a raw loop accumulating 4 micro-batches,
+  (i) as (d) with ``grad_accum_steps=4``.
+
+How it is timed: every run notes the time every 20 iterations (the writers' period, so that each
+window holds one write and one read of the losses; on CUDA the device is synchronised there), and
+a variant's time per iteration is a statistic of all its 20-iteration windows, pooled over the
+rounds (the first window of each run, a warm-up, left out): the 10th percentile (the windows the
+least disturbed by other work on a shared machine) and the median. Once-per-run costs (a writer
+creating its file, its fsync at close) are thus not spread over the iterations. The notes cost the
+raw loops a modulo per iteration, the trainers one ``before_step`` hook (~0.3 us) and Ignite one
+event handler per iteration (~1 us). The variants run interleaved, round after round, so that drift
+of a shared machine hits them all; ratios are against (a) measured in the same run, and the
+engine's cost is in microseconds per iteration (variant - a). A separate, untimed run per variant
+counts the tensor reads to the host (item, tolist, float, bool, numpy, cpu) per iteration (on CPU
+each scalar is read by itself at a flush: there is no transfer to batch).
 
 Usage::
 
     python bench/overhead.py            # 300 iterations x 15 rounds (~2 min on a free core)
     python bench/overhead.py --quick    # 100 iterations x 3 rounds (a smoke run, < 30 s)
     python bench/overhead.py --tiny     # hidden width 1: the engine's own cost in us/iter
+    python bench/overhead.py --variants a,b,d,g   # some rows only ("a" is always measured)
 """
 
 from __future__ import annotations
@@ -49,7 +66,8 @@ from d2engine.modeling import ModelEMA
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 BATCH = 64
-PERIOD = 20
+PERIOD = 20  # the writers' period, and the timing window
+ACCUM = 4  # micro-batches per iteration in (h) and (i)
 
 
 HIDDEN = 512  # --tiny sets 1: the step then costs almost nothing but the engine's own work
@@ -104,21 +122,51 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> float:
+class Clock:
+    """The time every PERIOD iterations of a run (the device synchronised there)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.marks: list[float] = []
+
+    def tick(self, iteration: int) -> None:
+        if iteration % PERIOD == 0:
+            sync(self.device)
+            self.marks.append(time.perf_counter())
+
+    def stop(self) -> list[float]:
+        sync(self.device)
+        self.marks.append(time.perf_counter())
+        return self.marks
+
+
+class _Ticks(HookBase):
+    """Registered first: notes the time before every PERIOD-th iteration and at the end."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    def before_step(self) -> None:
+        self.clock.tick(self.trainer.iter)
+
+    def after_train(self) -> None:
+        self.clock.stop()
+
+
+def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
     model, opt = build(device)
     model.train()
     it = cycle(data)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+    clock = Clock(device)
+    for i in range(iters):
+        clock.tick(i)
         batch = next(it)
         loss_dict = model(batch)
         losses = sum(loss_dict.values())
         opt.zero_grad()
         losses.backward()
         opt.step()
-    sync(device)
-    return time.perf_counter() - start
+    return clock.stop()
 
 
 def _trainer_run(
@@ -130,9 +178,13 @@ def _trainer_run(
     with_hooks: bool,
     period: int,
     extra_hooks: Callable[[nn.Module], list[HookBase]] | None = None,
-) -> float:
+    accum: int = 1,
+) -> list[float]:
     model, opt = build(device)
-    trainer = SimpleTrainer(model, cycle(data), opt, gather_metric_period=period)
+    extra = {"grad_accum_steps": accum} if accum > 1 else {}
+    trainer = SimpleTrainer(model, cycle(data), opt, gather_metric_period=period, **extra)
+    clock = Clock(device)
+    trainer.register_hooks([_Ticks(clock)])
     if extra_hooks is not None:
         trainer.register_hooks(extra_hooks(model))
     if with_hooks:
@@ -149,14 +201,11 @@ def _trainer_run(
                 hooks.PeriodicWriter(writers, period=PERIOD),
             ]
         )
-    sync(device)
-    start = time.perf_counter()
     trainer.train(0, iters)
-    sync(device)
-    return time.perf_counter() - start
+    return clock.marks
 
 
-VARIANTS: dict[str, Callable[..., float]] = {
+VARIANTS: dict[str, Callable[..., list[float]]] = {
     "(a) raw loop": run_raw,
     "(b) SimpleTrainer, no hooks": lambda *a: _trainer_run(*a, with_hooks=False, period=1),
     "(c) + timer, LR, writers @20": lambda *a: _trainer_run(*a, with_hooks=True, period=1),
@@ -165,15 +214,15 @@ VARIANTS: dict[str, Callable[..., float]] = {
 
 
 # ------------------------------------------------------------------ training features (issue 12)
-def run_raw_ema(data: list[Any], iters: int, device: torch.device, out: Path) -> float:
+def run_raw_ema(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
     """The raw loop with an EMA of the weights updated after each optimizer step."""
     model, opt = build(device)
     ema = ModelEMA(model, decay=0.9999)
     model.train()
     it = cycle(data)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(iters):
+    clock = Clock(device)
+    for i in range(iters):
+        clock.tick(i)
         batch = next(it)
         loss_dict = model(batch)
         losses = sum(loss_dict.values())
@@ -181,11 +230,10 @@ def run_raw_ema(data: list[Any], iters: int, device: torch.device, out: Path) ->
         losses.backward()
         opt.step()
         ema.update(model)
-    sync(device)
-    return time.perf_counter() - start
+    return clock.stop()
 
 
-def feature_variants() -> dict[str, Callable[..., float]]:
+def feature_variants() -> dict[str, Callable[..., list[float]]]:
     """The training features' rows; each is compared with (a) and with its base variant."""
     return {
         "(e) raw loop + ModelEMA.update": run_raw_ema,
@@ -201,6 +249,7 @@ def feature_variants() -> dict[str, Callable[..., float]]:
 FEATURE_BASES = {
     "(e) raw loop + ModelEMA.update": "(a) raw loop",
     "(f) as (d) + EMAHook": "(d) as (c), gather period 20",
+    "(i) as (d), grad_accum_steps=4": "(h) raw loop, 4 micro-batches/step",
 }
 
 
@@ -221,26 +270,90 @@ def time_ema_update(device: torch.device, calls: int = 50, rounds: int = 20) -> 
     return best
 
 
-def print_feature_costs(times: dict[str, list[float]], iters: int, device: torch.device) -> None:
-    """Each feature's cost per iteration: its row minus its base row (fastest rounds), and the
-    EMA update timed alone against the raw loop's iteration."""
+def print_feature_costs(per_iter: dict[str, float], device: torch.device) -> None:
+    """Each feature's cost per iteration: its row minus its base row, and the EMA update timed
+    alone against the raw loop's iteration."""
     for name, base in FEATURE_BASES.items():
-        if name in times:
-            cost = (min(times[name]) - min(times[base])) / iters
-            share = cost / (min(times[base]) / iters)
+        if name in per_iter and base in per_iter:
+            cost = per_iter[name] - per_iter[base]
+            share = cost / per_iter[base]
             print(f"{name}: {1e6 * cost:+.1f} us/iter over {base} ({100 * share:+.2f}%)")
-    update = time_ema_update(device)
-    raw = min(times["(a) raw loop"]) / iters
-    print(
-        f"ModelEMA.update timed alone: {1e6 * update:.1f} us per update "
-        f"({100 * update / raw:.2f}% of a raw-loop iteration)"
+    if "(e) raw loop + ModelEMA.update" in per_iter:
+        update = time_ema_update(device)
+        raw = per_iter["(a) raw loop"]
+        print(
+            f"ModelEMA.update timed alone: {1e6 * update:.1f} us per update "
+            f"({100 * update / raw:.2f}% of a raw-loop iteration)"
+        )
+
+
+# ------------------------------------------------------------ a peer, and gradient accumulation
+def run_ignite(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
+    """Ignite's supervised trainer on the same model, losses summed as in the raw loop."""
+    from ignite.engine import Events, create_supervised_trainer  # optional: the bench's only
+
+    model, opt = build(device)
+    trainer = create_supervised_trainer(
+        model,
+        opt,
+        loss_fn=lambda loss_dict, _: sum(loss_dict.values()),
+        prepare_batch=lambda batch, device, non_blocking: (batch, None),
+        model_fn=lambda model, batch: model(batch),
     )
+    clock = Clock(device)
+    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: clock.tick(e.state.iteration - 1))
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: clock.stop())
+    trainer.run(cycle(data), max_epochs=1, epoch_length=iters)
+    return clock.marks
+
+
+def _micro_batches(data: list[Any]) -> list[Any]:
+    """Each batch split into ACCUM micro-batches, in order."""
+    return [(x[i::ACCUM], y[i::ACCUM]) for x, y in data for i in range(ACCUM)]
+
+
+def run_raw_accumulating(
+    data: list[Any], iters: int, device: torch.device, out: Path
+) -> list[float]:
+    """The raw loop over ACCUM micro-batches per optimizer step (the same samples per step)."""
+    model, opt = build(device)
+    model.train()
+    it = cycle(_micro_batches(data))
+    clock = Clock(device)
+    for i in range(iters):
+        clock.tick(i)
+        opt.zero_grad()
+        for _ in range(ACCUM):
+            loss_dict = model(next(it))
+            (sum(loss_dict.values()) / ACCUM).backward()
+        opt.step()
+    return clock.stop()
+
+
+def _accumulating_run(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
+    return _trainer_run(
+        _micro_batches(data), iters, device, out, with_hooks=True, period=PERIOD, accum=ACCUM
+    )
+
+
+def peer_and_accumulation_variants() -> dict[str, Callable[..., list[float]]]:
+    """(g) when Ignite is installed, (h) and (i)."""
+    variants: dict[str, Callable[..., list[float]]] = {}
+    try:
+        import ignite  # noqa: F401  (optional: the bench's only)
+    except ImportError:
+        print("(g) skipped: Ignite is not installed (pip install pytorch-ignite)")
+    else:
+        variants["(g) Ignite create_supervised_trainer"] = run_ignite
+    variants["(h) raw loop, 4 micro-batches/step"] = run_raw_accumulating
+    variants["(i) as (d), grad_accum_steps=4"] = _accumulating_run
+    return variants
 
 
 _READS = ("item", "tolist", "__float__", "__bool__", "numpy", "cpu")
 
 
-def count_host_reads(fn: Callable[..., float], data: list[Any], iters: int, *args: Any) -> int:
+def count_host_reads(fn: Callable[..., Any], data: list[Any], iters: int, *args: Any) -> int:
     """The number of tensor reads to the host during one (untimed) run of ``fn``."""
     count = 0
     originals = {name: getattr(torch.Tensor, name) for name in _READS}
@@ -263,10 +376,15 @@ def count_host_reads(fn: Callable[..., float], data: list[Any], iters: int, *arg
     return count
 
 
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--iters", type=int, default=300, help="iterations per run")
-    parser.add_argument("--repeats", type=int, default=15, help="rounds (min and median reported)")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (windows pooled)")
     parser.add_argument("--quick", action="store_true", help="100 iterations x 3 rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument(
@@ -274,17 +392,24 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="hidden width 1: the model costs little, so 'engine us/iter' is measured with less noise",
     )
+    parser.add_argument(
+        "--variants", default="", help="the rows to run, e.g. a,b,d,g (default: all)"
+    )
     args = parser.parse_args(argv)
     if args.tiny:
         global HIDDEN
         HIDDEN = 1
     if args.quick:
         args.iters, args.repeats = 100, 3
+    args.iters = max(2, -(-args.iters // PERIOD)) * PERIOD  # whole windows, at least two
     torch.set_num_threads(1)
     device = torch.device(args.device)
     data = make_data(32, device)
 
-    variants = {**VARIANTS, **feature_variants()}
+    variants = {**VARIANTS, **feature_variants(), **peer_and_accumulation_variants()}
+    if args.variants:
+        wanted = {"a", *args.variants.split(",")}
+        variants = {k: v for k, v in variants.items() if k[1] in wanted}
     with tempfile.TemporaryDirectory() as tmp:
         # CommonMetricPrinter logs to a file, as in a real job (not to the console here).
         log = logging.getLogger("d2engine")
@@ -292,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         log.propagate = False
         handler = logging.FileHandler(Path(tmp) / "log.txt")
         log.addHandler(handler)
-        times: dict[str, list[float]] = {name: [] for name in variants}
+        windows: dict[str, list[float]] = {name: [] for name in variants}
         reads: dict[str, int] = {}
         for i, (name, fn) in enumerate(variants.items()):  # warm-up and read counts
             out = Path(tmp) / f"warm{i}"
@@ -305,44 +430,50 @@ def main(argv: list[str] | None = None) -> None:
                 name, fn = items[(i + r) % len(items)]
                 out = Path(tmp) / f"r{r}v{i}"
                 out.mkdir()
-                times[name].append(fn(data, args.iters, device, out))
+                marks = fn(data, args.iters, device, out)
+                windows[name] += [(b - a) / PERIOD for a, b in zip(marks[1:], marks[2:])]
         log.removeHandler(handler)
         handler.close()
 
     print(
-        f"d2engine overhead: MLP 784-{HIDDEN}-{HIDDEN}-10, batch {BATCH}, SGD, {args.iters} iterations, "
-        f"{args.repeats} rounds, device {device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread"
+        f"d2engine overhead: MLP 784-{HIDDEN}-{HIDDEN}-10, batch {BATCH}, SGD, {args.iters} "
+        f"iterations x {args.repeats} rounds ({PERIOD}-iteration windows), device {device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread"
     )
-    # Noise on a shared machine only ever adds time, so the fastest round of each variant is the
-    # least disturbed estimate of its cost; the median is printed beside it.
-    ratios = {}
-    for stat_name, stat in (("min", min), ("median", statistics.median)):
-        base = stat(times["(a) raw loop"])
-        print(f"\n{stat_name} over rounds:")
+    stats = (("p10", lambda v: _percentile(v, 0.1)), ("median", statistics.median))
+    per_iter: dict[str, dict[str, float]] = {}
+    for stat_name, stat in stats:
+        per_iter[stat_name] = {name: stat(w) for name, w in windows.items()}
+        base = per_iter[stat_name]["(a) raw loop"]
+        print(f"\n{stat_name} of the windows:")
         header = (
-            f"{'variant':32s} {'ms/iter':>9s} {'ratio':>7s} {'engine us/iter':>15s} "
+            f"{'variant':40s} {'ms/iter':>9s} {'ratio':>7s} {'engine us/iter':>15s} "
             f"{'reads/iter':>11s}"
         )
         print(header)
         print("-" * len(header))
-        for name, ts in times.items():
-            value = stat(ts)
-            ratios[stat_name, name] = value / base
+        for name, value in per_iter[stat_name].items():
             print(
-                f"{name:32s} {1e3 * value / args.iters:9.3f} {value / base:7.3f} "
-                f"{1e6 * (value - base) / args.iters:15.1f} {reads[name] / args.iters:11.2f}"
+                f"{name:40s} {1e3 * value:9.3f} {value / base:7.3f} "
+                f"{1e6 * (value - base):15.1f} {reads[name] / args.iters:11.2f}"
             )
     print()
-    for stat_name in ("min", "median"):
-        ratio_c = ratios[stat_name, "(c) + timer, LR, writers @20"]
-        ratio_d = ratios[stat_name, "(d) as (c), gather period 20"]
-        verdict = "met" if ratio_c <= 1.03 else "NOT met"
-        print(
-            f"{stat_name:6s}: target (c)/(a) <= 1.03 {verdict} ({ratio_c:.3f}); "
-            f"(d)/(a) = {ratio_d:.3f}"
-        )
-    print_feature_costs(times, args.iters, device)
+    for stat_name, values in per_iter.items():
+        base = values["(a) raw loop"]
+        summary = []
+        for key, label in (("c", "(c) gather period 1"), ("d", "(d) gather period 20")):
+            name = next((n for n in values if n[1] == key), None)
+            if name is not None:
+                ratio = values[name] / base
+                verdict = "met" if ratio <= 1.03 else "NOT met"
+                summary.append(
+                    f"{label} {verdict} ({ratio:.3f}, {1e6 * (values[name] - base):+.1f} us)"
+                )
+        ignite = values.get("(g) Ignite create_supervised_trainer")
+        if ignite is not None:
+            summary.append(f"Ignite (g) {1e6 * (ignite - base):+.1f} us")
+        print(f"{stat_name:6s}: hooks/raw <= 1.03: " + "; ".join(summary))
+    print_feature_costs(per_iter["p10"], device)
     sys.stdout.flush()
 
 
