@@ -901,3 +901,20 @@ def test_grad_accumulation_under_ddp_all_reduces_once_per_iteration(tmp_path: Pa
         for a, b in zip(r["1"]["weights"], r["4"]["weights"]):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
     assert results[0]["4"]["weights"] == results[1]["4"]["weights"]  # DDP kept them in sync
+
+
+def test_pending_losses_stay_bounded_whatever_the_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    import d2engine.engine.train_loop as train_loop
+
+    monkeypatch.setattr(train_loop, "MAX_PENDING_ITERATIONS", 4)
+    trainer = _trainer(gather_metric_period=10**9)
+    sizes: list[int] = []
+
+    class Size(HookBase):
+        def after_step(self) -> None:
+            sizes.append(len(self.trainer._losses))
+
+    trainer.register_hooks([Size()])
+    trainer.train(0, 10)
+    assert max(sizes) < 4 and sizes == [1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
+    assert [it for _, it in trainer.storage.history("total_loss").values()] == list(range(10))
