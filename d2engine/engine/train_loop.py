@@ -360,8 +360,8 @@ class SimpleTrainer(TrainerBase):
     hooks' ``after_backward``, record the losses, ``optimizer.step()``. With
     ``grad_accum_steps=k`` an iteration is still one optimizer step, over ``k`` micro-batches each
     read from the data loader: each micro-batch's loss is divided by ``k`` before its backward pass,
-    a DDP model (anything with ``no_sync()``) skips the gradient all-reduce on all but the last one,
-    and ``after_backward`` runs once, after the last.
+    a DDP model (``no_sync()``) or an FSDP2 one (``set_requires_gradient_sync``) reduces the
+    gradients in the last one only, and ``after_backward`` runs once, after the last.
 
     Metrics, without a host-device sync between reads: the losses of every iteration are kept on
     the device (:class:`~d2engine.engine.metrics.PendingLosses`) and read in one transfer every
@@ -499,7 +499,10 @@ class SimpleTrainer(TrainerBase):
     def _run_accumulated_step(self) -> None:
         """One iteration of ``grad_accum_steps`` micro-batches and one optimizer step."""
         steps = self.grad_accum_steps
+        # DDP (no_sync) and FSDP2 (set_requires_gradient_sync) reduce the gradients in the
+        # backward pass of the last micro-batch only.
         no_sync = getattr(self.model, "no_sync", None)
+        set_sync = None if no_sync else getattr(self.model, "set_requires_gradient_sync", None)
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         keys: tuple[str, ...] = ()
@@ -508,9 +511,10 @@ class SimpleTrainer(TrainerBase):
         for i in range(steps):
             data, seconds = self._next_batch()
             data_time += seconds
-            # DDP all-reduces the gradients in the backward pass of the last micro-batch only.
-            sync = no_sync is None or i == steps - 1
-            with contextlib.nullcontext() if sync else no_sync():  # type: ignore[misc]
+            sync = i == steps - 1
+            if set_sync is not None:
+                set_sync(sync)
+            with contextlib.nullcontext() if sync or no_sync is None else no_sync():
                 loss_dict, losses = self._as_loss_dict(self._forward(data))
                 if i == 0 and not self.zero_grad_before_forward:
                     self.optimizer.zero_grad()

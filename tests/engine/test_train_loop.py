@@ -881,10 +881,31 @@ def _dist_accum_worker(out_dir: str) -> None:
             "weights": [p.detach().tolist() for p in model.module.parameters()],
             "batches": trainer.data_loader.given,
         }
+    from d2engine.engine.ddp import create_fsdp_model
+
+    for accum in (1, 4):  # FSDP2: gradients reduced in the last micro-batch only
+        model = create_fsdp_model(_Regression())
+        syncs: list[bool] = []
+        set_sync = model.set_requires_gradient_sync
+
+        def recording(flag: bool, *a: Any, _set: Any = set_sync, _seen: Any = syncs) -> Any:
+            _seen.append(flag)
+            return _set(flag, *a)
+
+        model.set_requires_gradient_sync = recording  # type: ignore[method-assign]
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        trainer = SimpleTrainer(
+            model, _Batches(16 // accum, seed=rank), opt, grad_accum_steps=accum
+        )
+        trainer.train(0, 3)
+        result[f"fsdp{accum}"] = {
+            "syncs": syncs,
+            "weights": [p.full_tensor().tolist() for p in model.parameters()],
+        }
     (Path(out_dir) / f"accum{rank}.json").write_text(json.dumps(result))
 
 
-def test_grad_accumulation_under_ddp_all_reduces_once_per_iteration(tmp_path: Path) -> None:
+def test_grad_accumulation_under_ddp_and_fsdp_reduces_once_per_iteration(tmp_path: Path) -> None:
     from d2engine.engine.launch import launch
 
     launch(
@@ -901,6 +922,11 @@ def test_grad_accumulation_under_ddp_all_reduces_once_per_iteration(tmp_path: Pa
         for a, b in zip(r["1"]["weights"], r["4"]["weights"]):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
     assert results[0]["4"]["weights"] == results[1]["4"]["weights"]  # DDP kept them in sync
+    for r in results:
+        assert r["fsdp1"]["syncs"] == [] and r["fsdp4"]["syncs"] == [False, False, False, True] * 3
+        for a, b, c in zip(r["fsdp1"]["weights"], r["fsdp4"]["weights"], r["1"]["weights"]):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)
+            assert torch.allclose(torch.tensor(a), torch.tensor(c), atol=1e-6)  # FSDP2 == DDP
 
 
 def test_pending_losses_stay_bounded_whatever_the_period(monkeypatch: pytest.MonkeyPatch) -> None:
