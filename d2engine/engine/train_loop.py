@@ -208,6 +208,9 @@ class TrainerBase:
                     self.completed = True
             except Exception:
                 logger.exception("Exception during training at iteration %d:", self.iter)
+                # A failure, even after a stop was requested (e.g. a NaN found by the last read):
+                # hooks that save at a requested stop must not save this state.
+                self.stop_reason = None
                 if comm.get_world_size() == 1:  # no collective on a failure path
                     with contextlib.suppress(Exception):
                         self.flush_metrics()  # log what the last iterations recorded

@@ -944,3 +944,17 @@ def test_pending_losses_stay_bounded_whatever_the_period(monkeypatch: pytest.Mon
     trainer.train(0, 10)
     assert max(sizes) < 4 and sizes == [1, 2, 3, 0, 1, 2, 3, 0, 1, 2]
     assert [it for _, it in trainer.storage.history("total_loss").values()] == list(range(10))
+
+
+def test_a_nan_found_after_a_requested_stop_is_a_failure(tmp_path: Path) -> None:
+    from d2engine.checkpoint import Checkpointer
+    from d2engine.engine import hooks
+
+    # NaN at iteration 3, a stop requested after iteration 5: the last read finds the NaN.
+    trainer = _trainer(nan_at=(3,), gather_metric_period=20)
+    checkpointer = Checkpointer(trainer.model, str(tmp_path), trainer=trainer)
+    trainer.register_hooks([hooks.PeriodicCheckpointer(checkpointer, 100), _StopAt(5, "enough")])
+    with pytest.raises(FloatingPointError, match="iteration=3!"):
+        trainer.train(0, 50)
+    assert trainer.stop_reason is None and not trainer.completed
+    assert not list(tmp_path.glob("*.pth"))  # no final checkpoint of the NaN weights
