@@ -146,13 +146,14 @@ class LossEvalHook(HookBase):
                 for inputs in self._data_loader:
                     out = model(inputs)
                     named = named and not isinstance(out, torch.Tensor)
-                    loss_dict, loss = SimpleTrainer._as_loss_dict(out)
-                    if any(v.numel() != 1 for v in loss_dict.values()):
+                    try:  # every loss a scalar tensor
+                        loss_dict, loss = SimpleTrainer._as_loss_dict(out)
+                    except TypeError as e:
                         raise TypeError(
                             f"LossEvalHook: the model returned {_describe(out)}, not scalar "
                             "losses. HINT: the model must return its losses in training mode "
                             "(LossEvalHook runs it so); check that it is training."
-                        )
+                        ) from e
                     for k, v in loss_dict.items():
                         v = v.detach().float()
                         sums[k] = sums[k] + v if k in sums else v
