@@ -33,9 +33,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 MAX_ITER = 40
 CHECKPOINT_PERIOD = 4
-# (LEAD) gradient accumulation: add 2 here once SOLVER.GRAD_ACCUM_STEPS exists (issue 12's
-# accumulation lands in another branch); _cfg sets the key only when it differs from 1.
-GRAD_ACCUM_STEPS = [1]
+# Every feature together: gradient accumulation (2 micro-batches of 2 per optimizer step), EMA,
+# the validation loss and early stopping; _cfg sets the key only when it differs from 1.
+GRAD_ACCUM_STEPS = [2]
 
 _ = _DropoutClassifier  # registered under "_ResumeDropoutClassifier" by the job
 
