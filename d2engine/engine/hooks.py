@@ -5,14 +5,10 @@ the trainer through ``self.trainer`` (a weak proxy set at registration). The che
 (:class:`PeriodicCheckpointer`, :class:`BestCheckpointer`) live in
 :mod:`d2engine.engine.checkpoint_hooks`, the profiling hooks in :mod:`d2engine.engine.profiling`,
 the progress bar and curves (:class:`ProgressBar`, :class:`PlotCurves`) in
-<<<<<<< HEAD
-:mod:`d2engine.engine.monitoring` and :class:`HangWatchdog` in :mod:`d2engine.engine.watchdog`; all
+:mod:`d2engine.engine.monitoring`, :class:`HangWatchdog` in :mod:`d2engine.engine.watchdog`,
+:class:`EMAHook` in :mod:`d2engine.engine.ema_hook`, and the hooks driven by evaluations
+(:class:`LossEvalHook`, :class:`EarlyStopping`) in :mod:`d2engine.engine.evaluation_hooks`; all
 are re-exported here.
-=======
-:mod:`d2engine.engine.monitoring`, :class:`EMAHook` in :mod:`d2engine.engine.ema_hook`, and the
-hooks driven by evaluations (:class:`LossEvalHook`, :class:`EarlyStopping`) in
-:mod:`d2engine.engine.evaluation_hooks`; all are re-exported here.
->>>>>>> 3ad7688 (ModelEMA, EMAHook, LossEvalHook, EarlyStopping, compile_model; DefaultTrainer wiring (MODEL_EMA, TEST.LOSS_EVAL_PERIOD, TEST.EARLY_STOPPING, MODEL.COMPILE); a requested stop writes model_final)
 """
 
 from __future__ import annotations
@@ -149,12 +145,14 @@ class IterationTimer(HookBase):
         self._timed_seconds = 0.0
         self._timed_iters = 0
         self._storage: EventStorage | None = None
+        self._first_timed = warmup_iter - 1  # set at before_train: start_iter + warmup_iter - 1
 
     def before_train(self) -> None:
         self._start_time = time.perf_counter()
         self._timed_seconds = 0.0
         self._timed_iters = 0
         self._storage = self.trainer.storage
+        self._first_timed = self.trainer.start_iter + self._warmup_iter - 1
 
     def before_step(self) -> None:
         self._step_start = time.perf_counter()
@@ -163,7 +161,7 @@ class IterationTimer(HookBase):
         now = time.perf_counter()
         storage = self._storage
         assert storage is not None
-        if storage.iter - self.trainer.start_iter + 1 >= self._warmup_iter:
+        if storage.iter >= self._first_timed:
             seconds = now - self._step_start
             storage.put_scalar("time", seconds)
             self._timed_seconds += seconds
