@@ -171,6 +171,38 @@ class LRMultiplier(LRScheduler):
         """The schedule of lr multipliers."""
         return self._multiplier
 
+    def step(self, epoch: int | None = None) -> None:
+        """Advance one iteration and set every group's lr for it (after ``optimizer.step()``).
+
+        The same values and state as torch's ``LRScheduler.step``, which still does the first
+        steps (where torch checks the call order), a step given the deprecated ``epoch``, tensor
+        lrs and subclasses with their own ``get_lr``; otherwise without torch's per-call
+        bookkeeping: ``base_lr * multiplier`` is set in each group directly.
+
+        Args:
+            epoch: deprecated in torch; passed on to torch's ``step`` when given.
+        """
+        groups = self.optimizer.param_groups
+        if (
+            epoch is not None
+            or self._step_count < 2
+            or type(self).get_lr is not _MULTIPLIER_GET_LR
+            or any(isinstance(g["lr"], torch.Tensor) for g in groups)
+        ):
+            super().step(epoch)
+            return
+        self._step_count += 1
+        self.last_epoch += 1
+        lrs = self._lrs_at(self.last_epoch)
+        if len(lrs) != len(groups):  # as torch's zip(strict=True)
+            raise ValueError(
+                f"LRMultiplier has {len(lrs)} base lrs but the optimizer has {len(groups)} param "
+                "groups. HINT: create the scheduler after adding every param group."
+            )
+        for group, lr in zip(groups, lrs):
+            group["lr"] = lr
+        self._last_lr = list(lrs)
+
     def _lrs_at(self, iteration: int) -> list[float | torch.Tensor]:
         where = min(max(iteration / self._max_iter, 0.0), 1.0)
         factor = self._multiplier(where)
@@ -183,6 +215,9 @@ class LRMultiplier(LRScheduler):
             One lr per param group.
         """
         return self._lrs_at(self.last_epoch)
+
+
+_MULTIPLIER_GET_LR = LRMultiplier.get_lr
 
 
 def _get_warmup_factor_at_iter(

@@ -372,3 +372,112 @@ def test_warmup_factor_helper() -> None:
     assert _get_warmup_factor_at_iter("bogus", 10, 10, 0.3) == 1.0  # past the warm-up
     with pytest.raises(ValueError, match="Unknown warm-up method 'bogus'"):
         _get_warmup_factor_at_iter("bogus", 1, 10, 0.3)
+
+
+# ------------------------------------------------------- the fast step: torch's values, exactly
+
+
+def _schedulers(opt: torch.optim.Optimizer, last_iter: int = -1) -> list[LRMultiplier]:
+    """DefaultTrainer's schedules: warm-up + multistep, warm-up + cosine, fixed-gamma steps."""
+    return [
+        WarmupMultiStepLR(
+            opt, [30, 70], gamma=0.3, warmup_iters=20, max_iter=100, last_iter=last_iter
+        ),
+        WarmupCosineLR(opt, 100, warmup_iters=20, last_iter=last_iter, end_factor=0.05),
+        WarmupStepWithFixedGammaLR(opt, 100, num_decays=3, warmup_iters=10, last_iter=last_iter),
+        WarmupMultiStepLR(opt, [50], warmup_iters=15, warmup_method="constant", max_iter=100),
+    ][: 4 if last_iter < 0 else 3]
+
+
+def _trajectory(opt: torch.optim.Optimizer, sched: LRMultiplier, step: Any) -> list[Any]:
+    """Every group's lr (as exact bits), the scheduler's state and last lrs after each step."""
+    out = []
+    for _ in range(110):  # past max_iter: the final value
+        opt.step()
+        step(sched)
+        out.append(
+            (
+                [float(g["lr"]).hex() for g in opt.param_groups],
+                [float(lr).hex() for lr in sched.get_last_lr()],
+                sched.last_epoch,
+                sched._step_count,
+                sched.state_dict(),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_lr_multiplier_step_is_bit_identical_to_torchs_step(case: int) -> None:
+    # LRMultiplier.step sets base_lr * multiplier itself; torch's LRScheduler.step (get_lr and
+    # its bookkeeping) must give the very same bits at every iteration, for every group.
+    fast_opt, torch_opt = _optimizer(0.1, 0.037), _optimizer(0.1, 0.037)
+    fast, slow = _schedulers(fast_opt)[case], _schedulers(torch_opt)[case]
+    assert _trajectory(fast_opt, fast, type(fast).step) == _trajectory(
+        torch_opt, slow, torch.optim.lr_scheduler.LRScheduler.step
+    )
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_lr_multiplier_step_after_resume_is_bit_identical_to_torchs_step(case: int) -> None:
+    def resumed() -> tuple[torch.optim.SGD, LRMultiplier]:
+        opt = _optimizer(0.1, 0.037)
+        for g in opt.param_groups:
+            g["initial_lr"] = g["lr"]
+        return opt, _schedulers(opt, last_iter=41)[case]
+
+    (fast_opt, fast), (torch_opt, slow) = resumed(), resumed()
+    assert _trajectory(fast_opt, fast, type(fast).step) == _trajectory(
+        torch_opt, slow, torch.optim.lr_scheduler.LRScheduler.step
+    )
+
+
+def test_lr_multiplier_leaves_torchs_step_after_the_first_steps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The fast path is taken: torch's step (and its per-call bookkeeping) runs for the initial
+    # step and the first call only, where torch checks that optimizer.step() came first.
+    calls = []
+    torch_step = torch.optim.lr_scheduler.LRScheduler.step
+
+    def counting_step(self: Any, epoch: Any = None) -> None:
+        calls.append(self.last_epoch)
+        torch_step(self, epoch)
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LRScheduler, "step", counting_step)
+    opt = _optimizer(0.1)
+    sched = WarmupCosineLR(opt, 100, warmup_iters=10)
+    for _ in range(20):
+        opt.step()
+        sched.step()
+    assert calls == [-1, 0]
+    assert sched.last_epoch == 20 and sched._step_count == 21
+
+
+def test_lr_multiplier_tensor_lrs_and_custom_get_lr_use_torchs_step() -> None:
+    # Tensor lrs (filled in place by torch) and subclasses with their own get_lr keep torch's
+    # step: same values as a float-lr twin, the lr tensor object unchanged.
+    opt = _optimizer(0.1)
+    opt.param_groups[0]["lr"] = torch.tensor(0.1, dtype=torch.float64)
+    lr_tensor = opt.param_groups[0]["lr"]
+    twin_opt = _optimizer(0.1)
+    sched, twin = (
+        WarmupCosineLR(opt, 50, warmup_iters=5),
+        WarmupCosineLR(twin_opt, 50, warmup_iters=5),
+    )
+    for _ in range(30):
+        opt.step(), twin_opt.step()
+        sched.step(), twin.step()
+        assert opt.param_groups[0]["lr"] is lr_tensor
+        assert float(lr_tensor) == twin_opt.param_groups[0]["lr"]
+
+    class Halved(LRMultiplier):
+        def get_lr(self) -> list[float | torch.Tensor]:
+            return [lr / 2 for lr in super().get_lr()]
+
+    opt = _optimizer(0.1)
+    halved = Halved(opt, LinearParamScheduler(1.0, 0.0), max_iter=10)
+    for _ in range(5):
+        opt.step()
+        halved.step()
+    assert _lrs(opt) == [0.1 * (1 - 5 / 10) / 2]
