@@ -16,7 +16,6 @@ are tracked with :meth:`EventStorage.add_pending` so that writers see them compl
 from __future__ import annotations
 
 import datetime
-import itertools
 import json
 import logging
 import math
@@ -143,6 +142,9 @@ class HistoryBuffer:
         self._global_sum = 0.0
         self._count = 0
         self._lock = threading.Lock()
+        # (values ever added, window) -> the median of the window: the writers of one period
+        # (and the periods in which nothing new was logged) share it
+        self._window_median: tuple[int, int, float] | None = None
 
     def update(self, value: float | torch.Tensor, iteration: int) -> None:
         """Add a point.
@@ -231,6 +233,30 @@ class HistoryBuffer:
                 n += 1
             return n
 
+    def median_within(self, window_size: int) -> float:
+        """The median of the values logged within ``window_size`` iterations of the latest one.
+
+        The same as ``median(count_recent(window_size))``, computed once for the values logged
+        so far: writers that report the same smoothed value at the same period share it.
+
+        Args:
+            window_size: the smoothing window in iterations.
+
+        Returns:
+            The median (nan if the history is empty).
+        """
+        with self._lock:
+            self._materialize()
+            cached = self._window_median
+            if cached is not None and cached[0] == self._count and cached[1] == window_size:
+                return cached[2]
+            count = self._count
+        value = self.median(self.count_recent(window_size))
+        with self._lock:
+            if self._count == count:  # nothing added meanwhile (another thread)
+                self._window_median = (count, window_size, value)
+        return value
+
     def latest(self) -> float:
         """The most recent value.
 
@@ -295,9 +321,6 @@ class EventStorage:
         self._max_history = max_history
         self._lock = threading.RLock()
         self._pending: list[Future[Any]] = []
-        self._versions = itertools.count(1)  # next() is atomic: puts from two threads
-        self._version = 0  # changes with every scalar put: the smoothed values' cache key
-        self._smoothed: tuple[int, int, dict[str, tuple[float, int]]] | None = None
 
     # -- scalars -----------------------------------------------------------------------------
     def put_scalar(
@@ -340,7 +363,6 @@ class EventStorage:
             buf = self._new_history(name, smoothing_hint)
         buf.update(value, cur_iter)
         self._latest_scalars[name] = (value, cur_iter)
-        self._version = next(self._versions)
 
     def _new_history(self, name: str, smoothing_hint: bool) -> HistoryBuffer:
         """The history of ``name``, created on first use; a changed hint is an error."""
@@ -394,7 +416,6 @@ class EventStorage:
         floats, its = list(map(float, values)), list(map(int, iterations))
         buf.extend(floats, its)
         self._latest_scalars[name] = (floats[-1], its[-1])
-        self._version = next(self._versions)
 
     def put_scalars(
         self, *, smoothing_hint: bool = True, cur_iter: int | None = None, **kwargs: Any
@@ -443,21 +464,16 @@ class EventStorage:
         Returns:
             name -> (value, iteration of the latest value).
         """
-        cached = self._smoothed
-        if cached is not None and cached[:2] == (self._version, window_size):
-            return dict(cached[2])  # the writers of one period share the medians
-        version = self._version
-        result = {}
         with self._lock:
             latest = self.latest()
             hints = dict(self._smoothing_hints)
-        for k, (v, itr) in latest.items():
-            if hints[k]:
-                v = self._history[k].median(self.count_samples(k, window_size))
-            result[k] = (v, itr)
-        if self._version == version and not self._pending:  # nothing changed meanwhile
-            self._smoothed = (version, window_size, result)
-        return dict(result)
+            history = dict(self._history)
+        # Each smoothed median is computed once for the values logged so far (see
+        # HistoryBuffer.median_within): the writers of one period share them.
+        return {
+            k: (history[k].median_within(window_size) if hints[k] else v, itr)
+            for k, (v, itr) in latest.items()
+        }
 
     def count_samples(self, name: str, window_size: int = 20) -> int:
         """The number of values of ``name`` logged within the last ``window_size`` iterations.
@@ -683,6 +699,11 @@ class TensorboardXWriter(EventWriter):
     last write at their iteration, then the queued images and histograms, which it removes from
     the storage.
 
+    The records are written to the event file by the thread that writes (the training thread,
+    at the writer's period), not by tensorboard's background thread: that thread computes each
+    record's checksum in Python and so took the GIL from the training loop between periods.
+    Everything written is in the file when :meth:`write` returns.
+
     Args:
         log_dir: the directory of the event files.
         window_size: the smoothing window for scalars logged with ``smoothing_hint=True``.
@@ -711,6 +732,7 @@ class TensorboardXWriter(EventWriter):
 
             self._summary_cls = Summary  # imported here: tensorboard is slow to import
             self._summary_writer = SummaryWriter(self._log_dir, **self._writer_args)
+            _write_in_caller_thread(self._summary_writer)
         return self._summary_writer
 
     def write(self) -> None:
@@ -718,15 +740,19 @@ class TensorboardXWriter(EventWriter):
         storage.wait_pending()
         writer = self._get_writer()
         Summary = self._summary_cls
-        by_iter: dict[int, list[Any]] = {}
+        by_iter: dict[int, Any] = {}
         for k, (v, itr) in storage.latest_with_smoothing_hint(self._window_size).items():
             if itr > self._last_write:
-                by_iter.setdefault(itr, []).append(Summary.Value(tag=k, simple_value=float(v)))
+                summary = by_iter.get(itr)
+                if summary is None:
+                    summary = by_iter[itr] = Summary()
+                # value.add(): a third of the cost of building Summary.Value objects
+                summary.value.add(tag=k, simple_value=float(v))
         # One event per iteration holding all its scalars: SummaryWriter.add_scalar costs ~80 us
         # per value (an event, a proto and a queue put each), which dominated the writer's cost.
         file_writer = writer._get_file_writer()
         for itr in sorted(by_iter):
-            file_writer.add_summary(Summary(value=by_iter[itr]), itr)
+            file_writer.add_summary(by_iter[itr], itr)
         if by_iter:
             self._last_write = max(self._last_write, max(by_iter))
         if storage._vis_data:
@@ -742,6 +768,54 @@ class TensorboardXWriter(EventWriter):
         if self._summary_writer is not None:
             self._summary_writer.close()
             self._summary_writer = None
+
+
+class _CallerThreadRecords:
+    """In place of tensorboard's ``_AsyncWriter``: each record is written (checksum, append to
+    the event file) by the thread that adds it, with the same ``write``/``flush``/``close``."""
+
+    def __init__(self, record_writer: Any) -> None:
+        self._record_writer = record_writer
+        self._lock = threading.Lock()  # SummaryWriter may be used from several threads
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._closed:
+                raise OSError("Writer is closed")
+            self._record_writer.write(data)
+
+    def flush(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._record_writer.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._record_writer.flush()
+                self._record_writer.close()
+
+
+def _write_in_caller_thread(summary_writer: Any) -> bool:
+    """Make ``summary_writer`` write its records in the calling thread (see
+    :class:`TensorboardXWriter`): its event file writer's background thread is stopped.
+
+    Returns:
+        False (and nothing changed) when tensorboard's writer is not built as expected (another
+        version): its background thread then keeps writing.
+    """
+    event_writer = getattr(summary_writer._get_file_writer(), "event_writer", None)
+    queued = getattr(event_writer, "_async_writer", None)
+    record_writer = getattr(queued, "_writer", None)
+    worker = getattr(queued, "_worker", None)
+    if record_writer is None or not callable(getattr(worker, "stop", None)):
+        return False
+    queued.flush()  # what is queued (the file's header event) is written first
+    worker.stop()
+    event_writer._async_writer = _CallerThreadRecords(record_writer)
+    return True
 
 
 class _SlidingMedian:

@@ -331,3 +331,62 @@ def test_common_metric_printer_eta_beyond_what_timedelta_holds(caplog) -> None:
         s.put_scalar("time", 0.5)
         printer.write()
     assert "eta: >999999999 days  iter: 0" in caplog.text
+
+
+def test_smoothed_medians_are_computed_once_for_the_values_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The writers of one period share each median, also when one of them puts a scalar in
+    # between (CommonMetricPrinter puts eta_seconds); a new value of a scalar recomputes its own.
+    computed: list[int] = []
+    median = HistoryBuffer.median
+
+    def counting_median(self: HistoryBuffer, window_size: int) -> float:
+        computed.append(window_size)
+        return median(self, window_size)
+
+    monkeypatch.setattr(HistoryBuffer, "median", counting_median)
+    with EventStorage() as s:
+        for i in range(30):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+            s.put_scalar("acc", float(i), smoothing_hint=False)
+        first = s.latest_with_smoothing_hint(20)
+        s.put_scalar("eta_seconds", 12.0, smoothing_hint=False)
+        assert s.latest_with_smoothing_hint(20) == first | {"eta_seconds": (12.0, 29)}
+        assert computed == [20]  # loss only, once
+        assert first["loss"] == (19.5, 29)
+        s.put_scalar("loss", 100.0)  # at iteration 29 again: 10..29 and 100
+        assert s.latest_with_smoothing_hint(20)["loss"] == (20.0, 29)
+        assert s.latest_with_smoothing_hint(5)["loss"] == (27.5, 29)  # another window
+        assert len(computed) == 3
+
+
+def test_tensorboard_writer_writes_in_the_writing_thread(tmp_path) -> None:
+    # No background thread (it took the GIL from the training loop to checksum the records):
+    # everything written is in the event file when write() returns, before any close.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    def tb_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if isinstance(t, _AsyncWriterThread)]
+
+    before = tb_threads()
+    writer = TensorboardXWriter(tmp_path, window_size=1)
+    with EventStorage() as s:
+        for i in range(3):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+            writer.write()
+            assert tb_threads() == before
+            acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+            acc.Reload()
+            assert [(e.step, e.value) for e in acc.Scalars("loss")] == [
+                (j, float(j)) for j in range(i + 1)
+            ]
+        writer._writer.add_scalar("extra", 5.0, 7)  # detectron2 scripts' way: written too
+        writer._writer.flush()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("extra")] == [(7, 5.0)]
