@@ -94,9 +94,8 @@ class ProgressBar(HookBase):
         assert storage is not None  # set in before_train
         histories = storage.histories()
         postfix = {}
-        if "total_loss" in histories:
-            n = storage.count_samples("total_loss", self._window_size)
-            postfix["loss"] = f"{histories['total_loss'].median(n):.4g}"
+        if "total_loss" in histories:  # the median the writers of this period computed
+            postfix["loss"] = f"{histories['total_loss'].median_within(self._window_size):.4g}"
         if "lr" in histories:
             postfix["lr"] = f"{histories['lr'].latest():.3g}"
         if postfix:

@@ -154,12 +154,13 @@ class HistoryBuffer:
             iteration: the iteration the value belongs to.
         """
         with self._lock:
-            if isinstance(value, torch.Tensor) or self._pending:
+            if self._pending or (type(value) is not float and isinstance(value, torch.Tensor)):
                 self._pending.append((value, iteration))
                 if len(self._pending) >= self._max_length:
                     self._materialize()
             else:
-                value = float(value)
+                if type(value) is not float:  # a float as it is: the timer's and lr's puts
+                    value = float(value)
                 self._data.append((value, iteration))
                 self._global_sum += value
                 self._count += 1
@@ -347,7 +348,9 @@ class EventStorage:
         if self._current_prefix:
             name = self._current_prefix + name
         cur_iter = self._iter if cur_iter is None else int(cur_iter)
-        if isinstance(value, torch.Tensor):
+        if type(value) is float:  # the common case (IterationTimer, LRScheduler): nothing to do
+            pass
+        elif isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(
                     f"put_scalar('{name}') needs a number or a single-element tensor, got a "
