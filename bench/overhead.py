@@ -5,8 +5,10 @@ memory, one CPU thread) is trained by
 
   (a) a raw PyTorch loop,
   (b) SimpleTrainer without hooks,
-  (c) SimpleTrainer with IterationTimer, LRScheduler and
-      PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter) at period 20,
+  (c) SimpleTrainer with DefaultTrainer's per-iteration hooks: IterationTimer, LRScheduler (its
+      default schedule, WarmupMultiStepLR: a linear warm-up over the first tenth, one decay at
+      three quarters) and PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter)
+      at period 20,
   (d) as (c) with gather_metric_period=20 (DefaultTrainer's default: the losses are read once per
       writer period, no host-device sync in between),
 
@@ -37,12 +39,18 @@ engine's cost is in microseconds per iteration (variant - a). A separate, untime
 counts the tensor reads to the host (item, tolist, float, bool, numpy, cpu) per iteration (on CPU
 each scalar is read by itself at a flush: there is no transfer to batch).
 
+``--clock cpu`` times the windows with the process's CPU time (``time.process_time``: every
+thread of the process, so a writer's background thread counts) instead of the wall clock: on a
+machine shared with other jobs it leaves out the time the process waits for a core, which the
+wall clock counts (a waiting thread's GIL hand-over still costs wall time only).
+
 Usage::
 
     python bench/overhead.py            # 300 iterations x 15 rounds (~2 min on a free core)
     python bench/overhead.py --quick    # 100 iterations x 3 rounds (a smoke run, < 30 s)
     python bench/overhead.py --tiny     # hidden width 1: the engine's own cost in us/iter
     python bench/overhead.py --variants a,b,d,g   # some rows only ("a" is always measured)
+    python bench/overhead.py --tiny --clock cpu   # CPU time: less disturbed by a busy machine
 """
 
 from __future__ import annotations
@@ -63,6 +71,7 @@ from torch import nn
 from d2engine.engine import hooks
 from d2engine.engine.train_loop import HookBase, SimpleTrainer
 from d2engine.modeling import ModelEMA
+from d2engine.solver.lr_scheduler import WarmupMultiStepLR
 from d2engine.utils.events import CommonMetricPrinter, JSONWriter, TensorboardXWriter
 
 BATCH = 64
@@ -122,6 +131,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TIMER: Callable[[], float] = time.perf_counter  # --clock cpu: time.process_time
+
+
 class Clock:
     """The time every PERIOD iterations of a run (the device synchronised there)."""
 
@@ -132,11 +144,11 @@ class Clock:
     def tick(self, iteration: int) -> None:
         if iteration % PERIOD == 0:
             sync(self.device)
-            self.marks.append(time.perf_counter())
+            self.marks.append(TIMER())
 
     def stop(self) -> list[float]:
         sync(self.device)
-        self.marks.append(time.perf_counter())
+        self.marks.append(TIMER())
         return self.marks
 
 
@@ -188,7 +200,8 @@ def _trainer_run(
     if extra_hooks is not None:
         trainer.register_hooks(extra_hooks(model))
     if with_hooks:
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iters)
+        # DefaultTrainer's default schedule (SOLVER.LR_SCHEDULER_NAME "WarmupMultiStepLR")
+        sched = WarmupMultiStepLR(opt, [3 * iters // 4], warmup_iters=iters // 10, max_iter=iters)
         writers = [
             JSONWriter(out / "metrics.json"),
             CommonMetricPrinter(iters),
@@ -395,7 +408,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variants", default="", help="the rows to run, e.g. a,b,d,g (default: all)"
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time the windows with the wall clock or the process's CPU time (all threads)",
+    )
     args = parser.parse_args(argv)
+    global TIMER
+    TIMER = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.tiny:
         global HIDDEN
         HIDDEN = 1
@@ -437,8 +458,8 @@ def main(argv: list[str] | None = None) -> None:
 
     print(
         f"d2engine overhead: MLP 784-{HIDDEN}-{HIDDEN}-10, batch {BATCH}, SGD, {args.iters} "
-        f"iterations x {args.repeats} rounds ({PERIOD}-iteration windows), device {device}, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} thread"
+        f"iterations x {args.repeats} rounds ({PERIOD}-iteration windows, {args.clock} clock), "
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} thread"
     )
     stats = (("p10", lambda v: _percentile(v, 0.1)), ("median", statistics.median))
     per_iter: dict[str, dict[str, float]] = {}
@@ -472,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
         ignite = values.get("(g) Ignite create_supervised_trainer")
         if ignite is not None:
             summary.append(f"Ignite (g) {1e6 * (ignite - base):+.1f} us")
+            hooked = next((values[n] for n in values if n[1] == "d"), None)
+            if hooked is not None:
+                summary.append(f"(d) - (g) {1e6 * (hooked - ignite):+.1f} us")
         print(f"{stat_name:6s}: hooks/raw <= 1.03: " + "; ".join(summary))
     print_feature_costs(per_iter["p10"], device)
     sys.stdout.flush()
