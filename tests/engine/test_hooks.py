@@ -107,6 +107,40 @@ def test_periodic_writer_json_and_tensorboard(tmp_path: Path) -> None:
         hooks.PeriodicWriter(["x"])  # type: ignore[list-item]
 
 
+def test_default_hooks_read_nothing_between_writer_periods(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DefaultTrainer's per-iteration hooks only put between periods: the storage is read (and
+    # the writers run) at the writer's period, after the last iteration and at the end only.
+    from d2engine.utils.events import EventStorage
+
+    reads: list[int] = []
+    for name in ("latest", "latest_with_smoothing_hint", "histories", "history"):
+        original = getattr(EventStorage, name)
+
+        def reading(self: Any, *a: Any, _original: Any = original, **k: Any) -> Any:
+            reads.append(self.iter)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(EventStorage, name, reading)
+    trainer = _trainer()
+    trainer.gather_metric_period = 5
+    writers = [
+        JSONWriter(tmp_path / "m.json"),
+        CommonMetricPrinter(12),
+        TensorboardXWriter(tmp_path),
+    ]
+    trainer.register_hooks(
+        [
+            hooks.IterationTimer(),
+            hooks.LRScheduler(scheduler=LRMultiplier(trainer.optimizer, lambda w: 1 - w, 12)),
+            hooks.PeriodicWriter(writers, period=5),
+        ]
+    )
+    trainer.train(0, 12)
+    assert sorted(set(reads)) == [4, 9, 11, 12]  # 12: the final write in after_train
+
+
 # -- LRScheduler ------------------------------------------------------------------------------
 def test_lr_scheduler_torch_scheduler_and_state() -> None:
     trainer = _trainer(lr=1.0)
