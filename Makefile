@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+docs: $(STAMP)  # the documentation site, warnings as errors: open site/index.html
+	$(VENV)/bin/mkdocs build --strict
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check d2engine tests bench
+	$(VENV)/bin/ruff check d2engine tests bench docs
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py
@@ -28,4 +31,4 @@ bench: $(STAMP)
 	$(PY) bench/ddp.py
 
 clean:
-	rm -rf $(VENV) output build dist *.egg-info
+	rm -rf $(VENV) output build dist site *.egg-info
