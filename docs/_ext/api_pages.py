@@ -5,13 +5,15 @@ package itself); each stands for the package ``d2engine.<stem>``. Every public m
 (no ``_`` in its dotted path) goes on one page and each name of its ``__all__`` is documented once,
 where users import it: at the shortest module path that exports it (``d2engine.checkpoint``, not
 ``d2engine.checkpoint.checkpointer``), except that the hooks are documented in
-``d2engine.engine.hooks`` as in detectron2. A module whose names are all documented elsewhere shows
-its docstring and links to them. A public module that no page takes fails the build.
+``d2engine.engine.hooks`` as in detectron2. A module shows its docstring, the names documented in
+it and links to the others, on the page of its package, or on the page where most of its names are
+documented (``d2engine.engine.monitoring``: with the hooks). A public module that no page takes
+fails the build.
 """
 
 from __future__ import annotations
 
-import logging
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,6 @@ PACKAGE = "d2engine"
 # Where detectron2's users import these names from, although a shorter path exports them too.
 PREFERRED_MODULES = ("d2engine.engine.hooks",)
 API_DIR = "api/"
-
-log = logging.getLogger("mkdocs.hooks.api_pages")
 
 
 def _public_modules(module: griffe.Module) -> Iterator[griffe.Module]:
@@ -93,10 +93,16 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, 
             (n, ".".join(documented_at[_canonical(module, n)])) for n in names if n not in here
         ]
         page = page_by_prefix(module.path)
-        if names and not here:  # a module of re-exports goes where its names are
-            homes = {page_by_prefix(path.rsplit(".", 1)[0]) for _, path in elsewhere}
-            if len(homes) == 1:
-                page = homes.pop()
+        # A module goes where most of its names are documented (the hook modules: engine.hooks).
+        homes = Counter(
+            page_by_prefix(path.rsplit(".", 1)[0])
+            for _, path in elsewhere
+            if path.startswith(PACKAGE + ".")
+        )
+        if homes:
+            home, count = homes.most_common(1)[0]
+            if count > len(here):
+                page = home
         if page is None:
             raise ValueError(
                 f"The public module {module.path} is on no API page. HINT: add a page "
