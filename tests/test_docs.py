@@ -199,6 +199,10 @@ def test_site_builds_with_every_page(site: Path) -> None:
 def test_api_reference_documents_every_public_name(site: Path) -> None:
     pages = sorted((site / "api").rglob("index.html"))
     html = "\n".join(p.read_text(encoding="utf-8") for p in pages)
+    for page in pages:  # api/engine/index.html documents d2engine.engine, ...
+        folder = page.parent.relative_to(site / "api").as_posix()
+        root = "d2engine" if folder == "." else f"d2engine.{folder}"
+        assert f'id="{root}"' in page.read_text(encoding="utf-8"), f"{root} is not on its page"
     ids = set(re.findall(r'id="(d2engine[\w.]*)"', html))
     modules = {name: importlib.import_module(name) for name in _public_modules()}
     exporters: dict[int, set[str]] = {}  # id(object) -> "module.name" of each export

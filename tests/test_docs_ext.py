@@ -71,6 +71,9 @@ def test_every_public_module_is_on_one_api_page_and_each_name_documented_once(
     hooks_page = [module for module, _, _ in plan["api/engine.hooks.md"]]
     assert {"d2engine.engine.monitoring", "d2engine.engine.checkpoint_hooks"} <= set(hooks_page)
     assert "d2engine.engine.defaults" in [module for module, _, _ in plan["api/engine.md"]]
+    # Each page starts with its own package.
+    for page, sections in plan.items():
+        assert sections[0][0] == api_pages._root_of(page)
     # Another package's object re-exported for compatibility is named, not documented.
     assert ("LRScheduler", "torch.optim.lr_scheduler.LRScheduler") in by_module["d2engine.solver"][
         1

@@ -99,7 +99,7 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, 
             for _, path in elsewhere
             if path.startswith(PACKAGE + ".")
         )
-        if homes:
+        if homes and module.path not in roots:  # a page's own package stays on it
             home, count = homes.most_common(1)[0]
             if count > len(here):
                 page = home
