@@ -229,6 +229,7 @@ def test_api_reference_documents_every_public_name(site: Path) -> None:
     assert not missing, "not in the API reference: " + ", ".join(missing)
     # The docstrings' Sphinx roles became links or code (docs/_ext/sphinx_roles.py).
     assert not re.search(r":(class|func|meth|mod|attr|data|exc):`", html)
+    assert "```" not in html  # literal blocks became code blocks, not text
     assert 'href="../checkpoint/#d2engine.checkpoint.Checkpointer"' in html
 
 

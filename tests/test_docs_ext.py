@@ -121,7 +121,7 @@ def test_literal_blocks_become_fenced_code() -> None:
     )
     assert sphinx_roles.literal_blocks_to_fences(text) == (
         "Use it like this:\n\n```python\ntrainer.train()\nx = 1\n```\n\nAfter.\n\n"
-        "Example:\n\n    ```bash\n    d2engine-train --help\n    ```\n"
+        "Example:\n\n```bash\nd2engine-train --help\n```\n"
     )
     assert sphinx_roles.literal_blocks_to_fences("A ratio a::b stays.") == "A ratio a::b stays."
     assert re.search(r"::$", sphinx_roles.literal_blocks_to_fences("Ends with::")) is not None

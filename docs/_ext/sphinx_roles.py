@@ -28,8 +28,6 @@ ROLE = re.compile(
     r":(?:py:)?(?P<role>class|func|meth|mod|attr|data|exc|obj|const):`(?P<text>[^`]+)`"
 )
 EXPLICIT_TITLE = re.compile(r"^(?P<title>.+?)\s*<(?P<target>[^<>]+)>$")
-# A Google section title: a literal block under it stays in the section.
-SECTION_TITLES = {"example", "examples"}
 SHELL_START = (
     "$ ",
     "d2engine-",
@@ -136,9 +134,9 @@ def _lookup_in_scope(name: str, scope: griffe.Object) -> griffe.Object | None:
 def literal_blocks_to_fences(text: str) -> str:
     """Turns each reST literal block (after a line ending with ``::``) into a fenced block.
 
-    The ``::`` becomes ``:`` (a line holding only ``::`` goes). The fence is put at the indentation
-    of the paragraph that introduces the block, or at the block's own under a Google section title
-    (``Example::``), so that the block stays in that section.
+    The ``::`` becomes ``:`` (a line holding only ``::`` goes); the fence is put at the indentation
+    of the paragraph that introduces the block. (``Example::`` stays a paragraph: a Google
+    ``Example:`` section would need its content indented, which Markdown reads as a code block.)
     """
     lines = text.split("\n")
     out: list[str] = []
@@ -161,9 +159,7 @@ def literal_blocks_to_fences(text: str) -> str:
         head = stripped[:-2].rstrip()
         if head.strip():
             out.append(head + ":")
-        fence_indent = " " * (
-            _indent(block[0]) if head.strip().lower() in SECTION_TITLES else indent
-        )
+        fence_indent = " " * indent
         language = "bash" if block[0].strip().startswith(SHELL_START) else "python"
         margin = min(_indent(b) for b in block if b.strip())
         out.append("")
