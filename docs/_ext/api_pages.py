@@ -50,7 +50,11 @@ def _root_of(page: str) -> str:
     return PACKAGE if stem == "index" else f"{PACKAGE}.{stem}"
 
 
-def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, list[str], list]]]:
+Section = tuple[str, list[str], list[tuple[str, str]]]
+"""A module on a page: its path, the names documented there, (name, documented path) of the others."""
+
+
+def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[Section]]:
     """Which modules each page shows, the names documented there, and the names linked elsewhere.
 
     Returns:
@@ -60,9 +64,10 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, 
         ValueError: a public module that no page's package contains.
     """
     modules = list(_public_modules(package))
+    exports = {m.path: [str(name) for name in m.exports or ()] for m in modules}
     exported: dict[str, list[tuple[str, str]]] = {}  # canonical path -> [(module, name)]
     for module in modules:
-        for name in module.exports or ():
+        for name in exports[module.path]:
             if name not in module.members:
                 raise ValueError(
                     f"{module.path}.__all__ names {name!r}, which is not defined there"
@@ -84,10 +89,10 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, 
         matches = [r for r in roots if path == r or (r != PACKAGE and path.startswith(r + "."))]
         return roots[max(matches, key=len)] if matches else None
 
-    result: dict[str, list[tuple[str, list[str], list]]] = {page: [] for page in pages}
+    result: dict[str, list[Section]] = {page: [] for page in pages}
     for module in modules:
-        names = [n for n in module.exports or () if _kind(module, n) == "d2engine"]
-        foreign = [n for n in module.exports or () if _kind(module, n) == "foreign"]
+        names = [n for n in exports[module.path] if _kind(module, n) == "d2engine"]
+        foreign = [n for n in exports[module.path] if _kind(module, n) == "foreign"]
         here = [n for n in names if documented_at[_canonical(module, n)] == (module.path, n)]
         elsewhere = [
             (n, ".".join(documented_at[_canonical(module, n)])) for n in names if n not in here
@@ -119,14 +124,17 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[tuple[str, 
 def _target(module: griffe.Module, name: str) -> griffe.Object | None:
     """What ``module.name`` is; None for an object of another package (``torch``)."""
     member = module.members[name]
+    if not isinstance(member, griffe.Alias):
+        return member
     try:
-        return member.final_target if member.is_alias else member
+        return member.final_target
     except griffe.AliasResolutionError:
         return None
 
 
-def _foreign_path(alias: griffe.Alias) -> str:
+def _foreign_path(alias: griffe.Object | griffe.Alias) -> str:
     """The path of another package's object that ``alias`` (maybe through others) names."""
+    assert isinstance(alias, griffe.Alias)
     path = alias.target_path
     while True:
         try:
@@ -151,7 +159,7 @@ def _canonical(module: griffe.Module, name: str) -> str:
     return target.path
 
 
-def _markdown(page: str, sections: list[tuple[str, list[str], list]]) -> str:
+def _markdown(page: str, sections: list[Section]) -> str:
     root = _root_of(page)
     lines = [
         f"# `{root}`",
@@ -176,6 +184,7 @@ def on_files(files: Files, config: Any) -> Files:
     pages = _page_roots(config["nav"])
     repo = Path(config["config_file_path"]).parent
     package = griffe.load(PACKAGE, search_paths=[str(repo)], resolve_aliases=True)
+    assert isinstance(package, griffe.Module)
     for page, sections in plan(package, pages).items():
         if not sections:
             raise ValueError(f"The API page {page} shows no module of d2engine.")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import html
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import griffe
@@ -51,14 +51,18 @@ class SphinxRoles(griffe.Extension):
         for obj in _objects(pkg):
             if obj.docstring is not None:
                 text = literal_blocks_to_fences(obj.docstring.value)
-                obj.docstring.value = ROLE.sub(lambda m, o=obj: _link(m, o, loader), text)
+                obj.docstring.value = ROLE.sub(_linker(obj, loader), text)
 
 
 def _objects(obj: griffe.Object) -> Iterator[griffe.Object]:
     yield obj
     for member in obj.members.values():
-        if not member.is_alias:
+        if not isinstance(member, griffe.Alias):
             yield from _objects(member)
+
+
+def _linker(scope: griffe.Object, loader: griffe.GriffeLoader) -> Callable[[re.Match[str]], str]:
+    return lambda match: _link(match, scope, loader)
 
 
 def _link(match: re.Match[str], scope: griffe.Object, loader: griffe.GriffeLoader) -> str:
@@ -91,10 +95,10 @@ def _link(match: re.Match[str], scope: griffe.Object, loader: griffe.GriffeLoade
 
 
 def _final(obj: griffe.Object | griffe.Alias) -> griffe.Object | None:
-    if not obj.is_alias:
-        return obj  # type: ignore[return-value]
+    if not isinstance(obj, griffe.Alias):
+        return obj
     try:
-        return obj.final_target  # type: ignore[union-attr]
+        return obj.final_target
     except (griffe.AliasResolutionError, griffe.CyclicAliasError):
         return None  # imported from another package
 
