@@ -65,7 +65,9 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[Section]]:
     """
     modules = list(_public_modules(package))
     exports = {m.path: [str(name) for name in m.exports or ()] for m in modules}
-    exported: dict[str, list[tuple[str, str]]] = {}  # canonical path -> [(module, name)]
+    exported: dict[
+        str, list[tuple[str, str]]
+    ] = {}  # canonical path -> [(module, name)]
     for module in modules:
         for name in exports[module.path]:
             if name not in module.members:
@@ -81,21 +83,29 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[Section]]:
         path = entry[0]
         return (path not in PREFERRED_MODULES, path.count("."), path)
 
-    documented_at = {canonical: min(entries, key=rank) for canonical, entries in exported.items()}
+    documented_at = {
+        canonical: min(entries, key=rank) for canonical, entries in exported.items()
+    }
     roots = {_root_of(page): page for page in pages}
 
     def page_by_prefix(path: str) -> str | None:
         # The index page shows the package itself only: a package without a page is an error.
-        matches = [r for r in roots if path == r or (r != PACKAGE and path.startswith(r + "."))]
+        matches = [
+            r for r in roots if path == r or (r != PACKAGE and path.startswith(r + "."))
+        ]
         return roots[max(matches, key=len)] if matches else None
 
     result: dict[str, list[Section]] = {page: [] for page in pages}
     for module in modules:
         names = [n for n in exports[module.path] if _kind(module, n) == "d2engine"]
         foreign = [n for n in exports[module.path] if _kind(module, n) == "foreign"]
-        here = [n for n in names if documented_at[_canonical(module, n)] == (module.path, n)]
+        here = [
+            n for n in names if documented_at[_canonical(module, n)] == (module.path, n)
+        ]
         elsewhere = [
-            (n, ".".join(documented_at[_canonical(module, n)])) for n in names if n not in here
+            (n, ".".join(documented_at[_canonical(module, n)]))
+            for n in names
+            if n not in here
         ]
         page = page_by_prefix(module.path)
         # A module goes where most of its names are documented (the hook modules: engine.hooks).
@@ -115,7 +125,10 @@ def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[Section]]:
             )
         elsewhere += [(n, _foreign_path(module.members[n])) for n in foreign]
         result[page].append((module.path, here, elsewhere))
-    for page, sections in result.items():  # the page's own package first, then the rest by name
+    for (
+        page,
+        sections,
+    ) in result.items():  # the page's own package first, then the rest by name
         root = _root_of(page)
         sections.sort(key=lambda section: (section[0] != root, section[0]))
     return result
@@ -173,7 +186,9 @@ def _markdown(page: str, sections: list[Section]) -> str:
         lines += [f"::: {module}", "    options:", f"      members: {members}", ""]
         if elsewhere:
             links = ", ".join(
-                f"[`{name}`][{path}]" if path.startswith(PACKAGE + ".") else f"`{name}` (`{path}`)"
+                f"[`{name}`][{path}]"
+                if path.startswith(PACKAGE + ".")
+                else f"`{name}` (`{path}`)"
                 for name, path in elsewhere
             )
             lines += [f"Also exports {links}.", ""]

@@ -45,7 +45,9 @@ log = logging.getLogger("mkdocs.plugins.d2engine.sphinx_roles")
 class SphinxRoles(griffe.Extension):
     """Rewrites every docstring of the d2engine package once it is loaded."""
 
-    def on_package(self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any) -> None:
+    def on_package(
+        self, *, pkg: griffe.Module, loader: griffe.GriffeLoader, **kwargs: Any
+    ) -> None:
         if pkg.path != PACKAGE:
             return
         for obj in _objects(pkg):
@@ -61,11 +63,15 @@ def _objects(obj: griffe.Object) -> Iterator[griffe.Object]:
             yield from _objects(member)
 
 
-def _linker(scope: griffe.Object, loader: griffe.GriffeLoader) -> Callable[[re.Match[str]], str]:
+def _linker(
+    scope: griffe.Object, loader: griffe.GriffeLoader
+) -> Callable[[re.Match[str]], str]:
     return lambda match: _link(match, scope, loader)
 
 
-def _link(match: re.Match[str], scope: griffe.Object, loader: griffe.GriffeLoader) -> str:
+def _link(
+    match: re.Match[str], scope: griffe.Object, loader: griffe.GriffeLoader
+) -> str:
     text = match["text"]
     explicit = EXPLICIT_TITLE.match(text)
     if explicit:
@@ -149,13 +155,21 @@ def literal_blocks_to_fences(text: str) -> str:
         line = lines[i]
         stripped = line.rstrip()
         indent = len(line) - len(line.lstrip())
-        following = next((j for j in range(i + 1, len(lines)) if lines[j].strip()), None)
-        if not stripped.endswith("::") or following is None or _indent(lines[following]) <= indent:
+        following = next(
+            (j for j in range(i + 1, len(lines)) if lines[j].strip()), None
+        )
+        if (
+            not stripped.endswith("::")
+            or following is None
+            or _indent(lines[following]) <= indent
+        ):
             out.append(line)
             i += 1
             continue
         end = following
-        while end < len(lines) and (not lines[end].strip() or _indent(lines[end]) > indent):
+        while end < len(lines) and (
+            not lines[end].strip() or _indent(lines[end]) > indent
+        ):
             end += 1
         block = lines[following:end]
         while block and not block[-1].strip():
