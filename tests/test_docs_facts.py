@@ -217,3 +217,29 @@ def test_the_home_page_links_every_page_but_the_generated_api_pages() -> None:
     linked = set(re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", home))
     wanted = [p for p in pages if not p.startswith("api/") or p == "api/index.md"]
     assert not [p for p in wanted if p not in linked], "docs/index.md does not link these pages"
+
+
+# --------------------------------------------------------------------------- `make docs` after `make test`
+def test_make_tests_bootstrap_installs_the_docs_extra() -> None:
+    """CI runs `make test` in a clean clone, and the suite builds the site: the Makefile's install
+    must pull in the `docs` extra (directly, or through an extra that names `d2engine[docs]`)."""
+    from setuptools.config.pyprojecttoml import read_configuration
+
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    installed = re.search(r'pip install -q -e "\.\[([\w,-]+)\]"', makefile)
+    assert installed, "the Makefile's bootstrap no longer installs the package with extras"
+    extras = read_configuration(REPO / "pyproject.toml", expand=False)["project"][
+        "optional-dependencies"
+    ]
+    todo, reached = installed[1].split(","), set()
+    while todo:
+        extra = todo.pop()
+        if extra in reached:
+            continue
+        reached.add(extra)
+        for requirement in extras[extra]:
+            m = re.fullmatch(r"d2engine\[([\w,-]+)\]", requirement)
+            todo += m[1].split(",") if m else []
+    assert "docs" in reached, f"`make test` installs the extras {sorted(reached)}, not `docs`"
+    docs_dependencies = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] for r in extras["docs"]}
+    assert {"mkdocs", "mkdocs-material", "mkdocstrings", "mkdocstrings-python"} <= docs_dependencies
