@@ -254,6 +254,18 @@ class _SkippingCycleSampler(Sampler[int]):
         return itertools.islice(self._cycle(), self._skip, None)
 
 
+class _CarryThenStream(Sampler[int]):
+    """The carried indices (read before an elastic resume, not yet batched), then the stream."""
+
+    def __init__(self, carry: Sequence[int], sampler: Any) -> None:
+        super().__init__()
+        self._carry, self._sampler = list(carry), sampler
+
+    def __iter__(self) -> Iterator[int]:
+        yield from self._carry
+        yield from self._sampler
+
+
 class _GroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices of one aspect-ratio group each, noting the progress after each batch.
 
@@ -356,6 +368,9 @@ class TrainDataLoader:
         self._pending: list[list[int]] = [[] for _ in range(num_groups)]  # at the stream start
         self._progress: collections.deque[tuple[int, list[list[int]]]] = collections.deque()
         self._handed: tuple[int, list[list[int]]] = (0, self._pending)  # after the last batch
+        self._carry: list[int] = []  # indices read before the stream starts (elastic resume)
+        self._gathered: tuple[int, list[Any]] | None = None  # (num_batches, every rank's state)
+        self._warned_ungathered = False
 
     @property
     def _resumable(self) -> bool:
@@ -368,7 +383,9 @@ class TrainDataLoader:
 
     def _make_iterator(self) -> Iterator[Any]:
         if self._resumable:
-            indices: Any = self.sampler
+            indices: Any = (
+                _CarryThenStream(self._carry, self.sampler) if self._carry else self.sampler
+            )
             entropy = [self.sampler.seed, self._stream_start, self.sampler.rank]
         else:
             indices = _SkippingCycleSampler(self.sampler, self._skip)
@@ -422,7 +439,8 @@ class TrainDataLoader:
         """Drop the current stream; the next one starts at the current position."""
         consumed, pending = self._consumed_and_pending()
         if self._resumable:
-            self._stream_start += consumed * self.sampler.world_size
+            self._carry, from_stream = self._split(consumed)
+            self._stream_start += from_stream * self.sampler.world_size
             self.sampler.load_state_dict(self.sampler.state_at(self._stream_start))
         else:
             self._skip += consumed
@@ -431,9 +449,13 @@ class TrainDataLoader:
         self._iterator = None  # the DataLoader iterator shuts its workers down when collected
         self._handed = (0, self._pending)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The data position: batches handed out so far, and the sampler state matching it, with
-        the batch size and number of processes that made it."""
+    def _split(self, consumed: int) -> tuple[list[int], int]:
+        """After ``consumed`` local indices of the current stream: the carried indices still to be
+        read, and how many indices came from the sampler."""
+        return self._carry[consumed:], max(0, consumed - len(self._carry))
+
+    def _local_state(self) -> dict[str, Any]:
+        """This process's position (see :meth:`state_dict`)."""
         consumed, pending = self._consumed_and_pending()
         state: dict[str, Any] = {
             "num_batches": self._num_batches,
@@ -441,17 +463,88 @@ class TrainDataLoader:
             "world_size": self._world_size,
         }
         if self._resumable:
-            position = self._stream_start + consumed * self.sampler.world_size
+            carry, from_stream = self._split(consumed)
+            position = self._stream_start + from_stream * self.sampler.world_size
             state["sampler"] = self.sampler.state_at(position)
+            if carry:
+                state["carry"] = carry
         else:
             state["consumed"] = self._skip + consumed
         if self._buckets is not None:
             state["pending"] = pending
         return state
 
+    def gather_state(self) -> None:
+        """Collect every process's position for the next :meth:`state_dict` (a collective).
+
+        With aspect-ratio grouping each process has read a different number of indices and has
+        its own indices waiting in groups, so a checkpoint needs every process's position. Call it
+        on every process at the save point, before the main process's :meth:`state_dict`; a
+        trainer's ``gather_state()`` does (the ``PeriodicCheckpointer`` hook calls it on every
+        rank before each save). Nothing to do without grouping (every process is at the same
+        position) or in one process.
+        """
+        if self._buckets is None or comm.get_world_size() == 1:
+            return
+        self._gathered = (self._num_batches, list(comm.all_gather(self._local_state())))
+
+    @property
+    def _rank(self) -> int:
+        return int(self.sampler.rank) if self._resumable else comm.get_rank()
+
+    def _every_rank_state(self, own: dict[str, Any]) -> list[Any]:
+        gathered = self._gathered
+        if (
+            gathered is not None
+            and gathered[0] == self._num_batches
+            and len(gathered[1]) == self._world_size
+        ):
+            return list(gathered[1])
+        if not self._warned_ungathered:
+            self._warned_ungathered = True
+            logger.warning(
+                "TrainDataLoader.state_dict() after %d batches without the other processes' "
+                "positions (gather_state() was not called on every process at this point): with "
+                "aspect-ratio grouping each process has its own position, so a run resumed from "
+                "this state continues the other processes only approximately (samples may be "
+                "repeated or skipped). HINT: register the PeriodicCheckpointer hook on every rank "
+                "(only the main process writes), or call gather_state() on every rank first.",
+                self._num_batches,
+            )
+        states: list[Any] = [None] * self._world_size
+        states[self._rank] = own
+        return states
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position: batches handed out so far, and the sampler state matching it, with
+        the batch size and number of processes that made it.
+
+        With aspect-ratio grouping: also ``"pending"``, the indices waiting in each group, and in
+        a multi-process job ``"ranks"``, the position of every process (``None`` for a process
+        whose position was not collected by :meth:`gather_state` at this point, with a warning).
+        After an elastic resume ``"carry"`` holds the indices still to be read before the
+        sampler's stream.
+        """
+        state = self._local_state()
+        if self._buckets is not None and self._world_size > 1:
+            state["ranks"] = self._every_rank_state(dict(state))
+        return state
+
     @property
     def _world_size(self) -> int:
         return int(self.sampler.world_size) if self._resumable else comm.get_world_size()
+
+    def _saved_entries(self, state: Mapping[str, Any]) -> list[Any]:
+        """The saved position of every process that saved ``state`` (None where unknown)."""
+        top = {k: v for k, v in state.items() if k != "ranks"}
+        ranks = state.get("ranks")
+        if ranks is not None:
+            return [dict(e) if isinstance(e, Mapping) else None for e in ranks]
+        saved_world = int(state.get("world_size", self._world_size))
+        if "pending" in state and saved_world > 1:
+            # Grouped, saved before every process's position was kept: the writer's only.
+            return [top] + [None] * (saved_world - 1)
+        return [top] * saved_world  # not grouped: every process was at the same position
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved position: the next batch is the one after the last one handed out.
@@ -460,6 +553,14 @@ class TrainDataLoader:
         number of processes continues at the same sample: what its processes read next together is
         what the processes that saved the state would have read. A different global batch size
         (``batch_size`` times the number of processes) than the saved one is a warning.
+
+        With aspect-ratio grouping each process restores its own saved position and the indices
+        waiting in its groups (exact). On another number of processes, the indices the saved
+        processes had read but not batched yet (waiting in a group, or behind the process that
+        had read furthest) are pooled, in saved-rank order, and handed out round-robin to the new
+        processes, which read them before the stream continues where the furthest process was:
+        no sample is lost or read twice (see "Elastic resume" in ``docs/scale.md``). A state
+        without some processes' positions is restored approximately, with a warning.
 
         Args:
             state: a dict from :meth:`state_dict`.
@@ -475,14 +576,27 @@ class TrainDataLoader:
         num_batches = int(state["num_batches"])
         self._check_global_batch(state)
         self._iterator = None
+        self._gathered = None
+        entries = self._saved_entries(state)
+        same_world = len(entries) == self._world_size
+        own = entries[self._rank] if same_world else None
         if self._resumable:
-            if "sampler" not in state:
+            if any(e is not None and "sampler" not in e for e in entries):
                 raise KeyError(
                     "TrainDataLoader.load_state_dict: the state lacks 'sampler', which a loader "
                     f"with a {type(self.sampler).__name__} needs to resume. HINT: save it with "
                     "state_dict()."
                 )
-            self.sampler.load_state_dict(state["sampler"])
+            if own is not None:
+                self.sampler.load_state_dict(own["sampler"])
+                self._carry = [int(i) for i in own.get("carry", [])]
+                pending = own.get("pending") or []
+            elif same_world:
+                self.sampler.load_state_dict(state["sampler"])
+                self._carry, pending = [], []
+                self._warn_unsaved_position(state)
+            else:
+                self._carry, pending = self._share_of_pool(entries), []
             self._stream_start = self.sampler.start_position
         else:
             if num_batches > 0:
@@ -491,12 +605,89 @@ class TrainDataLoader:
                     type(self.sampler).__name__,
                     num_batches,
                 )
-            self._skip = int(state.get("consumed", num_batches * self.batch_size))
+            saved = own if own is not None else state
+            self._skip = int(saved.get("consumed", num_batches * self.batch_size))
+            pending = (own.get("pending") or []) if own is not None else []
+            if own is None:
+                self._warn_unsaved_position(state)
         if self._buckets is not None:
-            saved = state.get("pending") or []
-            self._pending = [list(map(int, g)) for g in saved] + [[] for _ in range(3 - len(saved))]
+            self._pending = [list(map(int, g)) for g in pending] + [
+                [] for _ in range(3 - len(pending))
+            ]
+        else:
+            waiting = [int(i) for g in pending for i in g]
+            if waiting and self._resumable:
+                self._carry = waiting + self._carry  # grouping turned off: read them first
+            elif waiting:
+                logger.warning(
+                    "Resuming without aspect-ratio grouping and a %s: the %d sample(s) that were "
+                    "waiting in a group are skipped.",
+                    type(self.sampler).__name__,
+                    len(waiting),
+                )
         self._num_batches = self._stream_first_batch = num_batches
         self._handed = (0, self._pending)
+
+    def _warn_unsaved_position(self, state: Mapping[str, Any]) -> None:
+        """A process continues without its own saved position (grouped data only)."""
+        if "pending" not in state:
+            return
+        logger.warning(
+            "The data position holds no entry for process %d of %d (it was saved %s): this "
+            "process continues from the saved stream position without the samples it had waiting "
+            "in aspect-ratio groups, so some samples may be repeated or skipped. HINT: save with "
+            "the PeriodicCheckpointer hook registered on every rank.",
+            self._rank,
+            self._world_size,
+            "without every process's position"
+            if "ranks" in state
+            else "by a version that kept the main process's only",
+        )
+
+    def _share_of_pool(self, entries: list[Any]) -> list[int]:
+        """Elastic resume of a grouped stream: set the sampler where the furthest saved process
+        was and return this process's share of the indices read but not batched before it."""
+        saved_world = len(entries)
+        known = [(r, e) for r, e in enumerate(entries) if e is not None]
+        positions = {}
+        for r, e in known:
+            self.sampler.load_state_dict(e["sampler"])  # also checks the dataset and settings
+            positions[r] = int(e["sampler"]["position"])
+        furthest = max(positions.values())
+        pool: list[int] = []
+        for r, e in known:
+            self.sampler.load_state_dict(e["sampler"])
+            pool.extend(int(i) for g in e.get("pending") or [] for i in g)
+            pool.extend(int(i) for i in e.get("carry", []))
+            behind = range(positions[r] + r, furthest, saved_world)
+            pool.extend(self.sampler.index_at(p) for p in behind)
+        self.sampler.load_state_dict(self.sampler.state_at(furthest))
+        unknown = [r for r, e in enumerate(entries) if e is None]
+        if comm.is_main_process():
+            if pool:
+                logger.info(
+                    "Resuming the grouped data stream of %d process(es) on %d: the %d sample(s) "
+                    "read but not yet batched are shared among the processes and read first; "
+                    "then the stream continues at global sample %d.",
+                    saved_world,
+                    self._world_size,
+                    len(pool),
+                    furthest,
+                )
+            if unknown:
+                logger.warning(
+                    "The data position holds no entry for the saved process(es) %s (saved %s): "
+                    "the samples they had waiting in aspect-ratio groups are not restored and "
+                    "their stream positions are taken as process %d's, so some samples may be "
+                    "repeated or skipped. HINT: save with the PeriodicCheckpointer hook "
+                    "registered on every rank.",
+                    unknown,
+                    "by a version that kept the main process's only"
+                    if len(known) == 1 and known[0][0] == 0
+                    else "without every process's position",
+                    known[0][0],
+                )
+        return pool[self._rank :: self._world_size]
 
     def _check_global_batch(self, state: Mapping[str, Any]) -> None:
         if "world_size" not in state or "batch_size" not in state:

@@ -140,6 +140,19 @@ class GlobalStreamSampler(Sampler[int]):
             epoch, start = epoch + 1, start + length
             self._epoch_starts[epoch] = start
 
+    def index_at(self, position: int) -> int:
+        """The index at global ``position`` of the stream (computes at most the passes from the
+        last known pass start to it).
+
+        Args:
+            position: a global position (>= 0).
+
+        Returns:
+            The dataset index there.
+        """
+        epoch, offset = self._locate(int(position))
+        return self.epoch_indices(epoch)[offset]
+
     def _indices(self, start: int) -> Iterator[int]:
         world, rank = self._world_size, self._rank
         base = start  # global position of the group of `world` elements this rank takes one of

@@ -19,6 +19,7 @@ from d2engine.data import (
     InferenceSampler,
     TrainDataLoader,
     TrainingSampler,
+    build_batch_data_loader,
     build_detection_test_loader,
     build_detection_train_loader,
     build_test_loader,
@@ -526,3 +527,118 @@ def test_resume_with_another_global_batch_warns_what_to_change(
     position = old[0].state_dict()["sampler"]["position"]
     stream = list(itertools.islice(iter(TrainingSampler(13, seed=11)), position + 4))
     assert ids(next(resumed)) == stream[position:]  # the next samples, 4 at a time now
+
+
+# ------------------------------------------- aspect-ratio grouping in a multi-process job
+def _grouped_ranks(data: list[dict[str, Any]], world: int, total: int) -> list[TrainDataLoader]:
+    """The grouped loaders the ``world`` ranks of a job would build (global batch ``total``)."""
+    return [
+        build_batch_data_loader(
+            data,
+            TrainingSampler(len(data), seed=4, rank=r, world_size=world),
+            None,
+            single_gpu_batch_size=total // world,
+            aspect_ratio_grouping=True,
+        )
+        for r in range(world)
+    ]
+
+
+def _gathered(loaders: list[TrainDataLoader]) -> dict[str, Any]:
+    """The state the main process saves after ``gather_state()`` on every rank: its own position
+    and, under "ranks", every rank's."""
+    states = [{k: v for k, v in lo.state_dict().items() if k != "ranks"} for lo in loaders]
+    return {**states[0], "ranks": states} if len(loaders) > 1 else states[0]
+
+
+def test_grouped_ranks_resume_their_own_position(caplog: pytest.LogCaptureFixture) -> None:
+    data = _sized(61)
+    old = _grouped_ranks(data, 2, 6)
+    for lo in old:
+        for _ in range(4):
+            next(lo)
+    with caplog.at_level("WARNING"):
+        ungathered = old[1].state_dict()
+    # without gather_state() the other rank's position is missing, and that is said
+    assert ungathered["ranks"][0] is None and ungathered["ranks"][1] is not None
+    assert "without the other processes' positions" in caplog.text
+    state = _gathered(old)
+    positions = [e["sampler"]["position"] for e in state["ranks"]]
+    assert positions[0] != positions[1]  # the ranks have read different numbers of indices
+    assert any(state["ranks"][1]["pending"])  # rank 1 has indices waiting in a group
+    continuation = [[ids(next(lo)) for _ in range(8)] for lo in old]
+    new = _grouped_ranks(data, 2, 6)
+    for lo in new:
+        lo.load_state_dict(state)
+    assert [[ids(next(lo)) for _ in range(8)] for lo in new] == continuation
+    # rank 0's state alone (what was saved before every rank's was kept): rank 1 is not exact
+    legacy = {k: v for k, v in state.items() if k != "ranks"}
+    caplog.clear()
+    new = _grouped_ranks(data, 2, 6)
+    with caplog.at_level("WARNING"):
+        for lo in new:
+            lo.load_state_dict(legacy)
+    assert [ids(next(new[0])) for _ in range(8)] == continuation[0]
+    assert "no entry for process 1 of 2" in caplog.text
+    assert "may be repeated or skipped" in caplog.text
+
+
+def test_one_process_grouped_state_keeps_its_format() -> None:
+    loader = _grouped_ranks(_sized(20), 1, 4)[0]
+    next(loader)
+    loader.gather_state()  # one process: nothing to gather
+    assert set(loader.state_dict()) == {
+        "num_batches",
+        "batch_size",
+        "world_size",
+        "sampler",
+        "pending",
+    }
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_grouped_elastic_resume_loses_and_repeats_nothing(
+    before: int, after: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every sample of the global stream is read once across a resume on another number of
+    processes: what the old ranks read, what the new ones read, and what is still waiting
+    (in a group or to be read first) together are the stream up to the new ranks' positions."""
+    data = _sized(197)  # one pass: each index once in the part of the stream read here
+    total = 6
+    old = _grouped_ranks(data, before, total)
+    seen = [i for lo in old for _ in range(6) for i in ids(next(lo))]
+    state = _gathered(old)
+    saved = state["ranks"] if before > 1 else [state]
+    assert any(e["pending"] != [[], [], []] for e in saved)  # indices waiting in groups
+    assert before == 1 or len({e["sampler"]["position"] for e in saved}) > 1
+    new = _grouped_ranks(data, after, total)
+    with caplog.at_level("INFO"):
+        for lo in new:
+            lo.load_state_dict(state)
+    seen += [i for lo in new for _ in range(9) for i in ids(next(lo))]
+    final = _gathered(new)
+    entries = final["ranks"] if after > 1 else [final]
+    waiting = [i for e in entries for i in [*e.get("carry", []), *sum(e["pending"], [])]]
+    stream = TrainingSampler(len(data), seed=4).epoch_indices(0)
+    low = min(e["sampler"]["position"] for e in entries)
+    high = max(e["sampler"]["position"] for e in entries)
+    accounted = seen + waiting
+    assert len(accounted) == len(set(accounted))  # nothing read twice
+    assert set(stream[:low]) <= set(accounted) <= set(stream[:high])  # nothing lost
+    assert "read but not yet batched are shared among the processes" in caplog.text
+
+
+def test_grouped_state_of_another_world_without_every_rank_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    data = _sized(61)
+    old = _grouped_ranks(data, 2, 6)
+    for lo in old:
+        for _ in range(3):
+            next(lo)
+    legacy = {k: v for k, v in _gathered(old).items() if k != "ranks"}
+    new = _grouped_ranks(data, 1, 6)[0]
+    with caplog.at_level("WARNING"):
+        new.load_state_dict(legacy)
+    assert "no entry for the saved process(es) [1]" in caplog.text
+    assert "by a version that kept the main process's only" in caplog.text
