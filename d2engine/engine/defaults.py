@@ -715,6 +715,12 @@ class DefaultTrainer(TrainerBase):
         self._trainer.iter = self.iter
         self._trainer.run_step()
 
+    def gather_state(self) -> None:
+        """Gather every rank's random generators and data position for the next ``state_dict()``
+        (a collective, called on every rank before each save by the PeriodicCheckpointer hook)."""
+        super().gather_state()
+        self._trainer.gather_state()
+
     def state_dict(self) -> dict[str, Any]:
         """The trainer's state: iteration, hooks and the inner trainer's state (``"_trainer"``).
 

@@ -657,6 +657,15 @@ class SimpleTrainer(TrainerBase):
         losses.add(it, tuple(loss_dict), _detached(loss_dict), data_time, prefix)
         write_losses(losses.take(), storage)
 
+    def gather_state(self) -> None:
+        """Gather every rank's random generators and, when the data loader has a
+        ``gather_state()`` (d2engine's ``TrainDataLoader``), every rank's data position for the
+        next ``state_dict()`` (a collective: call it on every rank at the save point)."""
+        super().gather_state()
+        gather = getattr(self.data_loader, "gather_state", None)
+        if callable(gather):
+            gather()
+
     def state_dict(self) -> dict[str, Any]:
         """The base state plus ``"optimizer"`` and ``"data"`` (the loader's, when it has one).
 
