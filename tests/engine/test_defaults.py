@@ -865,3 +865,14 @@ def test_max_iter_beyond_an_int64_is_a_config_error(tmp_path, quiet_d2_logger) -
     cfg.SOLVER.MAX_ITER = 2.5
     with pytest.raises(ValueError, match=r"SOLVER.MAX_ITER must be an integer, got 2.5 \(float\)"):
         ToyTrainer(cfg)
+
+
+def test_gathering_states_before_a_save_gathers_the_data_position(
+    tmp_path, quiet_d2_logger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The checkpoint hook's gather reaches the train loader (every rank's grouped position)."""
+    trainer = ToyTrainer(_toy_cfg(str(tmp_path), **{"TEST.EVAL_PERIOD": 0}))
+    calls: list[int] = []
+    monkeypatch.setattr(trainer.data_loader, "gather_state", lambda: calls.append(1))
+    trainer.checkpointer.gather_states()
+    assert calls == [1]
