@@ -22,7 +22,11 @@ samples whose dataset dicts are landscape (``width > height``), and those that a
 grouping reads the dicts' ``"width"`` and ``"height"`` before the mapper runs, and dicts without
 them are batched in order, so data without sizes is unaffected. A batch is formed from indices
 only (no sample is loaded to decide), and the few indices waiting in a group at a checkpoint are
-part of the position, so grouped loaders resume exactly too.
+part of the position, so grouped loaders resume exactly too. Each process of a job then has its
+own position: :meth:`TrainDataLoader.gather_state` (called by the trainer on every rank before a
+save) collects them all into the saved state, each process resumes its own, and a job resumed on
+another number of processes shares out the indices read but not yet batched (none lost or
+repeated; see :meth:`TrainDataLoader.load_state_dict`).
 
 What is reproduced exactly on resume: which samples form each batch, in which order. With
 ``num_workers=0`` the mapper runs in the training process, whose RNG state the trainer's
