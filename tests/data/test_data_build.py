@@ -642,3 +642,22 @@ def test_grouped_state_of_another_world_without_every_rank_warns(
         new.load_state_dict(legacy)
     assert "no entry for the saved process(es) [1]" in caplog.text
     assert "by a version that kept the main process's only" in caplog.text
+
+
+def test_samples_still_to_be_read_after_an_elastic_resume_are_saved() -> None:
+    data = _sized(197)
+    old = _grouped_ranks(data, 2, 12)
+    next(old[0])
+    next(old[1])
+    # a smaller batch than saved (a warning), so that shared-out indices are left after a batch
+    loader = _grouped_ranks(data, 1, 4)[0]
+    loader.load_state_dict(_gathered(old))
+    next(loader)
+    state = loader.state_dict()
+    assert state["carry"]  # shared-out indices not read yet
+    loader.close()  # closing keeps them too
+    continuation = [ids(next(loader)) for _ in range(6)]
+    resumed = _grouped_ranks(data, 1, 4)[0]
+    resumed.load_state_dict(state)
+    assert [ids(next(resumed)) for _ in range(6)] == continuation
+    assert set(state["carry"]) <= {i for batch in continuation for i in batch}
