@@ -571,6 +571,7 @@ class TrainDataLoader:
 
         Raises:
             KeyError: if ``state`` lacks "num_batches" (or "sampler" for a resumable sampler).
+            ValueError: if its "ranks" holds no position (on another number of processes).
         """
         if "num_batches" not in state:
             raise KeyError(
@@ -653,6 +654,11 @@ class TrainDataLoader:
         was and return this process's share of the indices read but not batched before it."""
         saved_world = len(entries)
         known = [(r, e) for r, e in enumerate(entries) if e is not None]
+        if not known:
+            raise ValueError(
+                "TrainDataLoader.load_state_dict: the state's 'ranks' holds no process's position "
+                f"({entries!r}). HINT: pass a dict made by TrainDataLoader.state_dict()."
+            )
         positions = {}
         for r, e in known:
             self.sampler.load_state_dict(e["sampler"])  # also checks the dataset and settings

@@ -661,3 +661,10 @@ def test_samples_still_to_be_read_after_an_elastic_resume_are_saved() -> None:
     resumed.load_state_dict(state)
     assert [ids(next(resumed)) for _ in range(6)] == continuation
     assert set(state["carry"]) <= {i for batch in continuation for i in batch}
+
+
+def test_grouped_state_without_any_position_is_refused() -> None:
+    state = _grouped_ranks(_sized(20), 1, 4)[0].state_dict()
+    loader = _grouped_ranks(_sized(20), 2, 4)[0]
+    with pytest.raises(ValueError, match="holds no process's position"):
+        loader.load_state_dict({**state, "ranks": [None, None, None]})
