@@ -57,8 +57,8 @@ def reports() -> Iterator[_Reports]:
 
 @pytest.fixture
 def launcher_errors() -> Iterator[_Reports]:
-    """The errors launch logs."""
-    yield from _collect("d2engine.engine.launch")
+    """The errors launch logs about its workers (from d2engine.engine.worker_failures)."""
+    yield from _collect("d2engine.engine.worker_failures")
 
 
 class _Linear(nn.Module):
