@@ -1,8 +1,10 @@
-"""The event writers a config names: ``OUTPUT.WRITERS`` and the trackers' settings.
+"""The event writers of a job: :func:`default_writers` and those a config names.
 
-:func:`writers_from_config` builds the writers of :func:`~d2engine.engine.defaults.default_writers`
-(and so of ``DefaultTrainer.build_writers``) from ``cfg.OUTPUT``: see the ``OUTPUT`` block of
-:mod:`d2engine.config.defaults` for the keys.
+:func:`default_writers` (detectron2's, re-exported by :mod:`d2engine.engine.defaults`) gives the
+console, ``metrics.json`` and TensorBoard writers, or, with a config, :func:`writers_from_config`:
+the writers of ``OUTPUT.WRITERS`` with the trackers' settings (and so those of
+``DefaultTrainer.build_writers``); see the ``OUTPUT`` block of :mod:`d2engine.config.defaults` for
+the keys.
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from d2engine.config import CfgNode
 from d2engine.utils.events import CommonMetricPrinter, EventWriter, JSONWriter, TensorboardXWriter
 from d2engine.utils.trackers import CSVWriter, MLflowWriter, WandbWriter
 
-__all__ = ["WRITER_NAMES", "writers_from_config"]
+__all__ = ["WRITER_NAMES", "default_writers", "writers_from_config"]
 
 WRITER_NAMES = ("console", "json", "tensorboard", "csv", "mlflow", "wandb")
 """The names ``OUTPUT.WRITERS`` may hold."""
@@ -96,3 +99,28 @@ def writers_from_config(
                 )
             )
     return writers
+
+
+def default_writers(
+    output_dir: str, max_iter: int | None = None, cfg: CfgNode | None = None
+) -> list[EventWriter]:
+    """The default event writers: console, ``metrics.json`` and TensorBoard.
+
+    Args:
+        output_dir: directory for ``metrics.json`` and the TensorBoard event files (created).
+        max_iter: the total number of iterations, for the console ETA.
+        cfg: (d2engine) a config: then the writers named by its ``OUTPUT.WRITERS`` (csv, mlflow,
+            wandb too), see :func:`writers_from_config`.
+
+    Returns:
+        ``[CommonMetricPrinter(max_iter), JSONWriter(output_dir/metrics.json),
+        TensorboardXWriter(output_dir)]`` without ``cfg``.
+    """
+    if cfg is not None:
+        return writers_from_config(cfg, output_dir, max_iter)
+    os.makedirs(output_dir, exist_ok=True)
+    return [
+        CommonMetricPrinter(max_iter),
+        JSONWriter(os.path.join(output_dir, "metrics.json")),
+        TensorboardXWriter(output_dir),
+    ]
