@@ -1,0 +1,61 @@
+"""The engine's modules after the issue-9 split: every name keeps its (detectron2) import path.
+
+``launch``, ``defaults`` and ``writers`` were split by idea into ``launch_worker``,
+``worker_failures``, ``job_setup``, ``trainer_config`` and ``default_hooks``; the public names stay
+importable where they were, as the same objects, and every module's ``__all__`` is accurate.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+# (old path, name, the module that defines it now)
+MOVED = [
+    ("d2engine.engine.launch", "WorkerError", "d2engine.engine.worker_failures"),
+    ("d2engine.engine.defaults", "default_argument_parser", "d2engine.engine.job_setup"),
+    ("d2engine.engine.defaults", "default_setup", "d2engine.engine.job_setup"),
+    ("d2engine.engine.defaults", "default_writers", "d2engine.engine.writers"),
+    ("d2engine.engine.defaults", "DefaultPredictor", "d2engine.engine.predictor"),
+    ("d2engine.engine.defaults", "create_ddp_model", "d2engine.engine.ddp"),
+    ("d2engine.engine", "default_writers", "d2engine.engine.writers"),
+    ("d2engine.engine", "WorkerError", "d2engine.engine.worker_failures"),
+]
+
+MODULES = sorted(
+    {old for old, _, _ in MOVED}
+    | {new for _, _, new in MOVED}
+    | {"d2engine.engine.launch_worker", "d2engine.engine.trainer_config"}
+    | {"d2engine.engine.default_hooks"}
+)
+
+
+@pytest.mark.parametrize(("old", "name", "new"), MOVED)
+def test_moved_names_keep_their_import_path(old: str, name: str, new: str) -> None:
+    old_module, new_module = importlib.import_module(old), importlib.import_module(new)
+    assert name in old_module.__all__ and name in new_module.__all__
+    assert getattr(old_module, name) is getattr(new_module, name)
+    assert getattr(new_module, name).__module__ == new
+
+
+@pytest.mark.parametrize("module_name", MODULES)
+def test_all_lists_existing_names(module_name: str) -> None:
+    module = importlib.import_module(module_name)
+    missing = [name for name in module.__all__ if not hasattr(module, name)]
+    assert not missing, f"{module_name}.__all__ names {missing}, which it does not define"
+
+
+def test_default_trainer_delegates_to_the_split_modules() -> None:
+    from d2engine.config import get_cfg
+    from d2engine.engine import trainer_config
+    from d2engine.engine.defaults import DefaultTrainer
+
+    cfg = get_cfg()
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 2
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    cfg.SOLVER.MAX_ITER = 100
+    scaled = DefaultTrainer.auto_scale_workers(cfg, 4)
+    direct = trainer_config.auto_scale_workers(cfg, 4)
+    assert scaled.SOLVER.IMS_PER_BATCH == direct.SOLVER.IMS_PER_BATCH == 32
+    assert scaled.SOLVER.MAX_ITER == direct.SOLVER.MAX_ITER == 50
