@@ -51,6 +51,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "atomic_save",
     "atomic_write_text",
+    "basename",
     "exists",
     "is_local",
     "join",
@@ -91,6 +92,11 @@ def _split(path: str) -> tuple[str, str]:
 def exists(path: str) -> bool:
     """Whether a file or directory exists at ``path``."""
     return PathManager.exists(path)
+
+
+def basename(path: str) -> str:
+    """The last component of ``path`` (a local path or a URI; a trailing ``/`` ignored)."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def makedirs(directory: str) -> None:

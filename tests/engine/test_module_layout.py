@@ -1,7 +1,8 @@
-"""The engine's modules after the issue-9 split: every name keeps its (detectron2) import path.
+"""The modules after the issue-9 split: every name keeps its (detectron2) import path.
 
-``launch``, ``defaults`` and ``writers`` were split by idea into ``launch_worker``,
-``worker_failures``, ``job_setup``, ``trainer_config`` and ``default_hooks``; the public names stay
+``engine.launch`` and ``engine.defaults`` were split by idea into ``launch_worker``,
+``worker_failures``, ``job_setup``, ``writers``, ``trainer_config`` and ``default_hooks``, and
+``checkpoint.checkpointer`` into ``checkpoint.periodic``; the public names stay
 importable where they were, as the same objects, and every module's ``__all__`` is accurate.
 """
 
@@ -21,6 +22,8 @@ MOVED = [
     ("d2engine.engine.defaults", "create_ddp_model", "d2engine.engine.ddp"),
     ("d2engine.engine", "default_writers", "d2engine.engine.writers"),
     ("d2engine.engine", "WorkerError", "d2engine.engine.worker_failures"),
+    ("d2engine.checkpoint.checkpointer", "PeriodicCheckpointer", "d2engine.checkpoint.periodic"),
+    ("d2engine.checkpoint", "PeriodicCheckpointer", "d2engine.checkpoint.periodic"),
 ]
 
 MODULES = sorted(
