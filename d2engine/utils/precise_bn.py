@@ -65,9 +65,10 @@ def update_bn_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: int
         bn.num_batches_tracked.clone() if bn.num_batches_tracked is not None else None
         for bn in bn_layers
     ]
-    means = [torch.zeros_like(bn.running_mean) for bn in bn_layers]
-    variances = [torch.zeros_like(bn.running_var) for bn in bn_layers]
-    originals = [(bn.running_mean.clone(), bn.running_var.clone()) for bn in bn_layers]
+    stats = [_running_stats(bn) for bn in bn_layers]
+    means = [torch.zeros_like(mean) for mean, _ in stats]
+    variances = [torch.zeros_like(var) for _, var in stats]
+    originals = [(mean.clone(), var.clone()) for mean, var in stats]
     for bn in bn_layers:
         bn.momentum = 1.0
     n = 0
@@ -77,23 +78,37 @@ def update_bn_stats(model: nn.Module, data_loader: Iterable[Any], num_iters: int
             model(batch)
             n += 1
             for i, bn in enumerate(bn_layers):
+                running_mean, running_var = _running_stats(bn)
                 # running average: after n batches, means[i] is the mean of n batch means
-                means[i] += (bn.running_mean - means[i]) / n
-                variances[i] += (bn.running_var - variances[i]) / n
+                means[i] += (running_mean - means[i]) / n
+                variances[i] += (running_var - variances[i]) / n
         if n != num_iters:
             raise RuntimeError(
                 f"update_bn_stats needed {num_iters} batches but the data loader yielded only "
                 f"{n}. HINT: use an infinite data loader or a smaller num_iters."
             )
         for bn, mean, var in zip(bn_layers, means, variances):
-            bn.running_mean.copy_(mean)
-            bn.running_var.copy_(var)
+            running_mean, running_var = _running_stats(bn)
+            running_mean.copy_(mean)
+            running_var.copy_(var)
         done = True
     finally:
         for bn, momentum, count, (mean, var) in zip(bn_layers, momenta, tracked, originals):
             bn.momentum = momentum
-            if count is not None:
+            if count is not None and bn.num_batches_tracked is not None:
                 bn.num_batches_tracked.copy_(count)
-            if not done:  # a failed update leaves the statistics as they were
+            # a failed update leaves the statistics as they were
+            if not done and bn.running_mean is not None and bn.running_var is not None:
                 bn.running_mean.copy_(mean)
                 bn.running_var.copy_(var)
+
+
+def _running_stats(bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bn``'s running mean and variance (never None for the layers of :func:`get_bn_modules`)."""
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        raise RuntimeError(
+            f"update_bn_stats: {type(bn).__name__} lost its running statistics during the update "
+            "(running_mean or running_var is None). HINT: do not replace BN buffers in forward()."
+        )
+    return mean, var
