@@ -69,8 +69,9 @@ class CallbackHook(HookBase):
     """A hook made of functions, each called with the trainer.
 
     Runs the given functions at their stages; stages without a function are not dispatched (it
-    overrides :meth:`~d2engine.engine.train_loop.HookBase.implements`). Stateless. The functions receive the trainer as their argument: they should not capture it
-    (that would keep it alive through the hook).
+    overrides :meth:`~d2engine.engine.train_loop.HookBase.implements`). Stateless. The functions
+    receive the trainer as their argument: they should not capture it (that would keep it alive
+    through the hook).
 
     Args:
         before_train: called as ``before_train(trainer)``.
