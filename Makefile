@@ -16,14 +16,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m d2engine.tools.train_net --config-file configs/digits/convnet.yaml OUTPUT_DIR output/demo
 
-test: $(STAMP)
+# The checks first: any lint, format or type error fails `make test` before pytest runs.
+test: lint
 	$(PY) -m pytest -q
 
 docs: $(STAMP)  # the site, warnings as errors (no MkDocs-2 banner): open site/index.html
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check d2engine tests bench docs
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy d2engine
 
 bench: $(STAMP)
 	$(PY) bench/overhead.py

@@ -118,7 +118,8 @@ def main() -> None:
     ratio = stall_med / atomic_med
     verdict = "OK" if ratio <= 0.10 else "ABOVE TARGET"
     print(
-        f"stall ratio               : {ratio:8.3f}   (async stall / sync save; target <= 0.10: {verdict})"
+        f"stall ratio               : {ratio:8.3f}   "
+        f"(async stall / sync save; target <= 0.10: {verdict})"
     )
     load_med, verified_med, verify_med, finite_med = map(
         statistics.median, (unverified, verified, verify_only, finite)
@@ -126,13 +127,15 @@ def main() -> None:
     print(f"load, no verification     : {load_med * 1e3:8.1f} ms")
     print(f"load, CRC-32 verified     : {verified_med * 1e3:8.1f} ms")
     print(
-        f"  of which verification   : {verify_med * 1e3:8.1f} ms  ({size / verify_med / 1024:.2f} GiB/s)"
+        f"  of which verification   : {verify_med * 1e3:8.1f} ms  "
+        f"({size / verify_med / 1024:.2f} GiB/s)"
     )
     print(
         f"verify ratio              : {verified_med / load_med:8.2f}x  (verified / unverified load)"
     )
     print(
-        f"finite check (on save)    : {finite_med * 1e3:8.1f} ms  ({finite_med / atomic_med:.1%} of a sync save)"
+        f"finite check (on save)    : {finite_med * 1e3:8.1f} ms  "
+        f"({finite_med / atomic_med:.1%} of a sync save)"
     )
 
 

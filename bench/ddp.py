@@ -9,9 +9,10 @@ after a warm-up:
    (what two processes cost on this machine without any communication);
 3. two processes with ``create_ddp_model`` (gloo all-reduce of the gradients).
 
-Printed: step time (the fastest of 5 windows of steps; the slowest rank) and samples/s of each, the throughput ratio of 3 to 1 (2.0 is perfect scaling),
-and the communication cost per step = step time of 3 minus step time of 2, which separates the
-all-reduce from the slowdown two processes cause by sharing CPU cores and memory bandwidth.
+Printed: step time (the fastest of 5 windows of steps; the slowest rank) and samples/s of each,
+the throughput ratio of 3 to 1 (2.0 is perfect scaling), and the communication cost per step =
+step time of 3 minus step time of 2, which separates the all-reduce from the slowdown two
+processes cause by sharing CPU cores and memory bandwidth.
 
     python bench/ddp.py [--steps 200] [--warmup 20] [--fp16-compression]
 """

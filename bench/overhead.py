@@ -403,7 +403,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="hidden width 1: the model costs little, so 'engine us/iter' is measured with less noise",
+        help=(
+            "hidden width 1: the model costs little, so 'engine us/iter' is measured with less "
+            "noise"
+        ),
     )
     parser.add_argument(
         "--variants", default="", help="the rows to run, e.g. a,b,d,g (default: all)"

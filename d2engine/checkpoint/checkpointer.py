@@ -4,11 +4,11 @@
 A checkpoint is one file ``{save_dir}/{name}.pth`` holding ``{"model": model.state_dict(),
 <name>: checkpointable.state_dict() for each checkpointable, **extra}``; the text file
 ``{save_dir}/last_checkpoint`` holds the base name of the newest complete checkpoint. Both are
-written atomically (see :mod:`d2engine.checkpoint.file_io`), the checkpoint first, so a job killed at
-any moment leaves ``last_checkpoint`` pointing to a file that loads; it never names a checkpoint
-whose weights are not finite, nor a file outside ``save_dir`` (:mod:`d2engine.checkpoint.integrity`).
-Files are verified against their CRC-32s and read with ``torch.load(weights_only=True)`` unless
-the checkpointer is built with ``weights_only=False``.
+written atomically (see :mod:`d2engine.checkpoint.file_io`), the checkpoint first, so a job killed
+at any moment leaves ``last_checkpoint`` pointing to a file that loads; it never names a checkpoint
+whose weights are not finite, nor a file outside ``save_dir``
+(:mod:`d2engine.checkpoint.integrity`). Files are verified against their CRC-32s and read with
+``torch.load(weights_only=True)`` unless the checkpointer is built with ``weights_only=False``.
 
 When the model is sharded (DTensor parameters, FSDP2) a checkpoint is the directory
 ``{save_dir}/{name}/`` in ``torch.distributed.checkpoint`` format instead, written by every rank
@@ -142,7 +142,7 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------
     @property
     def writes(self) -> bool:
-        """Whether :meth:`save` writes files in this process (a ``save_dir`` and ``save_to_disk``)."""
+        """Whether :meth:`save` writes files in this process (``save_dir`` and ``save_to_disk``)."""
         return bool(self.save_dir) and self.save_to_disk
 
     def gather_states(self) -> None:
@@ -379,7 +379,7 @@ class Checkpointer:
     # loading
     # ----------------------------------------------------------------------------------------
     def resume_or_load(self, path: str, *, resume: bool = True) -> dict[str, Any]:
-        """Resume from ``save_dir``'s last checkpoint if ``resume`` and one exists, else load ``path``.
+        """Resume from ``save_dir``'s last checkpoint if ``resume`` and one exists, else load path.
 
         Resuming loads everything (model and all checkpointables) from the file
         ``last_checkpoint`` names, and sets :attr:`resumed_from`. When that file is corrupt (a
@@ -483,7 +483,8 @@ class Checkpointer:
             CheckpointError: the file is corrupt (its CRC-32s do not match), truncated or has no
                 model weights.
             IncompatibleCheckpointError: a restored optimizer holds state for parameters whose
-                shape changed (see :func:`~d2engine.checkpoint.model_loading.stale_optimizer_state`).
+                shape changed (see
+                :func:`~d2engine.checkpoint.model_loading.stale_optimizer_state`).
             KeyError: a name in ``checkpointables`` is not registered.
         """
         if not path:

@@ -76,7 +76,7 @@ class CheckpointError(RuntimeError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint needs arbitrary pickled objects, which safe (``weights_only``) loading refuses."""
+    """A checkpoint needs arbitrary pickled objects, which ``weights_only`` loading refuses."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def _atomic_write_fsspec(path: str, tmp: str, write: Callable[[IO[bytes]], objec
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` so that ``path`` holds either its old content or all of ``obj``.
+    """``torch.save(obj)`` to ``path``, which then holds either its old content or all of ``obj``.
 
     Args:
         obj: what to save (anything ``torch.save`` accepts).
@@ -381,7 +381,8 @@ def _damaged(path: str, record: str, what: str) -> CheckpointError:
     return CheckpointError(
         f"Checkpoint {path!r} is corrupt: record {record!r} does not match its CRC-32 check "
         f"({what}); the file changed after it was written (a bad disk, a faulty copy or an edit). "
-        f"HINT: load an older checkpoint; resume_or_load falls back to the newest one that verifies."
+        "HINT: load an older checkpoint; resume_or_load falls back to the newest one that "
+        "verifies."
     )
 
 

@@ -167,7 +167,7 @@ def write_checkpoint(
     parameters: Iterable[str] = (),
     tag: bool = True,
 ) -> None:
-    """Write ``data`` to ``path`` atomically and, with ``tag``, then point ``last_checkpoint`` to it.
+    """Write ``data`` to ``path`` atomically and, with ``tag``, point ``last_checkpoint`` to it.
 
     With ``tag``, the entries of ``data["model"]`` named in ``parameters`` must be finite:
     otherwise nothing is written. When the file system refuses a write, the error says what stayed

@@ -105,9 +105,9 @@ def local_directory(path: str, what: str) -> str:
     """
     if not file_io.is_local(path):
         raise CheckpointError(
-            f"{what}: sharded (DCP) checkpoints are written and read on the local file system only, "
-            f"got {path!r}. HINT: use a local or network-mounted directory for OUTPUT_DIR, or copy "
-            f"the checkpoint directory there first."
+            f"{what}: sharded (DCP) checkpoints are written and read on the local file system "
+            f"only, got {path!r}. HINT: use a local or network-mounted directory for OUTPUT_DIR, "
+            f"or copy the checkpoint directory there first."
         )
     return path.split("://", 1)[1] if "://" in path else path
 

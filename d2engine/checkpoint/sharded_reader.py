@@ -294,10 +294,10 @@ def shard_optimizer_states(optimizers: list[torch.optim.Optimizer]) -> None:
 def consolidate_checkpoint(path: str, output: str, *, weights_only: bool = True) -> str:
     """Write the model weights of a sharded checkpoint as one file an unsharded model loads.
 
-    The ``.pth`` output holds ``{"model": weights}`` (what :class:`~d2engine.checkpoint.Checkpointer`
-    and ``DefaultPredictor`` load); a ``.safetensors`` output holds the weights alone. Runs in one
-    process, without a process group; the output is written atomically. The command line tool
-    ``d2engine-export`` calls it.
+    The ``.pth`` output holds ``{"model": weights}`` (what
+    :class:`~d2engine.checkpoint.Checkpointer` and ``DefaultPredictor`` load); a ``.safetensors``
+    output holds the weights alone. Runs in one process, without a process group; the output is
+    written atomically. The command line tool ``d2engine-export`` calls it.
 
     Args:
         path: a sharded checkpoint directory (e.g. ``output/model_final``).

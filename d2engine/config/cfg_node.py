@@ -277,7 +277,7 @@ class CfgNode(dict):
                 "Call cfg.defrost() first, or change a copy made with cfg.clone()."
             )
 
-    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def update(self, *args: Any, **kwargs: Any) -> None:
         """Set several keys, with the same checks as item assignment."""
         for key, value in dict(*args, **kwargs).items():
             self[key] = value

@@ -66,8 +66,9 @@ def locate(name: str) -> Any:
             module, index = builtins, 0
         else:
             raise ImportError(
-                f"Cannot locate {name!r}: no module {parts[0]!r} can be imported. Check the spelling "
-                "and that the package is installed (or give the object itself instead of a string)."
+                f"Cannot locate {name!r}: no module {parts[0]!r} can be imported. Check the "
+                "spelling and that the package is installed (or give the object itself instead of "
+                "a string)."
             )
     obj = module
     for depth in range(index, len(parts)):

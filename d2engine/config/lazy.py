@@ -108,7 +108,8 @@ class LazyCall:
             # omegaconf turns a dataclass type into a structured config and refuses container
             # types (dict, OrderedDict, list...) as values: store these targets by name.
             target = target_to_string(target)
-        return DictConfig(content={_TARGET_KEY: target, **kwargs}, flags={"allow_objects": True})
+        content: dict[str, Any] = {_TARGET_KEY: target, **kwargs}
+        return DictConfig(content=content, flags={"allow_objects": True})
 
     def __repr__(self) -> str:
         return f"LazyCall({self._target!r})"
@@ -177,7 +178,7 @@ def _load_relative(path: str) -> types.ModuleType:
                 setattr(module, name, _cast_to_config(value))
         return module
     if os.path.isdir(path):
-        module.__path__ = [path]  # type: ignore[attr-defined]
+        module.__path__ = [path]
         return module
     raise ImportError(
         f"Cannot resolve a relative import in a config file: {path}.py does not exist, nor a "

@@ -89,7 +89,7 @@ def get_detection_dataset_dicts(
     proposal_files: Sequence[str] | None = None,
     check_consistency: bool = True,
 ) -> list[dict[str, Any]]:
-    """Load datasets registered in :data:`~d2engine.data.catalog.DatasetCatalog` and concatenate them.
+    """Load datasets registered in :data:`~d2engine.data.catalog.DatasetCatalog`; concatenate them.
 
     Args:
         names: one dataset name or several.
@@ -716,9 +716,10 @@ class TrainDataLoader:
                 "The data position was saved with a global batch of %d samples (%d process(es) x "
                 "%d); this loader makes batches of %d (%d x %d). Training continues at the same "
                 "sample, but an iteration now covers %d samples, so an iteration-based schedule "
-                "(MAX_ITER, STEPS, CHECKPOINT_PERIOD) no longer matches the data seen. HINT: to keep "
-                "the run's schedule, set SOLVER.IMS_PER_BATCH to %d and SOLVER.REFERENCE_WORLD_SIZE "
-                "to 0 (each process then loads IMS_PER_BATCH // number of processes).",
+                "(MAX_ITER, STEPS, CHECKPOINT_PERIOD) no longer matches the data seen. HINT: to "
+                "keep the run's schedule, set SOLVER.IMS_PER_BATCH to %d and "
+                "SOLVER.REFERENCE_WORLD_SIZE to 0 (each process then loads IMS_PER_BATCH // "
+                "number of processes).",
                 saved_total,
                 saved_world,
                 saved_batch,
@@ -786,7 +787,7 @@ def build_batch_data_loader(
     buckets = _aspect_ratio_buckets(dataset) if aspect_ratio_grouping else None
     dataset = _as_map_dataset(dataset, None, "build_batch_data_loader")
     if sampler is None:
-        sampler = TrainingSampler(len(dataset))  # type: ignore[arg-type]
+        sampler = TrainingSampler(len(dataset))
     return TrainDataLoader(
         dataset,
         sampler,
@@ -827,8 +828,8 @@ def _sampler_from_config(cfg: Any, dataset_dicts: Any, size: int) -> GlobalStrea
         if not isinstance(dataset_dicts, (list, tuple)):
             raise TypeError(
                 "DATALOADER.SAMPLER_TRAIN RepeatFactorTrainingSampler computes repeat factors from "
-                f"the dataset dicts, but the dataset is a {type(dataset_dicts).__name__}. HINT: pass "
-                "sampler=RepeatFactorTrainingSampler(your_factors) to the loader."
+                f"the dataset dicts, but the dataset is a {type(dataset_dicts).__name__}. HINT: "
+                "pass sampler=RepeatFactorTrainingSampler(your_factors) to the loader."
             )
         factors = RepeatFactorTrainingSampler.repeat_factors_from_category_frequency(
             dataset_dicts,
@@ -927,9 +928,9 @@ def build_train_loader(
         num_workers = cfg.DATALOADER.NUM_WORKERS if cfg is not None else 0
     if sampler is None:
         if cfg is not None:
-            sampler = _sampler_from_config(cfg, raw, len(dataset))  # type: ignore[arg-type]
+            sampler = _sampler_from_config(cfg, raw, len(dataset))
         else:
-            sampler = TrainingSampler(len(dataset))  # type: ignore[arg-type]
+            sampler = TrainingSampler(len(dataset))
     single_gpu_batch_size = kwargs.pop("single_gpu_batch_size", None)
     kwargs.pop("drop_last", None)  # infinite stream: no partial batch
     return TrainDataLoader(
@@ -995,7 +996,7 @@ def build_test_loader(
     if num_workers is None:
         num_workers = cfg.DATALOADER.NUM_WORKERS if cfg is not None else 0
     if sampler is None:
-        sampler = InferenceSampler(len(dataset))  # type: ignore[arg-type]
+        sampler = InferenceSampler(len(dataset))
     return DataLoader(
         dataset,
         batch_size=batch_size,

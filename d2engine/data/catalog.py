@@ -30,7 +30,7 @@ def _close_names(name: str, names: list[str]) -> str:
 
 
 class _DatasetCatalog(UserDict):
-    """Name -> function returning the dataset as a list of dicts. Use the instance ``DatasetCatalog``.
+    """Name -> function returning the dataset as a list of dicts; use the ``DatasetCatalog``.
 
     The function is called every time :meth:`get` is called, so it should be cheap or cache its
     result; the catalog itself stores no data.
@@ -189,7 +189,7 @@ class _MetadataCatalog(UserDict):
     """Name -> :class:`Metadata`, created on first access. Use the instance ``MetadataCatalog``."""
 
     def get(self, name: str) -> Metadata:  # type: ignore[override]
-        """The metadata of dataset ``name``; an empty one (with ``name`` set) is created if needed."""
+        """The metadata of dataset ``name``; an empty one (``name`` set) is created if needed."""
         if not isinstance(name, str) or not name:
             raise TypeError(f"MetadataCatalog.get() expects a dataset name, got {name!r}.")
         meta = self.data.get(name)

@@ -57,7 +57,7 @@ class DatasetFromList(Dataset):
         if self._serialize:
             start = 0 if idx == 0 else int(self._addr[idx - 1])
             end = int(self._addr[idx])
-            return pickle.loads(memoryview(self._buffer[start:end]))
+            return pickle.loads(self._buffer[start:end].data)
         if self._copy:
             return copy.deepcopy(self._list[idx])
         return self._list[idx]

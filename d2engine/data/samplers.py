@@ -104,7 +104,8 @@ class GlobalStreamSampler(Sampler[int]):
             seed: the seed of the global order, the same on every process; None draws one shared
                 by all processes (a collective: every process must build its sampler).
             rank: this process's rank (default: :func:`d2engine.utils.comm.get_rank`).
-            world_size: the number of processes (default: :func:`d2engine.utils.comm.get_world_size`).
+            world_size: the number of processes (default:
+                :func:`d2engine.utils.comm.get_world_size`).
         """
         super().__init__()
         owner = type(self).__name__
@@ -265,7 +266,7 @@ class GlobalStreamSampler(Sampler[int]):
 
 
 class TrainingSampler(GlobalStreamSampler):
-    """An infinite stream of indices in ``[0, size)``, reshuffled every pass, sharded across processes.
+    """An infinite stream of indices in ``[0, size)``, reshuffled each pass, sharded over processes.
 
     Pass ``e`` is a permutation of ``range(size)`` drawn from a generator seeded with
     ``(seed, e)`` (``range(size)`` itself when ``shuffle=False``). See
@@ -290,7 +291,8 @@ class TrainingSampler(GlobalStreamSampler):
                 shared by all processes is drawn with :func:`d2engine.utils.comm.shared_random_seed`
                 (a collective: every process must then build its sampler).
             rank: this process's rank (default: :func:`d2engine.utils.comm.get_rank`).
-            world_size: the number of processes (default: :func:`d2engine.utils.comm.get_world_size`).
+            world_size: the number of processes (default:
+                :func:`d2engine.utils.comm.get_world_size`).
 
         Raises:
             TypeError: if ``size`` or ``seed`` is not an int.
@@ -351,7 +353,8 @@ class RandomSubsetTrainingSampler(TrainingSampler):
             seed_shuffle: the shuffling seed (the same on every process; None draws a shared one).
             seed_subset: the seed that picks the subset (likewise).
             rank: this process's rank (default: :func:`d2engine.utils.comm.get_rank`).
-            world_size: the number of processes (default: :func:`d2engine.utils.comm.get_world_size`).
+            world_size: the number of processes (default:
+                :func:`d2engine.utils.comm.get_world_size`).
 
         Raises:
             ValueError: if ``subset_ratio`` is not in ``(0, 1]`` or selects no sample.
@@ -416,7 +419,8 @@ class RepeatFactorTrainingSampler(GlobalStreamSampler):
             shuffle: shuffle every pass.
             seed: the seed (the same on every process; None draws a shared one).
             rank: this process's rank (default: :func:`d2engine.utils.comm.get_rank`).
-            world_size: the number of processes (default: :func:`d2engine.utils.comm.get_world_size`).
+            world_size: the number of processes (default:
+                :func:`d2engine.utils.comm.get_world_size`).
 
         Raises:
             ValueError: if a factor is negative or not finite, or all are 0.
@@ -425,7 +429,8 @@ class RepeatFactorTrainingSampler(GlobalStreamSampler):
         if factors.numel() == 0 or not bool(torch.isfinite(factors).all()):
             raise ValueError(
                 f"RepeatFactorTrainingSampler needs one finite repeat factor per sample, got "
-                f"{factors.numel()} factor(s){'' if factors.numel() == 0 else ' with non-finite values'}."
+                f"{factors.numel()} factor(s)"
+                f"{'' if factors.numel() == 0 else ' with non-finite values'}."
             )
         if bool((factors < 0).any()) or float(factors.sum()) <= 0:
             raise ValueError(
@@ -522,7 +527,8 @@ class InferenceSampler(Sampler[int]):
         Args:
             size: the number of samples in the dataset (> 0).
             rank: this process's rank (default: :func:`d2engine.utils.comm.get_rank`).
-            world_size: the number of processes (default: :func:`d2engine.utils.comm.get_world_size`).
+            world_size: the number of processes (default:
+                :func:`d2engine.utils.comm.get_world_size`).
 
         Raises:
             TypeError: if ``size`` is not an int.

@@ -37,8 +37,8 @@ class ProgressBar(HookBase):
     ``period`` iterations and after the last one, shows ``total_loss`` (the median over
     ``window_size`` iterations, as the console writer prints it) and the latest ``lr``; after the
     last iteration the bar is closed, full; ``after_train`` closes it when training ended early
-    or failed, and gives the console its log handlers back. Use the :class:`PeriodicWriter`'s period:
-    the values are then read on the iterations the writers read them, so the bar adds no
+    or failed, and gives the console its log handlers back. Use the :class:`PeriodicWriter`'s
+    period: the values are then read on the iterations the writers read them, so the bar adds no
     host-device synchronisation.
 
     The bar is drawn only where a person watches (see

@@ -100,10 +100,11 @@ class Preemption:
 
     While :meth:`watch` is active (during ``train()``, in the main thread) the signals only set a
     flag; the first one decides: a repeated signal changes nothing, except that a SIGINT after
-    the first signal (a second Ctrl-C) raises ``KeyboardInterrupt`` at once. After each iteration the trainer asks :meth:`should_stop`; a single process answers with
-    its flag, a multi-process job combines the ranks' flags every ``check_period`` iterations (one
-    small ``all_gather``; no collective in between), so every rank stops at the same iteration,
-    at most ``check_period`` iterations after the signal. Then :meth:`stop` saves the checkpoint
+    the first signal (a second Ctrl-C) raises ``KeyboardInterrupt`` at once. After each iteration
+    the trainer asks :meth:`should_stop`; a single process answers with its flag, a multi-process
+    job combines the ranks' flags every ``check_period`` iterations (one small ``all_gather``; no
+    collective in between), so every rank stops at the same iteration, at most ``check_period``
+    iterations after the signal. Then :meth:`stop` saves the checkpoint
     through every :class:`CheckpointHook` and returns the reason and note the trainer stops with
     (``trainer.request_stop``). Nothing is checked during the last iteration: training completes
     anyway. How a preempted job is requeued: ``docs/resume.md``.
@@ -187,6 +188,10 @@ class Preemption:
                 yield
         finally:
             self._hooks = []
+        self._warn_if_received_too_late()
+
+    def _warn_if_received_too_late(self) -> None:
+        # Its own method: after watch() reset both to None, mypy would take them as still None.
         if self._received is not None and self.signal is None:
             logger.warning(
                 "Received signal %d too late to stop training early (during the last "
@@ -363,7 +368,7 @@ def preemption_handlers(
 
 @contextlib.contextmanager
 def preemption_guard(signals: Iterable[int]) -> Iterator[None]:
-    """Handle the preemption ``signals`` outside ``train()``: in a job's start-up and after training.
+    """Handle the preemption ``signals`` outside ``train()``: in a job's start-up, after training.
 
     ``launch`` runs the job's main function (and the process group's start-up) inside it. The
     first signal raises :class:`JobStopped` in the main thread: a start-up (building the model,

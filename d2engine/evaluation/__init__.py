@@ -1,4 +1,4 @@
-"""Evaluation: the evaluator interface, inference over a test loader, and classification accuracy."""
+"""Evaluation: the evaluator interface, inference over a test loader, classification accuracy."""
 
 from __future__ import annotations
 

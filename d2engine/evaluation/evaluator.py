@@ -1,4 +1,4 @@
-"""The evaluator interface and :func:`inference_on_dataset`, which runs a model over a test loader."""
+"""The evaluator interface and :func:`inference_on_dataset` (runs a model over a test loader)."""
 
 from __future__ import annotations
 

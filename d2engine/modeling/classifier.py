@@ -1,4 +1,4 @@
-"""A small convolutional image classifier, registered as the meta-architecture ``"ImageClassifier"``.
+"""A small convolutional image classifier, the meta-architecture ``"ImageClassifier"``.
 
 It follows the model convention of :func:`d2engine.modeling.build_model`: the model takes a list of
 dicts, each with ``"image"`` (a C x H x W tensor, uint8 or float, pixel values in 0..255) and, in
@@ -81,6 +81,10 @@ class ImageClassifier(nn.Module):
     with options from ``cfg.MODEL.CLASSIFIER`` (defaults: see :func:`add_classifier_config`); the
     number of input channels is ``len(cfg.MODEL.PIXEL_MEAN)``.
     """
+
+    # buffers, set by register_buffer in __init__
+    pixel_mean: torch.Tensor
+    pixel_std: torch.Tensor
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()

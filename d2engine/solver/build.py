@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import torch
 from torch import nn
@@ -319,6 +319,13 @@ def _optimizer_class_with_clipping(
     return cls
 
 
+_OptimizerT = TypeVar("_OptimizerT", bound=Optimizer)
+
+
+@overload
+def maybe_add_gradient_clipping(cfg: Any, optimizer: type[_OptimizerT]) -> type[_OptimizerT]: ...
+@overload
+def maybe_add_gradient_clipping(cfg: Any, optimizer: _OptimizerT) -> _OptimizerT: ...
 def maybe_add_gradient_clipping(
     cfg: Any, optimizer: Optimizer | type[Optimizer]
 ) -> Optimizer | type[Optimizer]:

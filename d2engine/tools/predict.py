@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "opts",
         nargs=argparse.REMAINDER,
         default=None,
-        help='config overrides as "KEY VALUE" pairs, e.g. MODEL.WEIGHTS output/demo/model_final.pth',
+        help='config overrides, "KEY VALUE" pairs, e.g. MODEL.WEIGHTS output/demo/model_final.pth',
     )
     return parser
 

@@ -136,11 +136,11 @@ class PathManagerBase:
         """
         handled, result = self._call("open", path, mode, buffering=buffering, **kwargs)
         if handled:
-            return result  # type: ignore[no-any-return]
+            return result
         if is_local(path):
             return open(local_path(path), mode, buffering, **kwargs)  # noqa: SIM115
         fs, fs_path = url_to_fs(path)
-        return fs.open(fs_path, mode, **kwargs)  # type: ignore[no-any-return]
+        return fs.open(fs_path, mode, **kwargs)
 
     def exists(self, path: str, **kwargs: Any) -> bool:
         """Whether a file or directory exists at ``path``."""

@@ -2,8 +2,9 @@
 
 :func:`setup_logger` sends a logger's records to the console (rank 0 only) and to a file (every
 rank, one file each); :func:`forward_logger` sends another logger's records (those of code ported
-from detectron2, which logs to ``"detectron2"`` and ``"fvcore"``) to the same places. :func:`log_first_n`, :func:`log_every_n` and :func:`log_every_n_seconds` keep
-repeated messages from flooding the log; :func:`create_small_table` formats a few results.
+from detectron2, which logs to ``"detectron2"`` and ``"fvcore"``) to the same places.
+:func:`log_first_n`, :func:`log_every_n` and :func:`log_every_n_seconds` keep repeated messages
+from flooding the log; :func:`create_small_table` formats a few results.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
+from types import FrameType
 from typing import Any
 
 __all__ = [
@@ -183,7 +185,7 @@ _LOG_TIMER: dict[tuple[object, ...], float] = {}
 
 def _find_caller() -> tuple[str, tuple[str, int, str]]:
     """The module name and (file, line, function) of the first frame outside this module."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if os.path.normcase(code.co_filename) != os.path.normcase(__file__):
@@ -191,7 +193,7 @@ def _find_caller() -> tuple[str, tuple[str, int, str]]:
             if module == "__main__":
                 module = "d2engine"
             return module, (code.co_filename, frame.f_lineno, code.co_name)
-        frame = frame.f_back  # type: ignore[assignment]
+        frame = frame.f_back
     return "d2engine", ("", 0, "")
 
 
@@ -200,7 +202,8 @@ def _key(caller: tuple[str, int, str], msg: str, key: str | tuple[str, ...]) -> 
     unknown = set(keys) - {"caller", "message"}
     if not keys or unknown:
         raise ValueError(
-            f"key must be 'caller', 'message' or both, got {key!r}. HINT: key=('caller', 'message')."
+            f"key must be 'caller', 'message' or both, got {key!r}. "
+            "HINT: key=('caller', 'message')."
         )
     out: tuple[object, ...] = ()
     if "caller" in keys:

@@ -142,7 +142,7 @@ def console_logs_above_bars() -> Iterator[None]:
     """
     swapped = [(h, h.stream) for h in _console_handlers()]
     for handler, stream in swapped:
-        handler.setStream(_AboveBars(stream))  # type: ignore[arg-type]
+        handler.setStream(_AboveBars(stream))
     try:
         yield
     finally:

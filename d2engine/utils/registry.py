@@ -1,4 +1,4 @@
-"""A name -> object registry, used to build objects named in a config (e.g. the meta-architecture)."""
+"""A name -> object registry, to build objects named in a config (e.g. the meta-architecture)."""
 
 from __future__ import annotations
 
@@ -80,8 +80,8 @@ class Registry:
             key = name if name is not None else getattr(func_or_class, "__name__", None)
             if key is None:
                 raise TypeError(
-                    f"{type(func_or_class).__name__} object has no __name__ to register it under in "
-                    f"the {self._name!r} registry. HINT: pass register(obj, name=...)."
+                    f"{type(func_or_class).__name__} object has no __name__ to register it under "
+                    f"in the {self._name!r} registry. HINT: pass register(obj, name=...)."
                 )
             self._do_register(key, func_or_class)
             return func_or_class
@@ -106,8 +106,8 @@ class Registry:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         raise KeyError(
             f"No object named {name!r} found in the {self._name!r} registry.{hint} "
-            f"Registered: {registered if registered else 'nothing yet'}. HINT: make sure the module "
-            f"that registers it was imported."
+            f"Registered: {registered if registered else 'nothing yet'}. HINT: make sure the "
+            f"module that registers it was imported."
         )
 
     def __contains__(self, name: object) -> bool:

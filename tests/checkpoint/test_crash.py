@@ -1,4 +1,4 @@
-"""A process killed with SIGKILL while writing large checkpoints never leaves a bad last_checkpoint."""
+"""A process SIGKILLed while writing large checkpoints never leaves a bad last_checkpoint."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Tests for d2engine.config.cfg_node: the leaf of the config package, and the import layout above it.
+"""Tests for d2engine.config.cfg_node: the config package's leaf, and the import layout above it.
 
 The behaviour of ``CfgNode`` itself is tested through ``get_cfg`` in test_config.py.
 """

@@ -2,7 +2,8 @@
 
 Spawning costs seconds, so one job (``_train_worker``) serves most assertions: it trains with
 SimpleTrainer + DDP on d2engine's sharded train loader with EvalHook on every rank and the writers
-and checkpoints on the main process only, then runs AMPTrainer (bf16) and asynchronous metric writing briefly.
+and checkpoints on the main process only, then runs AMPTrainer (bf16) and asynchronous metric
+writing briefly.
 """
 
 from __future__ import annotations

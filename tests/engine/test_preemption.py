@@ -171,7 +171,8 @@ if mode == "resume":
 trainer.train(trainer.start_iter, job.MAX_ITER)
 checkpointer.close()
 with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
-    json.dump({"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}, f)
+    result = {"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}
+    json.dump(result, f)
 torch.save(trainer.model.module.state_dict(), os.path.join(out, f"{mode}{rank}.weights"))
 dist.destroy_process_group()
 sys.exit(PREEMPTION_EXIT_CODE if trainer.preempted else 0)

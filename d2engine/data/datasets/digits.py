@@ -1,4 +1,4 @@
-"""The UCI handwritten digits that scikit-learn ships, registered as ``digits_train`` / ``digits_test``.
+"""The UCI handwritten digits scikit-learn ships, registered as ``digits_train``/``digits_test``.
 
 ``sklearn.datasets.load_digits`` holds 1,797 grayscale 8x8 images of the digits 0-9 (pixel values
 0-16, light ink on a dark background). Nothing is downloaded: the data is part of scikit-learn.
@@ -73,7 +73,7 @@ def load_digits_dicts(split: str) -> list[dict[str, Any]]:
         split: ``"train"`` or ``"test"``.
 
     Returns:
-        One dict per image, in increasing ``image_id`` order (see the module docstring for the keys).
+        One dict per image, in increasing ``image_id`` order (the keys: see the module docstring).
 
     Raises:
         ValueError: ``split`` is neither ``"train"`` nor ``"test"``.

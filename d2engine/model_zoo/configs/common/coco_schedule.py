@@ -1,11 +1,13 @@
 # Multi-step lr multipliers with a linear warm-up, by schedule length: "1x" is 90k iterations
 # at a total batch of 16 (detectron2's naming; nothing here depends on COCO). The multipliers
 # are scale-free: LRMultiplier (the LRScheduler hook) maps them onto train.max_iter.
+from omegaconf import DictConfig
+
 from d2engine.config import LazyCall as L
 from d2engine.solver import MultiStepParamScheduler, WarmupParamScheduler
 
 
-def default_X_scheduler(num_X):  # noqa: N802, N803 (detectron2's names)
+def default_X_scheduler(num_X: int) -> DictConfig:  # noqa: N802, N803 (detectron2's names)
     """The multiplier config of an `num_X`-times-1x schedule: lr x0.1 twice near the end."""
     total = num_X * 90000  # iterations at a total batch size of 16
     if num_X <= 2:
