@@ -38,7 +38,8 @@ SKIPPED = {"scale.md": 1}
 
 _FENCE = re.compile(
     r"(?P<skip><!-- docs-test: skip \((?P<why>[^)\n]+)\) -->[ \t]*\n\s*\n)?"
-    r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)(?P<attrs>[^\n]*)\n(?P<body>.*?)^(?P=indent)```[ \t]*$",
+    r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)(?P<attrs>[^\n]*)\n"
+    r"(?P<body>.*?)^(?P=indent)```[ \t]*$",
     re.M | re.S,
 )
 _TITLE = re.compile(r'title="([^"]+)"')

@@ -219,7 +219,7 @@ def test_the_home_page_links_every_page_but_the_generated_api_pages() -> None:
     assert not [p for p in wanted if p not in linked], "docs/index.md does not link these pages"
 
 
-# --------------------------------------------------------------------------- `make docs` after `make test`
+# ------------------------------------------------------------------- `make docs` after `make test`
 def test_make_tests_bootstrap_installs_the_docs_extra() -> None:
     """CI runs `make test` in a clean clone, and the suite builds the site: the Makefile's install
     must pull in the `docs` extra (directly, or through an extra that names `d2engine[docs]`)."""

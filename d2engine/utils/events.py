@@ -809,10 +809,11 @@ def _write_in_caller_thread(summary_writer: Any) -> bool:
         False (and nothing changed) when tensorboard's writer is not built as expected (another
         version): its background thread then keeps writing.
     """
-    event_writer = getattr(summary_writer._get_file_writer(), "event_writer", None)
-    queued = getattr(event_writer, "_async_writer", None)
+    # tensorboard's private objects, duck-typed (None where this version lacks one)
+    event_writer: Any = getattr(summary_writer._get_file_writer(), "event_writer", None)
+    queued: Any = getattr(event_writer, "_async_writer", None)
     record_writer = getattr(queued, "_writer", None)
-    worker = getattr(queued, "_worker", None)
+    worker: Any = getattr(queued, "_worker", None)
     if record_writer is None or not callable(getattr(worker, "stop", None)):
         return False
     queued.flush()  # what is queued (the file's header event) is written first

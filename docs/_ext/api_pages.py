@@ -51,7 +51,7 @@ def _root_of(page: str) -> str:
 
 
 Section = tuple[str, list[str], list[tuple[str, str]]]
-"""A module on a page: its path, the names documented there, (name, documented path) of the others."""
+"""A module on a page: its path, the names documented there, (name, documented path) of others."""
 
 
 def plan(package: griffe.Module, pages: list[str]) -> dict[str, list[Section]]:
