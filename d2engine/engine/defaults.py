@@ -463,7 +463,8 @@ class DefaultTrainer(TrainerBase):
                 top-level keys suffixed ``"_ema"`` (e.g. ``accuracy_ema``).
 
         Returns:
-            ``{dataset_name: results}`` in the order of ``DATASETS.TEST``; with a single test dataset,
+            ``{dataset_name: results}`` in the order of ``DATASETS.TEST``; with a single test
+            dataset,
             its results alone (unwrapped), as detectron2 does.
 
         Raises:

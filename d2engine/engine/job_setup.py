@@ -59,8 +59,10 @@ Change some config options:
     $ {prog} --config-file cfg.yaml MODEL.WEIGHTS /path/to/weight.pth SOLVER.BASE_LR 0.001
 
 Run on multiple machines:
-    (machine0)$ {prog} --machine-rank 0 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
-    (machine1)$ {prog} --machine-rank 1 --num-machines 2 --dist-url tcp://<machine0>:29500 [--other-flags]
+    (machine0)$ {prog} --machine-rank 0 --num-machines 2 \\
+                    --dist-url tcp://<machine0>:29500 [--other-flags]
+    (machine1)$ {prog} --machine-rank 1 --num-machines 2 \\
+                    --dist-url tcp://<machine0>:29500 [--other-flags]
 """
     )
     parser = argparse.ArgumentParser(

@@ -148,7 +148,7 @@ def call_main(main_func: Callable[..., Any], args: tuple[Any, ...]) -> int:
     except SystemExit as e:
         if e.code not in STOP_CODES:
             raise
-        return int(e.code)  # type: ignore[arg-type]
+        return int(e.code)
     signum = preempted_signal()
     return 0 if signum is None else stop_exit_code(signum)
 

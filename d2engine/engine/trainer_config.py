@@ -155,9 +155,9 @@ def auto_scale_workers(cfg: CfgNode, num_workers: int) -> CfgNode:
     ``scale = num_workers / REFERENCE_WORLD_SIZE``, IMS_PER_BATCH and BASE_LR are multiplied
     by ``scale`` (the linear scaling rule of "Accurate, Large Minibatch SGD"); MAX_ITER,
     WARMUP_ITERS, STEPS, TEST.EVAL_PERIOD, TEST.LOSS_EVAL_PERIOD and CHECKPOINT_PERIOD are
-    divided by it (rounded); REFERENCE_WORLD_SIZE becomes ``num_workers``. For example IMS_PER_BATCH 16, BASE_LR 0.1,
-    REFERENCE_WORLD_SIZE 8, MAX_ITER 5000, STEPS (4000,), CHECKPOINT_PERIOD 1000 on 16
-    workers gives 32, 0.2, 16, 2500, (2000,), 500.
+    divided by it (rounded); REFERENCE_WORLD_SIZE becomes ``num_workers``. For example
+    IMS_PER_BATCH 16, BASE_LR 0.1, REFERENCE_WORLD_SIZE 8, MAX_ITER 5000, STEPS (4000,),
+    CHECKPOINT_PERIOD 1000 on 16 workers gives 32, 0.2, 16, 2500, (2000,), 500.
 
     Args:
         cfg: the config; not modified.

@@ -43,7 +43,7 @@ watchdogs to report and end them (they stall too, and fire within a few seconds)
 
 
 class WorkerError(RuntimeError):
-    """A worker process started by :func:`~d2engine.engine.launch.launch` raised an exception or died.
+    """A worker process started by :func:`~d2engine.engine.launch.launch` raised or died.
 
     Attributes:
         global_rank: the global rank of the failed worker.
