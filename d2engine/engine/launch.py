@@ -158,13 +158,21 @@ def _resolve_dist_url(dist_url: str | None, num_machines: int) -> str:
     )
 
 
-def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: Job) -> int:
+def _spawn_and_watch(
+    main_func: Callable[..., Any],
+    args: tuple[Any, ...],
+    signals: tuple[int, ...],
+    describe_job: Callable[[], Job],
+) -> int:
     """Start the workers of this machine and wait for all of them; fail fast on the first error.
 
-    The signals in ``job.signals`` that this process receives meanwhile are passed on to the
-    running workers (a second SIGINT then aborts: ``KeyboardInterrupt``). Once it got one, the
-    job ends with that signal's exit code: a worker ended by it before it could catch it (start-up)
-    or failing afterwards counts as stopped, and the other workers are terminated.
+    The handlers of ``signals`` are installed first, before ``describe_job()`` (the rendezvous
+    address, the backend): a signal that arrives while the job is being set up stops it before
+    any worker starts, with the signal's exit code, instead of killing this process. The signals
+    that this process receives later are passed on to the running workers (a second SIGINT then
+    aborts: ``KeyboardInterrupt``). Once it got one, the job ends with that signal's exit code:
+    a worker ended by it before it could catch it (start-up) or failing afterwards counts as
+    stopped, and the other workers are terminated.
 
     Returns:
         The exit code of a stop (75, 130) when a worker stopped for a signal (and none failed
@@ -189,9 +197,11 @@ def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: 
             raise KeyboardInterrupt  # a second Ctrl-C aborts at once (the finally ends workers)
 
     deadline: float | None = None  # once a worker stopped: when the others are terminated
-    job = dataclasses.replace(job, stack_dir=tempfile.mkdtemp(prefix="d2engine-stacks-"))
+    stack_dir = ""
     try:
-        with preemption_handlers(job.signals, pass_on, "launch()"):
+        with preemption_handlers(signals, pass_on, "launch()"):
+            stack_dir = tempfile.mkdtemp(prefix="d2engine-stacks-")
+            job = dataclasses.replace(describe_job(), stack_dir=stack_dir)
             for local_rank in range(job.num_gpus_per_machine):
                 if received:  # stopped while starting: the started ones cannot rendezvous
                     break
@@ -270,7 +280,8 @@ def _spawn_and_watch(main_func: Callable[..., Any], args: tuple[Any, ...], job: 
         terminate(processes)
         for conn in [*readers, *keep_alive]:
             conn.close()
-        shutil.rmtree(job.stack_dir, ignore_errors=True)
+        if stack_dir:
+            shutil.rmtree(stack_dir, ignore_errors=True)
     if failure is not None and received:
         # Told to stop, the job stops: a worker failing meanwhile (e.g. a peer it waited for
         # stopped at start-up) does not make it a failure.
@@ -387,29 +398,32 @@ def launch(
             except JobStopped as e:
                 code = int(e.code)  # type: ignore[arg-type]
         else:
-            init_method = _resolve_dist_url(dist_url, num_machines)
-            backend, why = _choose_backend(num_gpus_per_machine)
-            logger.info(
-                "Starting %d worker process(es) on machine %d of %d (world size %d) with backend "
-                "%s: %s; rendezvous at %s.",
-                num_gpus_per_machine,
-                machine_rank,
-                num_machines,
-                world_size,
-                backend,
-                why,
-                init_method,
-            )
-            job = Job(
-                backend,
-                init_method,
-                world_size,
-                num_gpus_per_machine,
-                machine_rank,
-                timeout,
-                signals=signals,
-            )
-            code = _spawn_and_watch(main_func, args, job)
+
+            def describe_job() -> Job:
+                init_method = _resolve_dist_url(dist_url, num_machines)
+                backend, why = _choose_backend(num_gpus_per_machine)
+                logger.info(
+                    "Starting %d worker process(es) on machine %d of %d (world size %d) with "
+                    "backend %s: %s; rendezvous at %s.",
+                    num_gpus_per_machine,
+                    machine_rank,
+                    num_machines,
+                    world_size,
+                    backend,
+                    why,
+                    init_method,
+                )
+                return Job(
+                    backend,
+                    init_method,
+                    world_size,
+                    num_gpus_per_machine,
+                    machine_rank,
+                    timeout,
+                    signals=signals,
+                )
+
+            code = _spawn_and_watch(main_func, args, signals, describe_job)
     except KeyboardInterrupt:  # Ctrl-C outside training, or a second one: abort at once
         logger.warning(
             "Interrupted (Ctrl-C): aborted at once, exiting with code %d; nothing was saved since "

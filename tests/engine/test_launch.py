@@ -622,6 +622,36 @@ def test_sigterm_during_the_start_up_of_two_workers_exits_75(tmp_path: Path, whe
     assert not list(out.glob("*.pth"))
 
 
+@pytest.mark.timeout(120)
+def test_sigterm_while_launch_sets_up_the_job_exits_75_without_starting_workers(
+    tmp_path: Path,
+) -> None:
+    # The signal arrives while launch() picks the rendezvous port and the backend (patched to
+    # send it at that moment), before any worker exists: no race with the test's timing. It
+    # used to kill the launcher (-15) because the handlers were installed only afterwards.
+    script = (
+        "import importlib, os, signal, sys, dist_helpers\n"
+        "L = importlib.import_module('d2engine.engine.launch')\n"
+        "choose = L._choose_backend\n"
+        "def choose_then_sigterm(n):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return choose(n)\n"
+        "L._choose_backend = choose_then_sigterm\n"
+        "L.launch(dist_helpers.record_pid_then, 2, args=(sys.argv[1], 'sleep', -1))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path)],
+        env=dist_helpers.python_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=90,
+    )
+    assert done.returncode == PREEMPTION_EXIT_CODE, done.stdout
+    assert "preempted" in done.stdout
+    assert not list(tmp_path.glob("pid*"))  # no worker was started
+
+
 @pytest.mark.timeout(240)
 def test_repeated_sigterm_to_the_launcher_still_saves_and_exits_75(tmp_path: Path) -> None:
     import time
