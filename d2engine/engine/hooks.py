@@ -431,7 +431,9 @@ class PreciseBN(HookBase):
     :func:`d2engine.utils.precise_bn.update_bn_stats`; momentum restored afterwards). Does
     nothing, at no per-step cost, when the model has no BN layer in training mode. The values
     the model logs meanwhile go to a throw-away storage. State: the data position of its loader
-    (when the loader has ``state_dict()``), so a resumed run reads the same batches.
+    (when the loader has ``state_dict()``), so a resumed run reads the same batches; with several
+    processes every rank's position (:meth:`gather_state`, called through the trainer by the
+    checkpoint hook on every rank before a save).
 
     Args:
         period: run every this many iterations; 0 only after the last iteration.
@@ -450,6 +452,7 @@ class PreciseBN(HookBase):
         self._num_iter = num_iter
         self._period = period
         self._data_iter: Any = None
+        self._positioned = False  # the loader was read or given a saved position
         self._disabled = not get_bn_modules(model)
         if self._disabled:
             logger.info(
@@ -467,9 +470,19 @@ class PreciseBN(HookBase):
         ):
             self.update_stats()
 
+    def gather_state(self) -> None:
+        """Collect every rank's position of the loader for the next :meth:`state_dict` (a
+        collective when the loader's ``gather_state`` is one, e.g. d2engine's grouped
+        ``TrainDataLoader`` in a multi-process job; the trainer's ``gather_state`` calls it on
+        every rank)."""
+        gather = getattr(self._data_loader, "gather_state", None)
+        if self._positioned and callable(gather):
+            gather()
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"data": loader.state_dict()}`` when its loader has one and has been used."""
-        if self._data_iter is not None and callable(getattr(self._data_loader, "state_dict", None)):
+        """``{"data": loader.state_dict()}`` when its loader has one and has been read (or
+        resumed): a position restored by :meth:`load_state_dict` is saved again."""
+        if self._positioned and callable(getattr(self._data_loader, "state_dict", None)):
             return {"data": self._data_loader.state_dict()}  # type: ignore[attr-defined]
         return {}
 
@@ -478,6 +491,7 @@ class PreciseBN(HookBase):
         if "data" in state_dict and callable(getattr(self._data_loader, "load_state_dict", None)):
             self._data_loader.load_state_dict(state_dict["data"])  # type: ignore[attr-defined]
             self._data_iter = None
+            self._positioned = True
 
     def update_stats(self) -> None:
         """Update the model's BN statistics now (can be called by users)."""
@@ -485,6 +499,7 @@ class PreciseBN(HookBase):
             return
         if self._data_iter is None:
             self._data_iter = iter(self._data_loader)
+            self._positioned = True
         logger.info("Running precise-BN for %d iterations...", self._num_iter)
         with EventStorage():  # what the model logs during these forwards is discarded
             update_bn_stats(self._model, self._data_iter, self._num_iter)

@@ -296,10 +296,16 @@ class TrainerBase:
         raise NotImplementedError
 
     def gather_state(self) -> None:
-        """Gather every rank's random generators for the next ``state_dict()`` (a collective:
-        the trainer is a :class:`~d2engine.checkpoint.state.CollectiveStateful`)."""
+        """Gather every rank's random generators, and the state of each hook that has a
+        ``gather_state()`` (e.g. ``PreciseBN``'s data position), for the next ``state_dict()``
+        (a collective: the trainer is a :class:`~d2engine.checkpoint.state.CollectiveStateful`;
+        every rank must have the same such hooks, in the same order)."""
         if self.checkpoint_rng:
             self._rng.gather(f"iteration {self.iter}")
+        for hook in self._hooks:
+            gather = getattr(hook, "gather_state", None)
+            if callable(gather):
+                gather()
 
     def state_dict(self) -> dict[str, Any]:
         """Return ``{"iteration", "hooks": {key: state}, "rng": [state per rank]}``.

@@ -513,3 +513,58 @@ def test_precise_bn_saves_its_data_position() -> None:
     fresh.update_stats()
     assert torch.equal(mean(resumed), mean(hook))  # the same batches as the continued hook
     assert not torch.equal(mean(fresh), mean(hook))
+
+
+def test_precise_bn_saves_a_resumed_position_again_before_reading() -> None:
+    # Resumed, then checkpointed before its next update: the restored position must be saved
+    # again (it used to be dropped, so a second resume started the loader from scratch).
+    from d2engine.data import TrainingSampler, build_train_loader
+
+    def make() -> hooks.PreciseBN:
+        loader = build_train_loader(
+            dataset=[torch.randn(4, 3) for _ in range(8)],
+            total_batch_size=1,
+            num_workers=0,
+            sampler=TrainingSampler(8, seed=1),
+            collate_fn=lambda b: b[0],
+        )
+        return hooks.PreciseBN(0, _Model(bn=True), loader, num_iter=3)
+
+    hook = make()
+    hook.update_stats()
+    state = hook.state_dict()
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert resumed.state_dict()["data"]["num_batches"] == 3
+
+
+class _GatheringLoader:
+    """A loader whose position spans the ranks: counts the collective gathers it is asked for."""
+
+    def __init__(self) -> None:
+        self.gathers = 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return _batches()
+
+    def gather_state(self) -> None:
+        self.gathers += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"gathers": self.gathers}
+
+
+def test_trainer_gather_state_reaches_precise_bn_loader() -> None:
+    # The checkpoint hook gathers through the trainer on every rank before a save; PreciseBN's
+    # loader (grouped by aspect ratio in DefaultTrainer) keeps a position per rank, so it must be
+    # gathered too, once it has been read.
+    trainer = _trainer(bn=True)
+    loader = _GatheringLoader()
+    hook = hooks.PreciseBN(0, trainer.model, loader, 2)
+    trainer.register_hooks([hook])
+    trainer.gather_state()
+    assert loader.gathers == 0  # never read: nothing to gather, nothing saved
+    hook.update_stats()
+    trainer.gather_state()
+    assert loader.gathers == 1
+    assert hook.state_dict() == {"data": {"gathers": 1}}
