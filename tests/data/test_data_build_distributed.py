@@ -135,7 +135,7 @@ def test_resume_on_one_process_reads_every_sample_once(
     and what is still waiting at the end are, together, the global stream without repetition."""
     out, reports = job
     trainer, checkpointer, model = _trainer(tmp_path, TOTAL_BATCH)
-    with caplog.at_level(logging.INFO, logger="d2engine.data.build"):
+    with caplog.at_level(logging.INFO, logger="d2engine.data.train_loader"):
         checkpointer.load(str(out / "run" / f"model_{PERIOD - 1:07d}.pth"))
     trainer.train(trainer.start_iter, MAX_ITER)
     before = [i for r in reports for batch in r["reference"]["seen"][:PERIOD] for i in batch]

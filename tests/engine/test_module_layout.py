@@ -2,7 +2,8 @@
 
 ``engine.launch`` and ``engine.defaults`` were split by idea into ``launch_worker``,
 ``worker_failures``, ``job_setup``, ``writers``, ``trainer_config`` and ``default_hooks``, and
-``checkpoint.checkpointer`` into ``checkpoint.periodic``; the public names stay
+``checkpoint.checkpointer`` into ``checkpoint.periodic``, and ``data.build`` into
+``data.train_loader`` (the resumable train loader and its data position); the public names stay
 importable where they were, as the same objects, and every module's ``__all__`` is accurate.
 """
 
@@ -24,6 +25,8 @@ MOVED = [
     ("d2engine.engine", "WorkerError", "d2engine.engine.worker_failures"),
     ("d2engine.checkpoint.checkpointer", "PeriodicCheckpointer", "d2engine.checkpoint.periodic"),
     ("d2engine.checkpoint", "PeriodicCheckpointer", "d2engine.checkpoint.periodic"),
+    ("d2engine.data.build", "TrainDataLoader", "d2engine.data.train_loader"),
+    ("d2engine.data", "TrainDataLoader", "d2engine.data.train_loader"),
 ]
 
 MODULES = sorted(
