@@ -67,6 +67,10 @@ def test_every_public_module_is_on_one_api_page_and_each_name_documented_once(
     ][1]
     assert "PeriodicCheckpointer" in by_module["d2engine.engine.hooks"][0]
     assert "PeriodicCheckpointer" not in by_module["d2engine.engine"][0]
+    assert {"JSONWriter", "CommonMetricPrinter", "CSVWriter"} <= set(
+        by_module["d2engine.utils.events"][0]
+    )
+    assert by_module["d2engine.utils.event_writers"][0] == []
     # A module goes where most of its names are.
     hooks_page = [module for module, _, _ in plan["api/engine.hooks.md"]]
     assert {"d2engine.engine.monitoring", "d2engine.engine.checkpoint_hooks"} <= set(hooks_page)

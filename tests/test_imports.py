@@ -15,10 +15,11 @@ import pytest
 import d2engine
 
 PACKAGE = Path(d2engine.__file__).parent
-# The packages this rule has been applied to so far. utils/comm.py and utils/events.py, and the
-# engine, checkpoint and tools packages, are still to be brought under it.
+# The packages this rule has been applied to so far. utils/comm.py and utils/event_writers.py (the
+# writers split off utils/events.py), and the engine, checkpoint and tools packages, are still to
+# be brought under it.
 CHECKED = ("config", "solver", "data", "evaluation", "modeling", "model_zoo", "utils")
-NOT_YET = {"utils/comm.py", "utils/events.py"}
+NOT_YET = {"utils/comm.py", "utils/event_writers.py"}
 FILES = sorted(
     path.relative_to(PACKAGE).as_posix()
     for sub in CHECKED

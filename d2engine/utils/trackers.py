@@ -32,7 +32,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from d2engine.utils import comm
-from d2engine.utils.events import EventStorage, EventWriter, get_event_storage
+from d2engine.utils.event_writers import EventWriter
+from d2engine.utils.events import EventStorage, get_event_storage
 
 __all__ = ["CSVWriter", "MLflowWriter", "WandbWriter"]
 

@@ -5,10 +5,10 @@ package itself); each stands for the package ``d2engine.<stem>``. Every public m
 (no ``_`` in its dotted path) goes on one page and each name of its ``__all__`` is documented once,
 where users import it: at the shortest module path that exports it (``d2engine.checkpoint``, not
 ``d2engine.checkpoint.checkpointer``), except that the hooks are documented in
-``d2engine.engine.hooks`` as in detectron2. A module shows its docstring, the names documented in
-it and links to the others, on the page of its package, or on the page where most of its names are
-documented (``d2engine.engine.monitoring``: with the hooks). A public module that no page takes
-fails the build.
+``d2engine.engine.hooks`` and the event writers in ``d2engine.utils.events``, as in detectron2. A
+module shows its docstring, the names documented in it and links to the others, on the page of
+its package, or on the page where most of its names are documented (``d2engine.engine.monitoring``:
+with the hooks). A public module that no page takes fails the build.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from mkdocs.structure.files import File, Files
 
 PACKAGE = "d2engine"
 # Where detectron2's users import these names from, although a shorter path exports them too.
-PREFERRED_MODULES = ("d2engine.engine.hooks",)
+PREFERRED_MODULES = ("d2engine.engine.hooks", "d2engine.utils.events")
 API_DIR = "api/"
 
 

@@ -2,8 +2,9 @@
 
 ``engine.launch`` and ``engine.defaults`` were split by idea into ``launch_worker``,
 ``worker_failures``, ``job_setup``, ``writers``, ``trainer_config`` and ``default_hooks``, and
-``checkpoint.checkpointer`` into ``checkpoint.periodic``, and ``data.build`` into
-``data.train_loader`` (the resumable train loader and its data position); the public names stay
+``checkpoint.checkpointer`` into ``checkpoint.periodic``, ``data.build`` into
+``data.train_loader`` (the resumable train loader and its data position), and the event writers
+left ``utils.events`` for ``utils.event_writers``; the public names stay
 importable where they were, as the same objects, and every module's ``__all__`` is accurate.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import importlib
 
 import pytest
+from dist_helpers import run_python  # tests/ is on sys.path (see dist_helpers' docstring)
 
 # (old path, name, the module that defines it now)
 MOVED = [
@@ -27,6 +29,13 @@ MOVED = [
     ("d2engine.checkpoint", "PeriodicCheckpointer", "d2engine.checkpoint.periodic"),
     ("d2engine.data.build", "TrainDataLoader", "d2engine.data.train_loader"),
     ("d2engine.data", "TrainDataLoader", "d2engine.data.train_loader"),
+    ("d2engine.utils.events", "EventWriter", "d2engine.utils.event_writers"),
+    ("d2engine.utils.events", "JSONWriter", "d2engine.utils.event_writers"),
+    ("d2engine.utils.events", "TensorboardXWriter", "d2engine.utils.event_writers"),
+    ("d2engine.utils.events", "CommonMetricPrinter", "d2engine.utils.event_writers"),
+    ("d2engine.utils.events", "CSVWriter", "d2engine.utils.trackers"),
+    ("d2engine.utils.events", "MLflowWriter", "d2engine.utils.trackers"),
+    ("d2engine.utils.events", "WandbWriter", "d2engine.utils.trackers"),
 ]
 
 MODULES = sorted(
@@ -35,6 +44,8 @@ MODULES = sorted(
     | {"d2engine.engine.launch_worker", "d2engine.engine.trainer_config"}
     | {"d2engine.engine.default_hooks"}
 )
+
+EVENT_MODULES = ("d2engine.utils.event_writers", "d2engine.utils.trackers", "d2engine.utils.events")
 
 
 @pytest.mark.parametrize(("old", "name", "new"), MOVED)
@@ -65,3 +76,25 @@ def test_default_trainer_delegates_to_the_split_modules() -> None:
     direct = trainer_config.auto_scale_workers(cfg, 4)
     assert scaled.SOLVER.IMS_PER_BATCH == direct.SOLVER.IMS_PER_BATCH == 32
     assert scaled.SOLVER.MAX_ITER == direct.SOLVER.MAX_ITER == 50
+
+
+@pytest.mark.parametrize("first", EVENT_MODULES)
+def test_event_modules_import_first_in_a_fresh_interpreter(first: str) -> None:
+    """events re-exports the writers lazily: whichever module is imported first, no import
+    cycle breaks, and detectron2's path gives the objects of the defining modules."""
+    code = (
+        f"import {first}\n"
+        "from d2engine.utils.events import *\n"
+        "from d2engine.utils import event_writers, events, trackers\n"
+        "assert JSONWriter is event_writers.JSONWriter and CSVWriter is trackers.CSVWriter\n"
+        "assert issubclass(trackers.WandbWriter, events.EventWriter)\n"
+        "assert sorted(events.__all__) == sorted(n for n in events.__all__ if n in globals())\n"
+    )
+    result = run_python(["-c", code], timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_the_metric_printer_logs_under_detectron2s_logger_name() -> None:
+    from d2engine.utils.events import CommonMetricPrinter
+
+    assert CommonMetricPrinter().logger.name == "d2engine.utils.events"

@@ -307,7 +307,7 @@ def test_to_floats_reads_each_accelerator_once(monkeypatch: pytest.MonkeyPatch) 
 def test_sliding_median_is_the_median_of_the_window() -> None:
     import random
 
-    from d2engine.utils.events import _SlidingMedian
+    from d2engine.utils.event_writers import _SlidingMedian
 
     rng = random.Random(0)
     sliding = _SlidingMedian(50)
