@@ -1,4 +1,4 @@
-"""Helpers for multi-process tests: free ports, child Python scripts, worker bodies.
+"""Helpers for multi-process tests: free ports, child Python scripts, worker bodies, error logs.
 
 Test modules import this as ``import dist_helpers``: ``tests/`` is on ``sys.path`` because pytest
 (in its default "prepend" import mode) puts the directory of ``tests/conftest.py`` there. Workers
@@ -8,14 +8,17 @@ their ``main_func``; child scripts get ``tests/`` on their path from :func:`run_
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,9 @@ from d2engine.utils import comm
 from d2engine.utils.watchdog import STACK_DUMP_SIGNAL
 
 __all__ = [
+    "ErrorRecords",
     "TESTS_DIR",
+    "collect_errors",
     "free_port",
     "pid_gone",
     "preempt_then",
@@ -209,3 +214,29 @@ def preempt_then(actions: str) -> None:
         raise ValueError(f"boom on rank {rank}")
     elif action != "return":
         raise ValueError(f"unknown action {action!r}")
+
+
+class ErrorRecords(logging.Handler):
+    """Collects a logger's ERROR records (e.g. a hang watchdog's report); ``fired`` is set at the
+    first one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.messages: list[str] = []
+        self.fired = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+        self.fired.set()
+
+
+@contextlib.contextmanager
+def collect_errors(name: str) -> Iterator[ErrorRecords]:
+    """The ERROR records of the logger ``name`` while the block runs."""
+    handler = ErrorRecords()
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        log.removeHandler(handler)

@@ -26,39 +26,18 @@ from d2engine.utils import comm
 from d2engine.utils.watchdog import HANG_EXIT_CODE
 
 
-class _Reports(logging.Handler):
-    """Collects the watchdog's ERROR records; ``fired`` is set at the first one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-        self.fired = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        self.fired.set()
-
-
-def _collect(name: str) -> Iterator[_Reports]:
-    handler = _Reports()
-    log = logging.getLogger(name)
-    log.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        log.removeHandler(handler)
-
-
 @pytest.fixture
-def reports() -> Iterator[_Reports]:
+def reports() -> Iterator[dist_helpers.ErrorRecords]:
     """The watchdog's reports in this process."""
-    yield from _collect("d2engine.utils.watchdog")
+    with dist_helpers.collect_errors("d2engine.utils.watchdog") as records:
+        yield records
 
 
 @pytest.fixture
-def launcher_errors() -> Iterator[_Reports]:
+def launcher_errors() -> Iterator[dist_helpers.ErrorRecords]:
     """The errors launch logs about its workers (from d2engine.engine.worker_failures)."""
-    yield from _collect("d2engine.engine.worker_failures")
+    with dist_helpers.collect_errors("d2engine.engine.worker_failures") as records:
+        yield records
 
 
 class _Linear(nn.Module):
@@ -105,7 +84,7 @@ def _stuck_at(iteration: int, release: threading.Event) -> Iterator[torch.Tensor
 
 
 @pytest.mark.timeout(30)
-def test_a_stuck_iteration_is_reported_with_its_number(reports: _Reports) -> None:
+def test_a_stuck_iteration_is_reported_with_its_number(reports: dist_helpers.ErrorRecords) -> None:
     hook = HangWatchdog(0.3, end_process=False, poll=0.05)
     trainer = _trainer(_stuck_at(3, reports.fired), hook)
     trainer.train(0, 6)
@@ -121,7 +100,7 @@ def test_a_stuck_iteration_is_reported_with_its_number(reports: _Reports) -> Non
 
 
 @pytest.mark.timeout(30)
-def test_a_slow_but_progressing_run_is_left_alone(reports: _Reports) -> None:
+def test_a_slow_but_progressing_run_is_left_alone(reports: dist_helpers.ErrorRecords) -> None:
     # Iterations of 0.1 s, and an evaluation of 8 batches of 0.1 s, for a timeout of 0.5 s: the
     # whole run (~1.6 s) and the evaluation take longer than the timeout, no step does.
     def slow(n: int) -> Iterator[torch.Tensor]:
@@ -184,7 +163,7 @@ def _all_reduce_job() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_collective_timeout_ends_the_job_with_every_rank_s_stack(
-    capfd: pytest.CaptureFixture[str], launcher_errors: _Reports
+    capfd: pytest.CaptureFixture[str], launcher_errors: dist_helpers.ErrorRecords
 ) -> None:
     start = time.monotonic()
     with pytest.raises(WorkerError) as info:

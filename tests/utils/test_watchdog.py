@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 import threading
@@ -17,28 +16,10 @@ from d2engine.utils import watchdog
 from d2engine.utils.watchdog import HANG_EXIT_CODE, ProgressWatchdog, keep_alive
 
 
-class _Reports(logging.Handler):
-    """Collects the watchdog's ERROR records; ``fired`` is set at the first one."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.ERROR)
-        self.messages: list[str] = []
-        self.fired = threading.Event()
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
-        self.fired.set()
-
-
 @pytest.fixture
-def reports() -> Iterator[_Reports]:
-    handler = _Reports()
-    log = logging.getLogger("d2engine.utils.watchdog")
-    log.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        log.removeHandler(handler)
+def reports() -> Iterator[dist_helpers.ErrorRecords]:
+    with dist_helpers.collect_errors("d2engine.utils.watchdog") as records:
+        yield records
 
 
 def _blocked_in_a_data_loader(event: threading.Event) -> None:
@@ -47,7 +28,7 @@ def _blocked_in_a_data_loader(event: threading.Event) -> None:
 
 @pytest.mark.timeout(30)
 def test_reports_where_the_main_thread_is_stuck_with_every_stack(
-    reports: _Reports, capsys: pytest.CaptureFixture[str]
+    reports: dist_helpers.ErrorRecords, capsys: pytest.CaptureFixture[str]
 ) -> None:
     dog = ProgressWatchdog(
         0.3, lambda: 7, describe=lambda: "in iteration 7", end_process=False, poll=0.05
@@ -77,7 +58,9 @@ def test_reports_where_the_main_thread_is_stuck_with_every_stack(
 
 
 @pytest.mark.timeout(30)
-def test_progress_and_keep_alive_hold_it_off_a_stall_fires_it(reports: _Reports) -> None:
+def test_progress_and_keep_alive_hold_it_off_a_stall_fires_it(
+    reports: dist_helpers.ErrorRecords,
+) -> None:
     value = [0]
     dog = ProgressWatchdog(0.4, lambda: value[0], end_process=False, poll=0.02)
     dog.start()
