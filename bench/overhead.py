@@ -165,8 +165,15 @@ class _Ticks(HookBase):
         self.clock.stop()
 
 
-def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
+def _raw_loop(
+    data: list[Any],
+    iters: int,
+    device: torch.device,
+    make_after_step: Callable[[nn.Module], Callable[[], None]] | None = None,
+) -> list[float]:
+    """The raw PyTorch loop; ``make_after_step(model)`` gives what runs after each step."""
     model, opt = build(device)
+    after_step = None if make_after_step is None else make_after_step(model)
     model.train()
     it = cycle(data)
     clock = Clock(device)
@@ -178,7 +185,13 @@ def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> lis
         opt.zero_grad()
         losses.backward()
         opt.step()
+        if after_step is not None:
+            after_step()
     return clock.stop()
+
+
+def run_raw(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
+    return _raw_loop(data, iters, device)
 
 
 def _trainer_run(
@@ -229,21 +242,12 @@ VARIANTS: dict[str, Callable[..., list[float]]] = {
 # ------------------------------------------------------------------ training features (issue 12)
 def run_raw_ema(data: list[Any], iters: int, device: torch.device, out: Path) -> list[float]:
     """The raw loop with an EMA of the weights updated after each optimizer step."""
-    model, opt = build(device)
-    ema = ModelEMA(model, decay=0.9999)
-    model.train()
-    it = cycle(data)
-    clock = Clock(device)
-    for i in range(iters):
-        clock.tick(i)
-        batch = next(it)
-        loss_dict = model(batch)
-        losses = sum(loss_dict.values())
-        opt.zero_grad()
-        losses.backward()
-        opt.step()
-        ema.update(model)
-    return clock.stop()
+
+    def ema_update(model: nn.Module) -> Callable[[], None]:
+        ema = ModelEMA(model, decay=0.9999)
+        return lambda: ema.update(model)
+
+    return _raw_loop(data, iters, device, ema_update)
 
 
 def feature_variants() -> dict[str, Callable[..., list[float]]]:
