@@ -301,15 +301,10 @@ def _register_default_trainer_job() -> None:
         MetadataCatalog.get("_resume_points").set(thing_classes=["neg", "pos"])
 
 
-def _default_trainer(out: str) -> Any:
+def default_trainer_cfg(out: str, max_iter: int, checkpoint_period: int) -> Any:
+    """DefaultTrainer's config of the resume tests: the dropout classifier on the registered
+    points, a warm-up and a step, evaluations every 4 iterations (they draw random numbers)."""
     from d2engine.config import get_cfg
-    from d2engine.engine.defaults import DefaultTrainer
-    from d2engine.evaluation import ClassificationEvaluator
-
-    class Trainer(DefaultTrainer):
-        @classmethod
-        def build_evaluator(cls, cfg: Any, dataset_name: str) -> Any:
-            return ClassificationEvaluator(dataset_name)
 
     _register_default_trainer_job()
     cfg = get_cfg()
@@ -322,11 +317,24 @@ def _default_trainer(out: str) -> Any:
     cfg.SOLVER.BASE_LR = 0.2
     cfg.SOLVER.STEPS = (10,)
     cfg.SOLVER.WARMUP_ITERS = 3
-    cfg.SOLVER.MAX_ITER = MAX_ITER
-    cfg.SOLVER.CHECKPOINT_PERIOD = PERIOD
-    cfg.TEST.EVAL_PERIOD = 4  # evaluations (which draw random numbers) between checkpoints
+    cfg.SOLVER.MAX_ITER = max_iter
+    cfg.SOLVER.CHECKPOINT_PERIOD = checkpoint_period
+    cfg.TEST.EVAL_PERIOD = 4
     cfg.OUTPUT_DIR = out
     cfg.SEED = 3
+    return cfg
+
+
+def _default_trainer(out: str) -> Any:
+    from d2engine.engine.defaults import DefaultTrainer
+    from d2engine.evaluation import ClassificationEvaluator
+
+    class Trainer(DefaultTrainer):
+        @classmethod
+        def build_evaluator(cls, cfg: Any, dataset_name: str) -> Any:
+            return ClassificationEvaluator(dataset_name)
+
+    cfg = default_trainer_cfg(out, MAX_ITER, PERIOD)  # evaluations between checkpoints
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)

@@ -21,11 +21,10 @@ import torch
 from test_resume import (
     _DropoutClassifier,
     _Kill,
-    _register_default_trainer_job,
     assert_bit_identical,
+    default_trainer_cfg,
 )
 
-from d2engine.config import get_cfg
 from d2engine.engine.defaults import DefaultTrainer
 from d2engine.evaluation import ClassificationEvaluator
 
@@ -47,22 +46,10 @@ class _Trainer(DefaultTrainer):
 
 
 def _cfg(out: str, grad_accum_steps: int) -> Any:
-    _register_default_trainer_job()
-    cfg = get_cfg()
-    cfg.MODEL.META_ARCHITECTURE = "_ResumeDropoutClassifier"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.DATASETS.TRAIN = ("_resume_points",)
-    cfg.DATASETS.TEST = ("_resume_points",)
-    cfg.DATALOADER.NUM_WORKERS = 0
-    cfg.SOLVER.IMS_PER_BATCH = 4
-    cfg.SOLVER.BASE_LR = 0.2
-    cfg.SOLVER.STEPS = (10,)
-    cfg.SOLVER.WARMUP_ITERS = 3
-    cfg.SOLVER.MAX_ITER = MAX_ITER
-    cfg.SOLVER.CHECKPOINT_PERIOD = CHECKPOINT_PERIOD
+    cfg = default_trainer_cfg(out, MAX_ITER, CHECKPOINT_PERIOD)
     if grad_accum_steps != 1:
         cfg.SOLVER.GRAD_ACCUM_STEPS = grad_accum_steps
-    cfg.TEST.EVAL_PERIOD = 4  # checkpoints after the evaluations of the same iteration
+    # The base config evaluates every 4 iterations: checkpoints come after those evaluations.
     cfg.MODEL_EMA.ENABLED = True
     cfg.MODEL_EMA.DECAY = 0.9
     cfg.MODEL_EMA.DECAY_WARM_UP_FACTOR = 4.0
@@ -72,8 +59,6 @@ def _cfg(out: str, grad_accum_steps: int) -> Any:
     cfg.TEST.EARLY_STOPPING.MODE = "min"
     cfg.TEST.EARLY_STOPPING.PATIENCE = 3
     cfg.TEST.EARLY_STOPPING.MIN_DELTA = 0.01  # stops after iteration 23
-    cfg.OUTPUT_DIR = out
-    cfg.SEED = 3
     return cfg
 
 
