@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("sklearn")
 
-REPO = Path(__file__).resolve().parents[2]
-CONFIG = str(REPO / "configs" / "digits" / "convnet.yaml")
-SHORT = [
-    "SOLVER.MAX_ITER",
-    "12",
-    "SOLVER.WARMUP_ITERS",
-    "2",
-    "SOLVER.CHECKPOINT_PERIOD",
-    "100",
-    "TEST.EVAL_PERIOD",
-    "0",
-    "TEST.EXPECTED_RESULTS",
-    "[]",
-]
-
-
-def _run(args: list[str], timeout: float = 180) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "d2engine.tools.train_net", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from test_train_net import CONFIG, SHORT, _run  # noqa: E402  (after the skip)
 
 
 def _metric(stdout: str, name: str) -> float:
