@@ -93,6 +93,12 @@ class ParamScheduler:
     def _value(self, where: float) -> float:
         raise NotImplementedError
 
+    def _depends_on_where_only(self) -> bool:
+        """Whether the value is a function of ``where`` alone: true of this module's schedulers
+        (not of subclasses defined elsewhere, which may keep state). ``LRMultiplier`` then
+        computes the values of the coming iterations together."""
+        return type(self).__module__ == __name__
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k.lstrip('_')}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
@@ -351,6 +357,11 @@ class CompositeParamScheduler(ParamScheduler):
         self._interval_scaling = interval_scaling
         # Start of each part; part i covers [starts[i], starts[i] + lengths[i]).
         self._starts = [sum(lengths[:i]) for i in range(len(lengths))]
+
+    def _depends_on_where_only(self) -> bool:
+        return super()._depends_on_where_only() and all(
+            isinstance(s, ParamScheduler) and s._depends_on_where_only() for s in self._schedulers
+        )
 
     def _value(self, where: float) -> float:
         i = len(self._schedulers) - 1

@@ -481,3 +481,69 @@ def test_lr_multiplier_tensor_lrs_and_custom_get_lr_use_torchs_step() -> None:
         opt.step()
         halved.step()
     assert _lrs(opt) == [0.1 * (1 - 5 / 10) / 2]
+
+
+def test_lr_multiplier_computes_d2engines_schedules_ahead_with_the_same_values(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # d2engine's schedules depend on the iteration alone: their multipliers are computed
+    # _AHEAD iterations at a time (warm, a fraction of the cost of one call per training
+    # iteration), with the very bits of base_lr * multiplier(iter / max_iter) at every step.
+    from d2engine.solver import lr_scheduler
+
+    opt = _optimizer(0.1, 0.037)
+    sched = WarmupMultiStepLR(opt, [300, 700], gamma=0.3, warmup_iters=200, max_iter=1000)
+    multiplier = sched.multiplier
+    calls: list[float] = []
+    monkeypatch.setattr(
+        sched, "_multiplier", lambda where: calls.append(where) or multiplier(where)
+    )
+    seen = []
+    for it in range(1, 1100):
+        opt.step()
+        sched.step()
+        seen.append([float(lr).hex() for lr in _lrs(opt)])
+        expected = multiplier(min(it / 1000, 1.0))
+        assert seen[-1] == [(base * expected).hex() for base in (0.1, 0.037)], it
+        # the schedule's code runs at the first step of each block of _AHEAD iterations only
+        # (construction computed iterations 0 .. _AHEAD - 1)
+        assert len(calls) == lr_scheduler._AHEAD * (it // lr_scheduler._AHEAD), it
+    resumed_opt = _optimizer(0.1, 0.037)
+    resumed = WarmupMultiStepLR(resumed_opt, [300, 700], gamma=0.3, warmup_iters=200, max_iter=1000)
+    resumed.load_state_dict({"base_lrs": [0.1, 0.037], "last_epoch": 500})
+    for _ in range(3):  # the values ahead are recomputed from the loaded iteration
+        resumed_opt.step()
+        resumed.step()
+    assert [float(lr).hex() for lr in _lrs(resumed_opt)] == seen[502]
+
+
+class _CountingSchedule(LinearParamScheduler):
+    """A schedule defined outside d2engine: it may keep state, so it is called at every step."""
+
+    def __init__(self) -> None:
+        super().__init__(1.0, 0.0)
+        self.calls = 0
+
+    def _value(self, where: float) -> float:
+        self.calls += 1
+        return super()._value(where)
+
+
+def test_lr_multiplier_calls_a_schedule_defined_elsewhere_at_every_step() -> None:
+    schedule = _CountingSchedule()
+    opt = _optimizer(0.1)
+    sched = LRMultiplier(opt, schedule, max_iter=100)
+    assert schedule.calls == 1  # the initial step
+    for it in range(1, 11):
+        opt.step()
+        sched.step()
+        assert schedule.calls == 1 + it
+    assert _lrs(opt) == [0.1 * (1.0 - 10 / 100)]
+    # d2engine's composite schedules are computed ahead only when all their parts are its own
+    from d2engine.solver.param_scheduler import CompositeParamScheduler
+
+    mixed = CompositeParamScheduler(
+        [_CountingSchedule(), LinearParamScheduler(1.0, 0.5)], [0.5, 0.5], ["rescaled"] * 2
+    )
+    assert not LRMultiplier(_optimizer(0.1), mixed, max_iter=10)._ahead
+    assert LRMultiplier(_optimizer(0.1), LinearParamScheduler(1, 0), max_iter=10)._ahead
