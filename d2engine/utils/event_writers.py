@@ -153,6 +153,7 @@ class TensorboardXWriter(EventWriter):
             file_writer.add_summary(by_iter[itr], itr)
         if by_iter:
             self._last_write = max(self._last_write, max(by_iter))
+        wrote_media = bool(storage._vis_data or storage._histograms)
         if storage._vis_data:
             for img_name, img, step_num in storage._vis_data:
                 writer.add_image(img_name, img, step_num)
@@ -161,6 +162,8 @@ class TensorboardXWriter(EventWriter):
             for params in storage._histograms:
                 writer.add_histogram_raw(**params)
             storage.clear_histograms()
+        if by_iter or wrote_media:
+            file_writer.flush()  # one system call for all the records
 
     def close(self) -> None:
         if self._summary_writer is not None:
@@ -213,8 +216,50 @@ def _write_in_caller_thread(summary_writer: Any) -> bool:
         return False
     queued.flush()  # what is queued (the file's header event) is written first
     worker.stop()
+    _append_to_open_file(record_writer)
     event_writer._async_writer = _CallerThreadRecords(record_writer)
     return True
+
+
+def _append_to_open_file(record_writer: Any) -> None:
+    """Give ``record_writer`` a file kept open for appending when its event file is local.
+
+    Without tensorflow, tensorboard's ``GFile`` opens and closes the file for every record it
+    appends (five system calls). Only a local file that was already written to (the header
+    event) is swapped; any other (a remote file system, another tensorboard) is left as it is.
+    """
+    gfile = getattr(record_writer, "_writer", None)
+    filename = getattr(gfile, "filename", None)
+    if (
+        type(getattr(gfile, "fs", None)).__name__ != "LocalFileSystem"
+        or not getattr(gfile, "write_started", False)
+        or not isinstance(filename, bytes)
+    ):
+        return
+    record_writer._writer = _AppendFile(open(os.fsdecode(filename), "ab"))  # noqa: SIM115
+
+
+class _AppendFile:
+    """A binary file opened for appending, with the ``write``/``flush``/``close``/``closed`` of
+    tensorboard's ``GFile``."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+
+    def write(self, data: bytes) -> None:
+        self._handle.write(data)
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        if not self._handle.closed:
+            self._handle.flush()
+            self._handle.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._handle.closed)
 
 
 class _SlidingMedian:
@@ -234,7 +279,8 @@ class _SlidingMedian:
 
     def __call__(self, buf: HistoryBuffer) -> float:
         new, self._seen = buf._values_since(self._seen if buf is self._buf else 0)
-        if buf is not self._buf or len(new) >= self._size or any(v != v for v in new):
+        added = sum(new)  # NaN when a new value is NaN (or when inf and -inf meet: also safe)
+        if buf is not self._buf or len(new) >= self._size or added != added:
             values = buf._recent_values(self._size)[::-1]  # a new history, or NaN: start over
             self._buf = None if any(v != v for v in values) else buf
             self._window, self._sorted = deque(values), sorted(values)

@@ -321,6 +321,7 @@ class EventStorage:
         self._history: dict[str, HistoryBuffer] = {}
         self._smoothing_hints: dict[str, bool] = {}
         self._latest_scalars: dict[str, tuple[Any, int]] = {}
+        self._smoothed_cache: tuple[tuple[int, ...], dict[str, tuple[float, int]]] | None = None
         self._iter = start_iter
         self._current_prefix = ""
         self._vis_data: list[tuple[str, torch.Tensor, int]] = []
@@ -474,15 +475,24 @@ class EventStorage:
             name -> (value, iteration of the latest value).
         """
         with self._lock:
+            # What has been logged so far (every put adds a value to a history): the writers of
+            # one period share one result.
+            logged = (window_size, *[b._count + len(b._pending) for b in self._history.values()])
+            cached = self._smoothed_cache
+            if cached is not None and cached[0] == logged:
+                return dict(cached[1])
             latest = self.latest()
             hints = dict(self._smoothing_hints)
             history = dict(self._history)
         # Each smoothed median is computed once for the values logged so far (see
-        # HistoryBuffer.median_within): the writers of one period share them.
-        return {
+        # HistoryBuffer.median_within).
+        result = {
             k: (history[k].median_within(window_size) if hints[k] else v, itr)
             for k, (v, itr) in latest.items()
         }
+        with self._lock:
+            self._smoothed_cache = (logged, result)
+        return dict(result)
 
     def count_samples(self, name: str, window_size: int = 20) -> int:
         """The number of values of ``name`` logged within the last ``window_size`` iterations.

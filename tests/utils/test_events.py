@@ -390,3 +390,81 @@ def test_tensorboard_writer_writes_in_the_writing_thread(tmp_path) -> None:
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     acc.Reload()
     assert [(e.step, e.value) for e in acc.Scalars("extra")] == [(7, 5.0)]
+
+
+def test_latest_with_smoothing_hint_is_computed_once_until_something_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The writers of one period (JSON, console, TensorBoard) share one result; any new value
+    # (a put, a tensor not read yet, or an update of a history itself) computes it again.
+    computed: list[int] = []
+    latest = EventStorage.latest
+
+    def counting_latest(self: EventStorage) -> dict:
+        computed.append(1)
+        return latest(self)
+
+    monkeypatch.setattr(EventStorage, "latest", counting_latest)
+    with EventStorage() as s:
+        for i in range(5):
+            s.iter = i
+            s.put_scalar("loss", float(i))
+            s.put_scalar("lr", 0.1, smoothing_hint=False)
+        first = s.latest_with_smoothing_hint(3)
+        first["loss"] = (-1.0, -1)  # the caller's copy: the shared result is not changed
+        assert s.latest_with_smoothing_hint(3) == {"loss": (3.0, 4), "lr": (0.1, 4)}
+        assert len(computed) == 1
+        assert s.latest_with_smoothing_hint(5)["loss"] == (2.0, 4) and len(computed) == 2
+        s.put_scalar("loss", torch.tensor(40.0))  # a tensor, read when needed: 2, 3, 4, 40
+        assert s.latest_with_smoothing_hint(3)["loss"] == (3.5, 4) and len(computed) == 3
+        s.history("loss").update(50.0, 4)  # straight into the history: 2, 3, 4, 40, 50
+        assert s.latest_with_smoothing_hint(3)["loss"] == (4.0, 4) and len(computed) == 4
+        assert s.latest_with_smoothing_hint(3)["loss"] == (4.0, 4) and len(computed) == 4
+
+
+def test_sliding_median_with_infinities_of_both_signs() -> None:
+    # inf and -inf among the new values (their sum is NaN): recomputed, still the median.
+    from d2engine.utils.event_writers import _SlidingMedian
+
+    sliding, buf = _SlidingMedian(5), HistoryBuffer()
+    for i, v in enumerate([1.0, 2.0, 3.0]):
+        buf.update(v, i)
+    assert sliding(buf) == 2.0
+    for i, v in enumerate([math.inf, -math.inf, 4.0], start=3):
+        buf.update(v, i)
+    assert sliding(buf) == buf.median(5) == 3.0
+    buf.update(5.0, 6)
+    assert sliding(buf) == buf.median(5) == 4.0
+
+
+def test_tensorboard_writer_keeps_its_local_event_file_open(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tensorboard's GFile (without tensorflow) opens the event file for every record; the
+    # writer appends to one open file instead, flushed at the end of each write().
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    writer = TensorboardXWriter(tmp_path, window_size=1)
+    opened: list[str] = []
+    real_open = gfile.io.open
+
+    def counting_open(file, mode="r", *args, **kwargs):
+        if "r" not in mode:  # not the reads of the EventAccumulator below
+            opened.append(f"{file!r} {mode}")
+        return real_open(file, mode, *args, **kwargs)
+
+    with EventStorage() as s:
+        s.put_scalar("loss", 1.0)
+        writer.write()  # creates the event file
+        monkeypatch.setattr(gfile.io, "open", counting_open)
+        for i in range(1, 4):
+            s.iter = i
+            s.put_scalar("loss", float(i + 1))
+            writer.write()
+            acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+            acc.Reload()
+            assert [e.value for e in acc.Scalars("loss")] == [float(j + 1) for j in range(i + 1)]
+        assert opened == []
+    writer.close()
+    assert writer._summary_writer is None
