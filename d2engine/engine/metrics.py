@@ -46,7 +46,8 @@ class PendingLosses:
     """
 
     def __init__(self) -> None:
-        self._items: list[_Iteration] = []
+        # Plain tuples (a NamedTuple's constructor is Python code): made _Iteration by take().
+        self._items: list[tuple[int, str, tuple[str, ...], tuple[Any, ...], float]] = []
 
     def __len__(self) -> int:
         return len(self._items)
@@ -58,7 +59,7 @@ class PendingLosses:
         values: tuple[Any, ...],
         data_time: float,
         prefix: str = "",
-    ) -> None:
+    ) -> int:
         """Record the losses of ``iteration``.
 
         Args:
@@ -68,13 +69,18 @@ class PendingLosses:
                 after micro-batch; the logged value of a key is its mean over the micro-batches.
             data_time: the seconds spent reading the iteration's data.
             prefix: prefix of the logged names.
+
+        Returns:
+            The number of iterations pending, this one included.
         """
-        self._items.append(_Iteration(iteration, prefix, keys, values, data_time))
+        items = self._items
+        items.append((iteration, prefix, keys, values, data_time))
+        return len(items)
 
     def take(self) -> list[_Iteration]:
         """Return the pending iterations, oldest first, and empty the buffer."""
         items, self._items = self._items, []
-        return items
+        return [_Iteration._make(item) for item in items]
 
 
 def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any = None) -> None:
@@ -97,6 +103,9 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
     """
     if not items:
         return
+    world_size = comm.get_world_size()
+    if world_size == 1 and _write_columns(items, storage):
+        return
     floats = _to_floats([v for item in items for v in item.values])
     # The losses of each item, in the order of its keys (the mean over its micro-batches).
     losses: list[list[float]] = []
@@ -111,7 +120,6 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
     data_times = [item.data_time for item in items]
     means, max_data_times = losses, data_times
     bad_ranks: list[list[int]] = [[] for _ in items]
-    world_size = comm.get_world_size()
     if world_size > 1:
         keyed = [dict(zip(item.keys, values)) for item, values in zip(items, losses)]
         gathered = comm.all_gather((keyed, data_times), group=group)
@@ -138,6 +146,39 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
     if good < len(items):
         item = items[good]
         raise _non_finite(item.iteration, dict(zip(item.keys, means[good])), bad_ranks[good])
+
+
+def _write_columns(items: Sequence[_Iteration], storage: EventStorage) -> bool:
+    """:func:`write_losses` in one process when every item has the same prefix and keys and one
+    value per key (no micro-batches): the same values logged, computed column by column.
+
+    Returns:
+        False, having done nothing, when the items differ.
+    """
+    first = items[0]
+    keys, prefix, n = first.keys, first.prefix, len(first.keys)
+    for item in items:
+        if item.keys != keys or item.prefix != prefix or len(item.values) != n:
+            return False
+    floats = _to_floats([v for item in items for v in item.values])
+    columns = [floats[i::n] for i in range(n)]
+    totals = list(map(sum, zip(*columns)))  # each item's sum, in the order of its keys
+    good = len(items)
+    if not math.isfinite(sum(totals)):
+        good = next((j for j, t in enumerate(totals) if not math.isfinite(t)), len(items))
+    iterations = [item.iteration for item in items[:good]]
+    data_times = [item.data_time for item in items[:good]]
+    storage.put_scalar_series("rank_data_time", data_times, iterations)
+    if good:
+        storage.put_scalar_series("data_time", data_times, iterations)
+        storage.put_scalar_series(f"{prefix}total_loss", totals[:good], iterations)
+        if n > 1:
+            for k, column in zip(keys, columns):
+                storage.put_scalar_series(f"{prefix}{k}", column[:good], iterations)
+    if good < len(items):
+        values = floats[good * n : (good + 1) * n]
+        raise _non_finite(items[good].iteration, dict(zip(keys, values)), [])
+    return True
 
 
 def _log_columns(

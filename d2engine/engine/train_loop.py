@@ -464,17 +464,18 @@ class SimpleTrainer(TrainerBase):
             if out.numel() != 1:
                 raise scalar_loss_error("total_loss", out)
             return {"total_loss": out}, out
-        if not isinstance(out, Mapping) or not out:
+        loss_dict = out if type(out) is dict else dict(out) if isinstance(out, Mapping) else None
+        if not loss_dict:
             raise TypeError(
                 f"The model must return a dict of scalar losses or a loss tensor, got "
                 f"{type(out).__name__}. HINT: return e.g. {{'loss_cls': loss}} in training mode."
             )
         total = None
-        for k, v in out.items():  # shapes and types only: no value is read
+        for k, v in loss_dict.items():  # shapes and types only: no value is read
             if not isinstance(v, torch.Tensor) or v.numel() != 1:
                 raise scalar_loss_error(k, v)
             total = v if total is None else total + v
-        return dict(out), total  # type: ignore[return-value]
+        return loss_dict, total  # type: ignore[return-value]
 
     def _forward(self, data: Any) -> Any:
         """The model's output for ``data`` (AMPTrainer: under autocast)."""
@@ -490,11 +491,17 @@ class SimpleTrainer(TrainerBase):
 
     def run_step(self) -> None:
         """One iteration of the standard training logic (see the class docstring)."""
-        self._check_training_mode()
+        if not self.model.training:
+            self._check_training_mode()  # raises
         if self.grad_accum_steps > 1:
             self._run_accumulated_step()
             return
-        data, data_time = self._next_batch()
+        batches = self._data_loader_iter_obj
+        if batches is None:
+            batches = self._data_loader_iter
+        start = time.perf_counter()
+        data = next(batches)
+        data_time = time.perf_counter() - start
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         loss_dict, losses = self._as_loss_dict(self._forward(data))
@@ -573,8 +580,8 @@ class SimpleTrainer(TrainerBase):
     ) -> None:
         if self._pending_metrics is not None and self._pending_metrics[0].done():
             self._collect_pending_metrics()  # raises a background error at the next iteration
-        self._losses.add(it, keys, values, data_time, prefix)
-        if (it + 1) % self.gather_metric_period == 0 or len(self._losses) >= MAX_PENDING_ITERATIONS:
+        pending = self._losses.add(it, keys, values, data_time, prefix)
+        if (it + 1) % self.gather_metric_period == 0 or pending >= MAX_PENDING_ITERATIONS:
             if self.async_write_metrics:
                 self._submit_metrics()
             else:

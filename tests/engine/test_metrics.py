@@ -65,3 +65,46 @@ def test_finite_losses_whose_sum_overflows_are_all_logged() -> None:
     with EventStorage() as storage:
         write_losses(pending.take(), storage)
     assert [it for _, it in storage.history("total_loss").values()] == [0, 1, 2]
+
+
+def _storage_after(items: list, monkeypatch: pytest.MonkeyPatch, columns: bool) -> tuple:
+    """What write_losses logs (and the error it raises) with or without the column path."""
+    from d2engine.engine import metrics
+
+    if not columns:
+        monkeypatch.setattr(metrics, "_write_columns", lambda items, storage: False)
+    error = None
+    with EventStorage() as storage:
+        try:
+            write_losses(items, storage)
+        except FloatingPointError as e:
+            error = str(e)
+    monkeypatch.undo()
+    logged = {k: [(v.hex(), it) for v, it in b.values()] for k, b in storage.histories().items()}
+    return logged, error
+
+
+@pytest.mark.parametrize("keys", [("a",), ("a", "b", "c")])
+@pytest.mark.parametrize("bad", [None, 17])
+def test_the_column_path_logs_what_the_general_path_logs(
+    monkeypatch: pytest.MonkeyPatch, keys: tuple[str, ...], bad: int | None
+) -> None:
+    # One process, one prefix and one set of keys (the common case): written column by column;
+    # the same bits, the same first non-finite iteration, as item by item.
+    g = torch.Generator().manual_seed(0)
+
+    def items() -> list:
+        pending = PendingLosses()
+        for it in range(25):
+            values = torch.rand(len(keys), generator=g, dtype=torch.float64) * 3 - 1
+            if it == bad:
+                values[-1] = math.nan
+            assert pending.add(it, keys, tuple(values.unbind()), 0.001 * it) == it + 1
+        return pending.take()
+
+    taken = items()
+    fast = _storage_after(taken, monkeypatch, columns=True)
+    general = _storage_after(taken, monkeypatch, columns=False)
+    assert fast == general
+    assert len(fast[0]["total_loss"]) == (25 if bad is None else bad)
+    assert (fast[1] is None) == (bad is None)

@@ -672,6 +672,22 @@ def test_one_element_losses_are_accepted() -> None:
     assert trainer.storage.history("total_loss").values()[0] == (pytest.approx(12.0 + 1.0), 0)
 
 
+def test_any_mapping_of_losses_is_accepted_and_anything_else_is_named() -> None:
+    # A dict is used as returned; another Mapping is copied into one; anything else (or an
+    # empty dict) is a TypeError naming what arrived.
+    from types import MappingProxyType
+
+    model = _Returns(lambda y: MappingProxyType({"a": y.sum(), "b": y.mean()}))
+    trainer = SimpleTrainer(model, _Counting(), torch.optim.SGD(model.parameters(), lr=0.1))
+    trainer.train(0, 2)
+    assert trainer.storage.history("total_loss").values()[0] == (pytest.approx(12.0 + 1.0), 0)
+    for out, name in (("loss", "str"), ({}, "dict"), ([1.0], "list")):
+        model = _Returns(lambda y, out=out: out)
+        trainer = SimpleTrainer(model, _Counting(), torch.optim.SGD(model.parameters(), lr=0.1))
+        with pytest.raises(TypeError, match=f"a loss tensor, got {name}. HINT"):
+            trainer.train(0, 1)
+
+
 # -- gradient accumulation (issue 12) --------------------------------------------------------
 class _Regression(nn.Module):
     """A linear regression (no batch norm, no dropout) on (x, y) batches: one MSE loss."""
