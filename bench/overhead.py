@@ -5,6 +5,7 @@ memory, one CPU thread) is trained by
 
   (a) a raw PyTorch loop,
   (b) SimpleTrainer without hooks,
+  (j) as (b) with gather_metric_period=20 (the train loop alone, as DefaultTrainer reads losses),
   (c) SimpleTrainer with DefaultTrainer's per-iteration hooks: IterationTimer, LRScheduler (its
       default schedule, WarmupMultiStepLR: a linear warm-up over the first tenth, one decay at
       three quarters) and PeriodicWriter(JSONWriter, CommonMetricPrinter, TensorboardXWriter)
@@ -234,6 +235,7 @@ def _trainer_run(
 VARIANTS: dict[str, Callable[..., list[float]]] = {
     "(a) raw loop": run_raw,
     "(b) SimpleTrainer, no hooks": lambda *a: _trainer_run(*a, with_hooks=False, period=1),
+    "(j) as (b), gather period 20": lambda *a: _trainer_run(*a, with_hooks=False, period=PERIOD),
     "(c) + timer, LR, writers @20": lambda *a: _trainer_run(*a, with_hooks=True, period=1),
     "(d) as (c), gather period 20": lambda *a: _trainer_run(*a, with_hooks=True, period=PERIOD),
 }
@@ -500,9 +502,10 @@ def main(argv: list[str] | None = None) -> None:
         ignite = values.get("(g) Ignite create_supervised_trainer")
         if ignite is not None:
             summary.append(f"Ignite (g) {1e6 * (ignite - base):+.1f} us")
-            hooked = next((values[n] for n in values if n[1] == "d"), None)
-            if hooked is not None:
-                summary.append(f"(d) - (g) {1e6 * (hooked - ignite):+.1f} us")
+            for key in "jd":
+                row = next((values[n] for n in values if n[1] == key), None)
+                if row is not None:
+                    summary.append(f"({key}) - (g) {1e6 * (row - ignite):+.1f} us")
         print(f"{stat_name:6s}: hooks/raw <= 1.03: " + "; ".join(summary))
     print_feature_costs(per_iter["p10"], device)
     sys.stdout.flush()

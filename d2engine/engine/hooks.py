@@ -162,7 +162,7 @@ class IterationTimer(HookBase):
         now = time.perf_counter()
         storage = self._storage
         assert storage is not None
-        if storage.iter >= self._first_timed:
+        if self.trainer.iter >= self._first_timed:  # (the storage's iter)
             seconds = now - self._step_start
             storage.put_scalar("time", seconds)
             self._timed_seconds += seconds

@@ -20,6 +20,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from itertools import repeat
+from operator import mul
 from typing import Any
 
 import torch
@@ -205,7 +207,7 @@ class LRMultiplier(LRScheduler):
         first, factors = self._factors  # (the multipliers computed ahead, see _factor_at)
         ahead = iteration - first
         factor = factors[ahead] if 0 <= ahead < len(factors) else self._factor_at(iteration)
-        self._last_lr = lrs = [base_lr * factor for base_lr in base_lrs]
+        self._last_lr = lrs = list(map(mul, base_lrs, repeat(factor, len(base_lrs))))
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
 

@@ -128,6 +128,16 @@ def _to_floats(values: Sequence[Any]) -> list[float]:
     return out
 
 
+def _median(values: list[float]) -> float:
+    """The median of ``values`` (nan if there are none)."""
+    values = sorted(values)
+    if not values:
+        return math.nan
+    n = len(values)
+    mid = n // 2
+    return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
+
+
 class HistoryBuffer:
     """The bounded history of one scalar: (value, iteration) pairs with summary statistics.
 
@@ -257,11 +267,15 @@ class HistoryBuffer:
             cached = self._window_median
             if cached is not None and cached[0] == self._count and cached[1] == window_size:
                 return cached[2]
-            count = self._count
-        value = self.median(self.count_recent(window_size))
-        with self._lock:
-            if self._count == count:  # nothing added meanwhile (another thread)
-                self._window_median = (count, window_size, value)
+            values = []  # those of count_recent(window_size), in one pass
+            if self._data:
+                first = self._data[-1][1] - window_size
+                for v, it in reversed(self._data):
+                    if it <= first:
+                        break
+                    values.append(v)
+            value = _median(values)
+            self._window_median = (self._count, window_size, value)
         return value
 
     def latest(self) -> float:
@@ -278,12 +292,7 @@ class HistoryBuffer:
 
     def median(self, window_size: int) -> float:
         """The median of the last ``window_size`` values (nan if there are none)."""
-        values = sorted(self._recent_values(window_size))
-        if not values:
-            return math.nan
-        n = len(values)
-        mid = n // 2
-        return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
+        return _median(self._recent_values(window_size))
 
     def avg(self, window_size: int) -> float:
         """The mean of the last ``window_size`` values (nan if there are none)."""
@@ -321,7 +330,9 @@ class EventStorage:
         self._history: dict[str, HistoryBuffer] = {}
         self._smoothing_hints: dict[str, bool] = {}
         self._latest_scalars: dict[str, tuple[Any, int]] = {}
-        self._smoothed_cache: tuple[tuple[int, ...], dict[str, tuple[float, int]]] | None = None
+        # (window, name -> (values logged, (smoothed value, iteration))): see
+        # latest_with_smoothing_hint
+        self._smoothed_cache: tuple[int, dict[str, tuple[int, tuple[float, int]]]] | None = None
         self._iter = start_iter
         self._current_prefix = ""
         self._vis_data: list[tuple[str, torch.Tensor, int]] = []
@@ -475,24 +486,27 @@ class EventStorage:
             name -> (value, iteration of the latest value).
         """
         with self._lock:
-            # What has been logged so far (every put adds a value to a history): the writers of
-            # one period share one result.
-            logged = (window_size, *[b._count + len(b._pending) for b in self._history.values()])
+            # Each scalar's entry is kept with the number of values logged when it was computed
+            # (every put adds one to its history): the writers of one period share them, and a
+            # scalar put in between (the printer's eta_seconds) is the only one computed again.
             cached = self._smoothed_cache
-            if cached is not None and cached[0] == logged:
-                return dict(cached[1])
-            latest = self.latest()
-            hints = dict(self._smoothing_hints)
-            history = dict(self._history)
-        # Each smoothed median is computed once for the values logged so far (see
-        # HistoryBuffer.median_within).
-        result = {
-            k: (history[k].median_within(window_size) if hints[k] else v, itr)
-            for k, (v, itr) in latest.items()
-        }
+            entries = cached[1] if cached is not None and cached[0] == window_size else {}
+            stale = []
+            for k, buf in self._history.items():
+                logged = buf._count + len(buf._pending)
+                entry = entries.get(k)
+                if entry is None or entry[0] != logged:
+                    stale.append((k, buf, logged, self._smoothing_hints[k]))
+            if not stale:
+                return {k: entries[k][1] for k in self._latest_scalars}
+            entries = dict(entries)
+            latest = [self._latest_scalars[k] for k, *_ in stale]
+        floats = _to_floats([v for v, _ in latest])
+        for (k, buf, logged, hint), f, (_, itr) in zip(stale, floats, latest):
+            entries[k] = (logged, (buf.median_within(window_size) if hint else f, itr))
         with self._lock:
-            self._smoothed_cache = (logged, result)
-        return dict(result)
+            self._smoothed_cache = (window_size, entries)
+            return {k: entries[k][1] for k in self._latest_scalars}
 
     def count_samples(self, name: str, window_size: int = 20) -> int:
         """The number of values of ``name`` logged within the last ``window_size`` iterations.

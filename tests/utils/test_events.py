@@ -338,14 +338,16 @@ def test_smoothed_medians_are_computed_once_for_the_values_logged(
 ) -> None:
     # The writers of one period share each median, also when one of them puts a scalar in
     # between (CommonMetricPrinter puts eta_seconds); a new value of a scalar recomputes its own.
-    computed: list[int] = []
-    median = HistoryBuffer.median
+    from d2engine.utils import events
 
-    def counting_median(self: HistoryBuffer, window_size: int) -> float:
-        computed.append(window_size)
-        return median(self, window_size)
+    computed: list[int] = []  # the number of values of each median computed
+    median = events._median
 
-    monkeypatch.setattr(HistoryBuffer, "median", counting_median)
+    def counting_median(values: list[float]) -> float:
+        computed.append(len(values))
+        return median(values)
+
+    monkeypatch.setattr(events, "_median", counting_median)
     with EventStorage() as s:
         for i in range(30):
             s.iter = i
@@ -354,7 +356,7 @@ def test_smoothed_medians_are_computed_once_for_the_values_logged(
         first = s.latest_with_smoothing_hint(20)
         s.put_scalar("eta_seconds", 12.0, smoothing_hint=False)
         assert s.latest_with_smoothing_hint(20) == first | {"eta_seconds": (12.0, 29)}
-        assert computed == [20]  # loss only, once
+        assert computed == [20]  # loss only (iterations 10 .. 29), once
         assert first["loss"] == (19.5, 29)
         s.put_scalar("loss", 100.0)  # at iteration 29 again: 10..29 and 100
         assert s.latest_with_smoothing_hint(20)["loss"] == (20.0, 29)
@@ -395,16 +397,19 @@ def test_tensorboard_writer_writes_in_the_writing_thread(tmp_path) -> None:
 def test_latest_with_smoothing_hint_is_computed_once_until_something_is_logged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # The writers of one period (JSON, console, TensorBoard) share one result; any new value
-    # (a put, a tensor not read yet, or an update of a history itself) computes it again.
-    computed: list[int] = []
-    latest = EventStorage.latest
+    # The writers of one period (JSON, console, TensorBoard) share one result; a scalar with a
+    # new value (a put, a tensor not read yet, an update of its history itself) is computed
+    # again, alone.
+    from d2engine.utils import events
 
-    def counting_latest(self: EventStorage) -> dict:
-        computed.append(1)
-        return latest(self)
+    computed: list[int] = []  # the number of scalars (re)computed by each call
+    to_floats = events._to_floats
 
-    monkeypatch.setattr(EventStorage, "latest", counting_latest)
+    def counting(values: list) -> list[float]:
+        computed.append(len(values))
+        return to_floats(values)
+
+    monkeypatch.setattr(events, "_to_floats", counting)
     with EventStorage() as s:
         for i in range(5):
             s.iter = i
@@ -413,13 +418,17 @@ def test_latest_with_smoothing_hint_is_computed_once_until_something_is_logged(
         first = s.latest_with_smoothing_hint(3)
         first["loss"] = (-1.0, -1)  # the caller's copy: the shared result is not changed
         assert s.latest_with_smoothing_hint(3) == {"loss": (3.0, 4), "lr": (0.1, 4)}
-        assert len(computed) == 1
-        assert s.latest_with_smoothing_hint(5)["loss"] == (2.0, 4) and len(computed) == 2
+        assert computed == [2]
         s.put_scalar("loss", torch.tensor(40.0))  # a tensor, read when needed: 2, 3, 4, 40
-        assert s.latest_with_smoothing_hint(3)["loss"] == (3.5, 4) and len(computed) == 3
+        assert s.latest_with_smoothing_hint(3)["loss"] == (3.5, 4)
+        assert computed == [2, 1, 1]  # loss alone (its latest value, and its history's read)
         s.history("loss").update(50.0, 4)  # straight into the history: 2, 3, 4, 40, 50
-        assert s.latest_with_smoothing_hint(3)["loss"] == (4.0, 4) and len(computed) == 4
-        assert s.latest_with_smoothing_hint(3)["loss"] == (4.0, 4) and len(computed) == 4
+        assert s.latest_with_smoothing_hint(3)["loss"] == (4.0, 4) and computed == [2, 1, 1, 1]
+        s.put_scalar("lr", 0.2, smoothing_hint=False)
+        assert s.latest_with_smoothing_hint(3) == {"loss": (4.0, 4), "lr": (0.2, 4)}
+        assert computed == [2, 1, 1, 1, 1]
+        assert s.latest_with_smoothing_hint(5)["loss"] == (3.0, 4)  # another window: all again
+        assert computed == [2, 1, 1, 1, 1, 2]
 
 
 def test_sliding_median_with_infinities_of_both_signs() -> None:
