@@ -577,6 +577,13 @@ def _load_yaml_with_base(filename: str, chain: tuple[str, ...]) -> dict[str, Any
     try:
         with _open_text(filename) as f:
             loaded = _safe_load(f, filename)
+    except FileNotFoundError:
+        where = f", named by {BASE_KEY} in {chain[-1]}" if chain else ""
+        raise FileNotFoundError(
+            f"Config file {filename} does not exist{where} (working directory {os.getcwd()}). "
+            f"HINT: check the path; a relative {BASE_KEY} path is relative to the file that "
+            "names it."
+        ) from None
     except yaml.constructor.ConstructorError as e:
         raise ValueError(
             f"Refusing to load {filename}: it contains a YAML tag that is not plain data "

@@ -199,7 +199,14 @@ def cli(argv: Sequence[str] | None = None) -> None:
     Args:
         argv: the arguments (``sys.argv[1:]`` when None).
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config_file and "://" not in args.config_file and not os.path.isfile(args.config_file):
+        parser.error(
+            f"--config-file {args.config_file}: no such file (working directory "
+            f"{os.getcwd()}). HINT: the demo's config is configs/digits/convnet.yaml; "
+            "d2engine-train --help lists the options."
+        )
     print("Command Line Args:", args, flush=True)
     # Refer to main by its module path so that spawned workers can unpickle it, also when this
     # file runs as __main__ (python -m d2engine.tools.train_net).

@@ -330,8 +330,12 @@ def test_base_cycle_is_detected(tmp_path: Path) -> None:
 
 def test_missing_base_and_bad_base_value(tmp_path: Path) -> None:
     missing = _write(tmp_path / "m.yaml", "_BASE_: nowhere.yaml\n")
-    with pytest.raises(FileNotFoundError, match="nowhere.yaml"):
+    with pytest.raises(FileNotFoundError, match="nowhere.yaml") as info:
         get_cfg().merge_from_file(missing)
+    assert "named by _BASE_ in" in str(info.value) and "m.yaml" in str(info.value)
+    assert "HINT: check the path" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"nothing.yaml does not exist \(working"):
+        get_cfg().merge_from_file(str(tmp_path / "nothing.yaml"))
     bad = _write(tmp_path / "bad.yaml", "_BASE_: {a: 1}\n")
     with pytest.raises(ValueError, match=r"_BASE_ in .*bad.yaml must be a path or a list"):
         get_cfg().merge_from_file(bad)

@@ -383,3 +383,17 @@ def test_cli_second_ctrl_c_aborts_at_once(tmp_path: Path) -> None:
     assert proc.returncode == 130, proc.stdout + proc.stderr
     assert "aborted at once" in proc.stdout + proc.stderr
     assert not (out / "model_0000005.pth").exists() and not (out / "last_checkpoint").exists()
+
+
+def test_cli_names_a_missing_config_file_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from d2engine.tools.train_net import cli
+
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(SystemExit) as info:
+        cli(["--config-file", str(missing)])
+    assert info.value.code == 2  # a usage error, as argparse's own
+    err = capsys.readouterr().err
+    assert f"--config-file {missing}: no such file" in err and "HINT" in err
+    assert "Traceback" not in err
