@@ -333,21 +333,27 @@ def test_common_metric_printer_eta_beyond_what_timedelta_holds(caplog) -> None:
     assert "eta: >999999999 days  iter: 0" in caplog.text
 
 
+def _count_values(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Patch ``d2engine.utils.events.<name>(values)`` to note ``len(values)`` at each call."""
+    from d2engine.utils import events
+
+    counts: list[int] = []
+    real = getattr(events, name)
+
+    def counting(values: list) -> object:
+        counts.append(len(values))
+        return real(values)
+
+    monkeypatch.setattr(events, name, counting)
+    return counts
+
+
 def test_smoothed_medians_are_computed_once_for_the_values_logged(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The writers of one period share each median, also when one of them puts a scalar in
     # between (CommonMetricPrinter puts eta_seconds); a new value of a scalar recomputes its own.
-    from d2engine.utils import events
-
-    computed: list[int] = []  # the number of values of each median computed
-    median = events._median
-
-    def counting_median(values: list[float]) -> float:
-        computed.append(len(values))
-        return median(values)
-
-    monkeypatch.setattr(events, "_median", counting_median)
+    computed = _count_values(monkeypatch, "_median")  # the values of each median computed
     with EventStorage() as s:
         for i in range(30):
             s.iter = i
@@ -400,16 +406,7 @@ def test_latest_with_smoothing_hint_is_computed_once_until_something_is_logged(
     # The writers of one period (JSON, console, TensorBoard) share one result; a scalar with a
     # new value (a put, a tensor not read yet, an update of its history itself) is computed
     # again, alone.
-    from d2engine.utils import events
-
-    computed: list[int] = []  # the number of scalars (re)computed by each call
-    to_floats = events._to_floats
-
-    def counting(values: list) -> list[float]:
-        computed.append(len(values))
-        return to_floats(values)
-
-    monkeypatch.setattr(events, "_to_floats", counting)
+    computed = _count_values(monkeypatch, "_to_floats")  # the scalars (re)computed per call
     with EventStorage() as s:
         for i in range(5):
             s.iter = i
