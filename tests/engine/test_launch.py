@@ -229,6 +229,12 @@ def test_under_torchrun_main_runs_once_per_process(tmp_path: Path) -> None:
             "--standalone",
             "--nproc_per_node",
             "2",
+            # each worker's stderr in a file of its own: two stack dumps written at the same
+            # time to one shared stderr interleave byte by byte
+            "--log-dir",
+            str(tmp_path / "logs"),
+            "--redirects",
+            "2",
             str(script),
             str(out),
         ]
@@ -242,7 +248,9 @@ def test_under_torchrun_main_runs_once_per_process(tmp_path: Path) -> None:
     assert {r["tag"] for r in reports} == {"torchrun"}
     _check_reports(reports, local_size=2)
     # the stack each process dumped on its STACK_DUMP_SIGNAL went to its stderr
-    assert proc.stderr.count("in report_comm") == 2, proc.stderr
+    stderrs = [p.read_text() for p in sorted((tmp_path / "logs").rglob("stderr.log"))]
+    assert len(stderrs) == 2, stderrs
+    assert [text.count("in report_comm") for text in stderrs] == [1, 1], stderrs
 
 
 _SLURM_SCRIPT = """
