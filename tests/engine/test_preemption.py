@@ -174,6 +174,9 @@ with open(os.path.join(out, f"{mode}{rank}.json"), "w") as f:
     result = {"start": trainer.start_iter, "iter": trainer.iter, "preempted": trainer.preempted}
     json.dump(result, f)
 torch.save(trainer.model.module.state_dict(), os.path.join(out, f"{mode}{rank}.weights"))
+# as launch() ends a job: both ranks done before either tears its group down (a rank tearing
+# down while its peer still works closed the peer's connections: it aborted, exit -6)
+dist.barrier()
 dist.destroy_process_group()
 sys.exit(PREEMPTION_EXIT_CODE if trainer.preempted else 0)
 """

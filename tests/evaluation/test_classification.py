@@ -123,6 +123,7 @@ def _gather_worker(rank: int, port: int, queue: Any) -> None:
         preds = [[0, 1], [0, 0]][rank]
         ev.process([{"label": y} for y in labels], [{"pred_class": p} for p in preds])
         queue.put((rank, DatasetEvaluators([ev]).evaluate()))
+        dist.barrier()  # both ranks done before either tears down, as launch() does
     finally:
         dist.destroy_process_group()
 
