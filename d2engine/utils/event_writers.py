@@ -153,7 +153,6 @@ class TensorboardXWriter(EventWriter):
             file_writer.add_summary(by_iter[itr], itr)
         if by_iter:
             self._last_write = max(self._last_write, max(by_iter))
-        wrote_media = bool(storage._vis_data or storage._histograms)
         if storage._vis_data:
             for img_name, img, step_num in storage._vis_data:
                 writer.add_image(img_name, img, step_num)
@@ -162,8 +161,7 @@ class TensorboardXWriter(EventWriter):
             for params in storage._histograms:
                 writer.add_histogram_raw(**params)
             storage.clear_histograms()
-        if by_iter or wrote_media:
-            file_writer.flush()  # one system call for all the records
+        file_writer.flush()  # one system call for all the records
 
     def close(self) -> None:
         if self._summary_writer is not None:
@@ -236,30 +234,8 @@ def _append_to_open_file(record_writer: Any) -> None:
         or not isinstance(filename, bytes)
     ):
         return
-    record_writer._writer = _AppendFile(open(os.fsdecode(filename), "ab"))  # noqa: SIM115
-
-
-class _AppendFile:
-    """A binary file opened for appending, with the ``write``/``flush``/``close``/``closed`` of
-    tensorboard's ``GFile``."""
-
-    def __init__(self, handle: Any) -> None:
-        self._handle = handle
-
-    def write(self, data: bytes) -> None:
-        self._handle.write(data)
-
-    def flush(self) -> None:
-        self._handle.flush()
-
-    def close(self) -> None:
-        if not self._handle.closed:
-            self._handle.flush()
-            self._handle.close()
-
-    @property
-    def closed(self) -> bool:
-        return bool(self._handle.closed)
+    # a binary file has GFile's write/flush/close/closed
+    record_writer._writer = open(os.fsdecode(filename), "ab")  # noqa: SIM115
 
 
 class _SlidingMedian:
