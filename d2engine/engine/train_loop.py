@@ -491,17 +491,11 @@ class SimpleTrainer(TrainerBase):
 
     def run_step(self) -> None:
         """One iteration of the standard training logic (see the class docstring)."""
-        if not self.model.training:
-            self._check_training_mode()  # raises
+        self._check_training_mode()
         if self.grad_accum_steps > 1:
             self._run_accumulated_step()
             return
-        batches = self._data_loader_iter_obj
-        if batches is None:
-            batches = self._data_loader_iter
-        start = time.perf_counter()
-        data = next(batches)
-        data_time = time.perf_counter() - start
+        data, data_time = self._next_batch()
         if self.zero_grad_before_forward:
             self.optimizer.zero_grad()
         loss_dict, losses = self._as_loss_dict(self._forward(data))

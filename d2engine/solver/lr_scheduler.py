@@ -20,8 +20,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from itertools import repeat
-from operator import mul
 from typing import Any
 
 import torch
@@ -204,10 +202,7 @@ class LRMultiplier(LRScheduler):
             )
         self._step_count += 1
         self.last_epoch = iteration = self.last_epoch + 1
-        first, factors = self._factors  # (the multipliers computed ahead, see _factor_at)
-        ahead = iteration - first
-        factor = factors[ahead] if 0 <= ahead < len(factors) else self._factor_at(iteration)
-        self._last_lr = lrs = list(map(mul, base_lrs, repeat(factor, len(base_lrs))))
+        self._last_lr = lrs = self._lrs_at(iteration)
         for group, lr in zip(groups, lrs):
             group["lr"] = lr
 
