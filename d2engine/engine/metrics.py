@@ -139,10 +139,11 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
         storage.put_scalar_series("data_time", max_data_times[:good], iterations)
         first = items[0]
         if all(it.prefix == first.prefix and it.keys == first.keys for it in items[1:good]):
-            _log_columns(storage, first.prefix, first.keys, means[:good], totals, iterations)
+            columns = list(zip(*means[:good]))  # each loss's values, in the order of the keys
+            _log_columns(storage, first.prefix, first.keys, columns, totals, iterations)
         else:  # different losses (or prefixes) in different calls: one at a time
             for item, mean, total, it in zip(items[:good], means, totals, iterations):
-                _log_columns(storage, item.prefix, item.keys, [mean], [total], [it])
+                _log_columns(storage, item.prefix, item.keys, [[m] for m in mean], [total], [it])
     if good < len(items):
         item = items[good]
         raise _non_finite(item.iteration, dict(zip(item.keys, means[good])), bad_ranks[good])
@@ -171,10 +172,7 @@ def _write_columns(items: Sequence[_Iteration], storage: EventStorage) -> bool:
     storage.put_scalar_series("rank_data_time", data_times, iterations)
     if good:
         storage.put_scalar_series("data_time", data_times, iterations)
-        storage.put_scalar_series(f"{prefix}total_loss", totals[:good], iterations)
-        if n > 1:
-            for k, column in zip(keys, columns):
-                storage.put_scalar_series(f"{prefix}{k}", column[:good], iterations)
+        _log_columns(storage, prefix, keys, columns, totals, iterations)
     if good < len(items):
         values = floats[good * n : (good + 1) * n]
         raise _non_finite(items[good].iteration, dict(zip(keys, values)), [])
@@ -185,15 +183,17 @@ def _log_columns(
     storage: EventStorage,
     prefix: str,
     keys: tuple[str, ...],
-    means: Sequence[Sequence[float]],
+    columns: Sequence[Sequence[float]],
     totals: Sequence[float],
     iterations: Sequence[int],
 ) -> None:
-    """Log ``total_loss`` (and each loss, when there are several) at ``iterations``."""
-    storage.put_scalar_series(f"{prefix}total_loss", totals[: len(iterations)], iterations)
+    """Log ``total_loss`` (and each loss, when there are several) at ``iterations``: the first
+    ``len(iterations)`` of ``totals`` and of each key's column of values."""
+    good = len(iterations)
+    storage.put_scalar_series(f"{prefix}total_loss", totals[:good], iterations)
     if len(keys) > 1:
-        for i, k in enumerate(keys):
-            storage.put_scalar_series(f"{prefix}{k}", [m[i] for m in means], iterations)
+        for k, column in zip(keys, columns):
+            storage.put_scalar_series(f"{prefix}{k}", column[:good], iterations)
 
 
 def _finite(values: Any) -> bool:

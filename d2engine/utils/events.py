@@ -239,16 +239,20 @@ class HistoryBuffer:
     def count_recent(self, window_size: int) -> int:
         """The number of points logged within ``window_size`` iterations of the latest one."""
         with self._lock:
-            self._materialize()
-            if not self._data:
-                return 0
+            return len(self._values_within(window_size))
+
+    def _values_within(self, window_size: int) -> list[float]:
+        """The values logged within ``window_size`` iterations of the latest one, newest first
+        (called with the lock held)."""
+        self._materialize()
+        values: list[float] = []
+        if self._data:
             first = self._data[-1][1] - window_size
-            n = 0
-            for _, it in reversed(self._data):
+            for v, it in reversed(self._data):
                 if it <= first:
                     break
-                n += 1
-            return n
+                values.append(v)
+        return values
 
     def median_within(self, window_size: int) -> float:
         """The median of the values logged within ``window_size`` iterations of the latest one.
@@ -267,14 +271,7 @@ class HistoryBuffer:
             cached = self._window_median
             if cached is not None and cached[0] == self._count and cached[1] == window_size:
                 return cached[2]
-            values = []  # those of count_recent(window_size), in one pass
-            if self._data:
-                first = self._data[-1][1] - window_size
-                for v, it in reversed(self._data):
-                    if it <= first:
-                        break
-                    values.append(v)
-            value = _median(values)
+            value = _median(self._values_within(window_size))
             self._window_median = (self._count, window_size, value)
         return value
 
