@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -371,6 +372,9 @@ class SimpleTrainer(TrainerBase):
     read from the data loader: each micro-batch's loss is divided by ``k`` before its backward pass,
     a DDP model (``no_sync()``) or an FSDP2 one (``set_requires_gradient_sync``) reduces the
     gradients in the last one only, and ``after_backward`` runs once, after the last.
+    ``zero_grad`` is ``optimizer.zero_grad()`` (gradients set to None); with torch's own method
+    and no profiler recording, the gradients are set to None directly, without the empty
+    profiler range torch opens around it (10-20 us per iteration on a CPU).
 
     Metrics, without a host-device sync between reads: the losses of every iteration are kept on
     the device (:class:`~d2engine.engine.metrics.PendingLosses`) and read in one transfer every
@@ -497,10 +501,10 @@ class SimpleTrainer(TrainerBase):
             return
         data, data_time = self._next_batch()
         if self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
+            _zero_grad(self.optimizer)
         loss_dict, losses = self._as_loss_dict(self._forward(data))
         if not self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
+            _zero_grad(self.optimizer)
         self._backward(losses)
         self.after_backward()
         self._write_metrics(loss_dict, data_time)
@@ -514,7 +518,7 @@ class SimpleTrainer(TrainerBase):
         no_sync = getattr(self.model, "no_sync", None)
         set_sync = None if no_sync else getattr(self.model, "set_requires_gradient_sync", None)
         if self.zero_grad_before_forward:
-            self.optimizer.zero_grad()
+            _zero_grad(self.optimizer)
         keys: tuple[str, ...] = ()
         values: list[torch.Tensor] = []
         data_time = 0.0
@@ -527,7 +531,7 @@ class SimpleTrainer(TrainerBase):
             with contextlib.nullcontext() if sync or no_sync is None else no_sync():
                 loss_dict, losses = self._as_loss_dict(self._forward(data))
                 if i == 0 and not self.zero_grad_before_forward:
-                    self.optimizer.zero_grad()
+                    _zero_grad(self.optimizer)
                 self._backward(losses / steps)
             if i == 0:
                 keys = tuple(loss_dict)
@@ -737,6 +741,41 @@ class SimpleTrainer(TrainerBase):
                     "load_state_dict(); the data restarts from its beginning.",
                     type(self.data_loader).__name__,
                 )
+
+
+_TORCH_ZERO_GRAD = torch.optim.Optimizer.zero_grad
+
+
+def _zero_grad(optimizer: Any) -> None:
+    """``optimizer.zero_grad()``: every gradient set to None.
+
+    torch's ``Optimizer.zero_grad`` opens a profiler range around its loop even when no profiler
+    records: two dispatcher calls that cost 10-20 us per iteration on a CPU, more than the rest
+    of the engine's per-iteration work. When the optimizer has torch's own ``zero_grad`` and
+    nothing records ranges (no profiler, no CUPTI monitor), the gradients are set to None here:
+    the same result without the empty range. Anything else (an optimizer with its own
+    ``zero_grad``, as detectron2 suggests for custom accumulation; a profiler running, whose
+    trace then shows the range) calls ``optimizer.zero_grad()``.
+    """
+    if (
+        type(optimizer).zero_grad is not _TORCH_ZERO_GRAD
+        or "zero_grad" in getattr(optimizer, "__dict__", ())
+        or torch.autograd._profiler_enabled()
+        or _cupti_monitor_running()
+    ):
+        optimizer.zero_grad()
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                p.grad = None
+
+
+def _cupti_monitor_running() -> bool:
+    """Whether torch's experimental CUPTI monitor (which records ranges as annotations) runs."""
+    monitor = sys.modules.get("torch.profiler._cupti_monitor")
+    get_monitor = getattr(monitor, "get_monitor", None)
+    return get_monitor is not None and get_monitor() is not None
 
 
 def _detached(loss_dict: Mapping[str, Any]) -> tuple[Any, ...]:

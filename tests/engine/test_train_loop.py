@@ -318,6 +318,76 @@ def test_zero_grad_before_forward() -> None:
     assert order == ["zero", "fwd"]
 
 
+def _zero_grad_ranges(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the profiler ranges torch's ``Optimizer.zero_grad`` opens from now on."""
+    names: list[str] = []
+    real = torch.autograd.profiler.record_function
+
+    class Recording(real):  # type: ignore[misc,valid-type]
+        def __init__(self, name: str, *args: Any, **kwargs: Any) -> None:
+            names.append(name)
+            super().__init__(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd.profiler, "record_function", Recording)
+    return names
+
+
+@pytest.mark.parametrize("before_forward", [False, True])
+def test_zero_grad_without_profiler_range(
+    monkeypatch: pytest.MonkeyPatch, before_forward: bool
+) -> None:
+    ranges = _zero_grad_ranges(monkeypatch)
+    trainer = _trainer(zero_grad_before_forward=before_forward)
+    raw_model = _Model()
+    raw_model.load_state_dict(trainer.model.state_dict())
+    raw_opt = torch.optim.SGD(raw_model.parameters(), lr=0.01)
+    for _ in range(4):  # what the trainer does, with torch's zero_grad
+        losses = sum(raw_model(torch.ones(4, 3)).values())
+        raw_opt.zero_grad()
+        losses.backward()  # type: ignore[union-attr]
+        raw_opt.step()
+    ranges.clear()
+    trainer.train(0, 4)
+    assert not [name for name in ranges if "zero_grad" in name]  # no empty range per step
+    for ours, raw in zip(trainer.model.parameters(), raw_model.parameters()):
+        assert torch.equal(ours, raw)  # the gradients were cleared at every step
+        assert torch.equal(ours.grad, raw.grad)  # type: ignore[arg-type]
+
+
+def test_zero_grad_of_the_optimizer_class_is_called() -> None:
+    calls: list[bool] = []
+
+    class OwnZeroGrad(torch.optim.SGD):
+        def zero_grad(self, set_to_none: bool = True) -> None:
+            calls.append(set_to_none)
+            super().zero_grad(set_to_none)
+
+    model = _Model()
+    trainer = SimpleTrainer(model, _Counting(), OwnZeroGrad(model.parameters(), lr=0.01))
+    trainer.train(0, 3)
+    assert calls == [True, True, True]
+
+
+def test_zero_grad_opens_its_range_while_profiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    trainer = _trainer()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        trainer.train(0, 2)
+    names = [event.name for event in prof.events()]
+    assert names.count("Optimizer.zero_grad#SGD.zero_grad") == 2
+
+
+def test_zero_grad_opens_its_range_for_a_cupti_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    import types
+
+    monitor = types.ModuleType("torch.profiler._cupti_monitor")
+    monitor.get_monitor = lambda: object()  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "torch.profiler._cupti_monitor", monitor)
+    ranges = _zero_grad_ranges(monkeypatch)
+    _trainer().train(0, 2)
+    assert ranges.count("Optimizer.zero_grad#SGD.zero_grad") == 2
+
+
 def test_write_metrics_nan_sync() -> None:
     trainer = _trainer(nan_at=(3,))
     with pytest.raises(FloatingPointError, match=r"iteration=3!\nloss_dict = .*loss_a.*nan"):
