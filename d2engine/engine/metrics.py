@@ -130,9 +130,7 @@ def write_losses(items: Sequence[_Iteration], storage: EventStorage, group: Any 
             max_data_times.append(max(times[j] for _, times in gathered))
             bad_ranks.append([r for r, d in enumerate(per_rank) if not _finite(d.values())])
     totals = [sum(m) for m in means]
-    good = len(items)
-    if not math.isfinite(sum(totals)):  # one check for the common case: all finite
-        good = next((j for j, t in enumerate(totals) if not math.isfinite(t)), len(items))
+    good = _first_non_finite(totals)
     iterations = [item.iteration for item in items[:good]]
     storage.put_scalar_series("rank_data_time", data_times[:good], iterations)
     if comm.is_main_process() and good:
@@ -164,9 +162,7 @@ def _write_columns(items: Sequence[_Iteration], storage: EventStorage) -> bool:
     floats = _to_floats([v for item in items for v in item.values])
     columns = [floats[i::n] for i in range(n)]
     totals = list(map(sum, zip(*columns)))  # each item's sum, in the order of its keys
-    good = len(items)
-    if not math.isfinite(sum(totals)):
-        good = next((j for j, t in enumerate(totals) if not math.isfinite(t)), len(items))
+    good = _first_non_finite(totals)
     iterations = [item.iteration for item in items[:good]]
     data_times = [item.data_time for item in items[:good]]
     storage.put_scalar_series("rank_data_time", data_times, iterations)
@@ -177,6 +173,13 @@ def _write_columns(items: Sequence[_Iteration], storage: EventStorage) -> bool:
         values = floats[good * n : (good + 1) * n]
         raise _non_finite(items[good].iteration, dict(zip(keys, values)), [])
     return True
+
+
+def _first_non_finite(totals: Sequence[float]) -> int:
+    """The index of the first infinite or NaN total (``len(totals)`` when all are finite)."""
+    if math.isfinite(sum(totals)):  # one check for the common case: all finite
+        return len(totals)
+    return next((j for j, t in enumerate(totals) if not math.isfinite(t)), len(totals))
 
 
 def _log_columns(
