@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -24,7 +23,12 @@ from typing import Any
 
 import torch
 
-from d2engine.utils.events import EventStorage, HistoryBuffer, get_event_storage
+from d2engine.utils.events import (
+    EventStorage,
+    HistoryBuffer,
+    _median_of_sorted,
+    get_event_storage,
+)
 
 __all__ = ["CommonMetricPrinter", "EventWriter", "JSONWriter", "TensorboardXWriter"]
 
@@ -266,11 +270,7 @@ class _SlidingMedian:
                 self._window.append(v)
             while len(self._window) > self._size:
                 del self._sorted[bisect_left(self._sorted, self._window.popleft())]
-        values, n = self._sorted, len(self._sorted)
-        if not n:
-            return math.nan
-        mid = n // 2
-        return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
+        return _median_of_sorted(self._sorted)
 
 
 def _format_eta(seconds: float) -> str:

@@ -130,10 +130,14 @@ def _to_floats(values: Sequence[Any]) -> list[float]:
 
 def _median(values: list[float]) -> float:
     """The median of ``values`` (nan if there are none)."""
-    values = sorted(values)
-    if not values:
-        return math.nan
+    return _median_of_sorted(sorted(values))
+
+
+def _median_of_sorted(values: Sequence[float]) -> float:
+    """The median of ``values``, sorted in ascending order (nan if there are none)."""
     n = len(values)
+    if not n:
+        return math.nan
     mid = n // 2
     return values[mid] if n % 2 else (values[mid - 1] + values[mid]) / 2.0
 
